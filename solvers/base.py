@@ -1,0 +1,271 @@
+"""The solver contract: parameters in, one honest :class:`Result` out.
+
+Every backend subclasses :class:`Solver`, declares what it can take as class attributes and
+implements :meth:`Solver._solve`, which returns a :class:`Proposal` (a mask, optionally its
+own weights, and a lower bound with its source). :meth:`Solver.solve` wraps it: it checks
+the problem fits, times the run, re-scores the mask with the problem's own objective, for
+``reconstruct`` refits the kept weights exactly, and keeps the status honest (a run that
+stopped on a limit is ``feasible``; ``optimal`` only when the bound proves it).
+
+Heavy packages (pyscipopt, ortools, cvxpy) are imported inside ``_solve``, never at module
+import, so listing and checking solvers costs nothing.
+"""
+from __future__ import annotations
+
+import enum
+import importlib.util
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+
+from layerprune.problems import LayerProblem
+
+__all__ = ["Status", "Params", "Proposal", "Result", "Solver", "SolverError", "Callback"]
+
+#: ``callback(event) -> stop?``: called by iterative solvers with a dict (iteration, objective, …)
+Callback = Callable[[dict], Optional[bool]]
+
+
+class SolverError(RuntimeError):
+    """A solver cannot run: missing package, unsupported pattern or objective, bad option."""
+
+
+class Status(str, enum.Enum):
+    OPTIMAL = "optimal"          # proved optimal (lower bound meets the objective within gap_tol)
+    FEASIBLE = "feasible"        # a feasible mask; see ``limit`` for why it stopped
+    NO_SOLUTION = "no_solution"  # stopped (limit) before finding any feasible mask
+    INFEASIBLE = "infeasible"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Params:
+    """Parameters every solver understands.
+
+    time_limit : seconds of wall time (None = no limit)
+    gap_tol : relative gap ``(objective − bound)/objective`` at which a certified solver stops
+    seed : RNG seed for randomised steps
+    device : torch device for torch solvers (None = the problem's)
+    dtype : working precision of torch solvers (scores are always re-scored in float64)
+    verbose : let the backend print its log
+    max_iter : iteration cap of iterative solvers (None = the solver's default)
+    threads : CPU threads a MIP backend may use (None = its default)
+    """
+
+    time_limit: Optional[float] = None
+    gap_tol: float = 1e-4
+    seed: int = 0
+    device: Optional[str] = None
+    dtype: torch.dtype = torch.float32
+    verbose: bool = False
+    max_iter: Optional[int] = None
+    threads: Optional[int] = None
+
+    def deadline(self, start: float) -> float:
+        return math.inf if self.time_limit is None else start + float(self.time_limit)
+
+
+@dataclass
+class Proposal:
+    """What ``_solve`` hands back before re-scoring.
+
+    mask : (d_out, d_in) bool tensor, feasible for the problem's pattern (None if none found)
+    weights : the solver's own weights (zero off the mask) or None
+    lower_bound : a bound valid for the problem's *exact, undamped* objective, or None
+    bound_source : how the bound was obtained (e.g. "scip dual bound", "SDP dual")
+    status : OPTIMAL only if the backend proved it; else FEASIBLE / NO_SOLUTION / …
+    limit : why it stopped early: "time", "iterations", "interrupted", "node", … or None
+    """
+
+    mask: Optional[torch.Tensor]
+    weights: Optional[torch.Tensor] = None
+    lower_bound: Optional[float] = None
+    bound_source: Optional[str] = None
+    status: Status = Status.FEASIBLE
+    limit: Optional[str] = None
+    iterations: int = 0
+    history: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class Result:
+    """A solved layer: everything says how good it is.
+
+    mask : (d_out, d_in) bool tensor (True = kept) or None
+    weights : (d_out, d_in) float64 pruned weights: ``W ⊙ mask`` for ``mask``, the exact
+        refit on the mask for ``reconstruct`` (the solver's own weights' error is kept in
+        ``info["own_weights_objective"]`` when it returned any)
+    objective : the problem's own exact score of ``mask``
+    lower_bound, bound_source : certified bound on the optimum and how it was obtained
+    status, limit : see :class:`Status`
+    seconds, iterations, history, info
+    """
+
+    solver: str
+    status: Status
+    mask: Optional[torch.Tensor] = None
+    weights: Optional[torch.Tensor] = None
+    objective: Optional[float] = None
+    lower_bound: Optional[float] = None
+    bound_source: Optional[str] = None
+    limit: Optional[str] = None
+    seconds: float = 0.0
+    iterations: int = 0
+    history: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def gap(self) -> Optional[float]:
+        """Relative optimality gap ``(objective − lower_bound) / objective`` (0 if both are 0)."""
+        if self.objective is None or self.lower_bound is None:
+            return None
+        diff = max(0.0, self.objective - self.lower_bound)
+        if self.objective <= 0.0:
+            return 0.0 if diff == 0.0 else math.inf
+        return diff / self.objective
+
+    def to_json(self) -> dict:
+        """The CONTRACT.md ``--json`` record."""
+        return {
+            "solver": self.solver,
+            "status": self.status.value,
+            "limit": self.limit,
+            "objective": self.objective,
+            "lower_bound": self.lower_bound,
+            "gap": self.gap,
+            "seconds": self.seconds,
+            "iterations": self.iterations,
+        }
+
+
+class Solver:
+    """Base class of every backend. Options go to the constructor; ``solve`` runs it.
+
+    Class attributes (capabilities)
+    -------------------------------
+    name : registry name
+    requires : import names of optional packages the backend needs
+    patterns : pattern kinds it takes (``per-row``, ``nm``, ``unstructured``, ``columns``)
+    objectives : objectives it takes
+    certifies : it returns a lower bound (and may prove optimality)
+    exact : it proves optimality when given enough time
+    uses_init : it warm-starts from an initial mask
+    max_size : largest ``d_in`` (or total variables) it is meant for, None = any
+    """
+
+    name: ClassVar[str] = "base"
+    description: ClassVar[str] = ""
+    requires: ClassVar[tuple[str, ...]] = ()
+    patterns: ClassVar[frozenset] = frozenset({"per-row", "nm", "unstructured", "columns"})
+    objectives: ClassVar[frozenset] = frozenset({"mask", "reconstruct"})
+    certifies: ClassVar[bool] = False
+    exact: ClassVar[bool] = False
+    uses_init: ClassVar[bool] = False
+
+    def __init__(self, **options: Any):
+        self.options = options
+
+    # ------------------------------------------------------------------ capabilities
+    @classmethod
+    def missing_packages(cls) -> list[str]:
+        return [p for p in cls.requires if importlib.util.find_spec(p) is None]
+
+    @classmethod
+    def is_installed(cls) -> bool:
+        return not cls.missing_packages()
+
+    def why_not(self, problem: LayerProblem) -> Optional[str]:
+        """None if this solver can take the problem, else one line saying why not."""
+        missing = self.missing_packages()
+        if missing:
+            return f"solver {self.name!r} needs the package(s) {', '.join(missing)} (pip install {' '.join(missing)})"
+        if problem.pattern.name not in self.patterns:
+            return f"solver {self.name!r} cannot take pattern {problem.pattern} (takes {', '.join(sorted(self.patterns))})"
+        if problem.objective_kind not in self.objectives:
+            return f"solver {self.name!r} cannot take objective {problem.objective_kind!r}"
+        return self._size_limit(problem)
+
+    def _size_limit(self, problem: LayerProblem) -> Optional[str]:
+        """Override: a line if the instance is too large for this backend."""
+        return None
+
+    @classmethod
+    def capabilities(cls) -> dict:
+        return {
+            "name": cls.name,
+            "installed": cls.is_installed(),
+            "patterns": sorted(cls.patterns),
+            "objectives": sorted(cls.objectives),
+            "certifies": cls.certifies,
+            "exact": cls.exact,
+            "uses_init": cls.uses_init,
+            "description": cls.description,
+        }
+
+    # ------------------------------------------------------------------ running
+    def solve(self, problem: LayerProblem, *, params: Optional[Params] = None,
+              init: Optional[torch.Tensor] = None, callback: Optional[Callback] = None) -> Result:
+        """Solve ``problem``; return a re-scored :class:`Result`.
+
+        ``init`` (a feasible mask) warm-starts solvers with ``uses_init``; it is checked first.
+        Raises :class:`SolverError` if the solver cannot take the problem.
+        """
+        params = params or Params()
+        why = self.why_not(problem)
+        if why:
+            raise SolverError(why)
+        if init is not None:
+            init = problem.check_mask(init)
+        start = time.perf_counter()
+        proposal = self._solve(problem, params, init, callback)
+        seconds = time.perf_counter() - start
+        return finalize(self.name, problem, proposal, seconds, params)
+
+    def _solve(self, problem: LayerProblem, params: Params, init: Optional[torch.Tensor],
+               callback: Optional[Callback]) -> Proposal:
+        raise NotImplementedError
+
+
+def finalize(name: str, problem: LayerProblem, p: Proposal, seconds: float, params: Params) -> Result:
+    """Re-score a proposal with the problem's own objective and keep its status honest."""
+    res = Result(solver=name, status=p.status, limit=p.limit, seconds=seconds,
+                 iterations=p.iterations, history=p.history, info=dict(p.info),
+                 bound_source=p.bound_source)
+    lb = p.lower_bound
+    if lb is not None and not math.isfinite(lb):
+        lb = None if math.isnan(lb) else lb
+    if lb is not None and lb < 0.0:
+        lb = 0.0  # both objectives are sums of PSD forms: 0 is always valid and tighter
+    if p.mask is None:
+        res.lower_bound = lb
+        if res.status in (Status.OPTIMAL, Status.FEASIBLE):
+            res.status = Status.NO_SOLUTION
+        return res
+    mask = problem.check_mask(p.mask.to(problem.device))
+    res.mask = mask
+    if problem.objective_kind == "reconstruct":
+        if p.weights is not None:
+            res.info["own_weights_objective"] = problem.objective(mask, weights=p.weights.to(problem.device) * mask)
+        res.weights = problem.refit(mask)
+        res.objective = float(problem.weight_errors(res.weights).sum())
+    else:
+        res.weights = problem.W.to(torch.float64) * mask
+        res.objective = float(problem.weight_errors(res.weights).sum())
+    if lb is not None:
+        # the re-scored objective is an upper bound on the optimum: a valid bound never exceeds
+        # it, so anything above is rounding; the raw value is kept for the tests to judge
+        if lb > res.objective:
+            res.info["raw_lower_bound"] = lb
+            lb = res.objective
+    res.lower_bound = lb
+    if res.status == Status.OPTIMAL:
+        gap = res.gap
+        if gap is None or gap > max(params.gap_tol, 1e-9):
+            res.status = Status.FEASIBLE
+            res.limit = res.limit or "tolerance"
+            res.info["claimed_optimal"] = True
+    return res
