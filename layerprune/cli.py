@@ -1,0 +1,173 @@
+"""``layerprune`` command line: ``solve`` and ``solvers`` (CONTRACT.md), ``prune`` and ``eval``.
+
+Every expected fault (bad file, shapes, pattern, unknown or missing solver, …) ends with one
+clear line on stderr, a non-zero exit code and nothing written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["main", "build_parser"]
+
+EXIT_BAD_INPUT = 2
+EXIT_SOLVER_ERROR = 1
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (CONTRACT.md)."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> int:
+    print(f"layerprune: error: {message}", file=sys.stderr)
+    return code
+
+
+# --------------------------------------------------------------------------- solve
+def _add_solve(sub) -> None:
+    p = sub.add_parser("solve", help="solve one instance file (.npz with W and G or X)",
+                       description="Solve one layer instance (CONTRACT.md).")
+    p.add_argument("instance", metavar="INSTANCE.npz")
+    p.add_argument("--solver", required=True, metavar="NAME")
+    p.add_argument("--pattern", required=True, metavar="PATTERN",
+                   help="per-row:K | per-row:0.5 | nm:N:M | unstructured:S | columns:K | columns:0.3")
+    p.add_argument("--objective", required=True, choices=["mask", "reconstruct"])
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS")
+    p.add_argument("--init", default=None, metavar="SOLVER_NAME", help="warm start from this solver's mask")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-mask", default=None, metavar="FILE.npy")
+    p.add_argument("--save-weights", default=None, metavar="FILE.npy")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.set_defaults(handler=_cmd_solve)
+
+
+def _cmd_solve(args) -> int:
+    import numpy as np
+
+    from layerprune.problems import PatternError, ProblemError, atomic_write, load_instance
+    from layerprune.solvers import Params, SolverError, Status, make_solver
+
+    if args.time_limit is not None and not args.time_limit > 0:
+        return _fail(f"--time-limit must be positive, got {args.time_limit}")
+    for out in (args.save_mask, args.save_weights):
+        if out is not None and Path(out).is_dir():
+            return _fail(f"output path is a directory: {out}")
+    try:
+        problem = load_instance(args.instance, pattern=args.pattern, objective=args.objective)
+        backend = make_solver(args.solver)
+        why = backend.why_not(problem)
+        if why:
+            raise SolverError(why)
+        params = Params(time_limit=args.time_limit, seed=args.seed)
+        init = None
+        if args.init is not None:
+            init_backend = make_solver(args.init)
+            why = init_backend.why_not(problem)
+            if why:
+                raise SolverError(f"--init: {why}")
+            init = init_backend.solve(problem, params=Params(time_limit=args.time_limit, seed=args.seed)).mask
+    except (ProblemError, PatternError, SolverError) as exc:
+        return _fail(str(exc))
+    try:
+        result = backend.solve(problem, params=params, init=init)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as exc:  # a backend failure: reported, nothing written
+        if args.json:
+            print(json.dumps({"solver": args.solver, "status": Status.ERROR.value, "limit": None,
+                              "objective": None, "lower_bound": None, "gap": None,
+                              "seconds": None, "iterations": None}))
+        return _fail(f"solver {args.solver!r} failed: {type(exc).__name__}: {exc}", EXIT_SOLVER_ERROR)
+    if result.mask is not None:
+        if args.save_mask:
+            mask = result.mask.cpu().numpy().astype(bool)
+            atomic_write(args.save_mask, lambda tmp: _save_npy(tmp, mask))
+        if args.save_weights:
+            weights = result.weights.cpu().numpy()
+            atomic_write(args.save_weights, lambda tmp: _save_npy(tmp, weights))
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(_describe(result, problem))
+    return 0 if result.status in (Status.OPTIMAL, Status.FEASIBLE) else EXIT_SOLVER_ERROR
+
+
+def _save_npy(path: str, array) -> None:
+    import numpy as np
+
+    with open(path, "wb") as fh:  # a file object: np.save must not append ".npy" to the temp name
+        np.save(fh, array)
+
+
+def _describe(result, problem) -> str:
+    def num(x):
+        return "—" if x is None else f"{x:.6g}"
+
+    gap = result.gap
+    lines = [
+        f"problem    {problem.describe()}",
+        f"solver     {result.solver}",
+        f"status     {result.status.value}" + (f" (limit: {result.limit})" if result.limit else ""),
+        f"objective  {num(result.objective)}",
+        f"bound      {num(result.lower_bound)}" + (f"  [{result.bound_source}]" if result.bound_source else ""),
+        f"gap        {'—' if gap is None else f'{100 * gap:.4g}%'}",
+        f"time       {result.seconds:.3f} s, {result.iterations} iterations",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- solvers
+def _add_solvers(sub) -> None:
+    p = sub.add_parser("solvers", help="list every backend, whether it is installed, what it takes")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cmd_solvers)
+
+
+def _cmd_solvers(args) -> int:
+    from layerprune.solvers import list_solvers
+
+    rows = list_solvers()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = f"{'solver':<18} {'installed':<9} {'objectives':<18} {'patterns':<34} {'bound':<6} description"
+    print(header)
+    for r in rows:
+        bound = "exact" if r["exact"] else ("yes" if r["certifies"] else "no")
+        print(f"{r['name']:<18} {'yes' if r['installed'] else 'NO':<9} {','.join(r['objectives']):<18} "
+              f"{','.join(r['patterns']):<34} {bound:<6} {r['description']}")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(prog="layerprune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
+    sub.required = True
+    _add_solve(sub)
+    _add_solvers(sub)
+    try:
+        from layerprune.prune_cli import add_subcommands
+    except ImportError:  # the model pipeline is optional for the solve contract
+        pass
+    else:
+        add_subcommands(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors and --help
+        return int(exc.code or 0)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

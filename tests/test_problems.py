@@ -1,0 +1,217 @@
+"""The problem object: validation, patterns, exact objectives, refit, scaling, files."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from layerprune.problems import (NM, Columns, LayerProblem, PatternError, PerRow, ProblemError,
+                                 Unstructured, load_instance, make_arrays, make_instance,
+                                 parse_pattern, save_instance, topk_mask)
+from layerprune.problems.strategies import tiny_problems
+
+
+def _wg(d_out=3, d_in=8, seed=0, **kw):
+    return make_arrays(d_out, d_in, seed=seed, **kw)
+
+
+# ------------------------------------------------------------------ validation: one error per fault
+@pytest.mark.parametrize("make, match", [
+    (lambda W, G: (W[0], G), "2-D"),
+    (lambda W, G: (W, G[:, :-1]), "square"),
+    (lambda W, G: (W, G[:-1, :-1]), "d_in"),
+    (lambda W, G: (W, G + np.triu(np.ones_like(G), 1)), "not symmetric"),
+    (lambda W, G: (W, G - 10 * np.abs(G).max() * np.eye(len(G))), "not positive semi-definite"),
+    (lambda W, G: (np.where(np.eye(*W.shape) > 0, np.nan, W), G), "NaN or inf"),
+    (lambda W, G: (W, np.where(np.eye(len(G)) > 0, np.inf, G)), "NaN or inf"),
+])
+def test_bad_arrays_raise_one_clear_error(make, match):
+    W, G = _wg()
+    W2, G2 = make(W, G)
+    with pytest.raises(ProblemError, match=match):
+        LayerProblem.create(W2, G2, pattern="per-row:4")
+
+
+@pytest.mark.parametrize("pattern, match", [
+    ("per-row:9", "out of range"), ("per-row:-1", "out of range"), ("columns:9", "out of range"),
+    ("nm:2:3", "not divisible"), ("nm:5:4", "N <= M"), ("unstructured:1.5", r"\[0, 1\)"),
+    ("rows:3", "unknown pattern"), ("per-row:x", "integer"),
+])
+def test_bad_patterns(pattern, match):
+    W, G = _wg()
+    with pytest.raises((ProblemError, PatternError), match=match):
+        LayerProblem.create(W, G, pattern=pattern)
+
+
+def test_objective_kind_and_inputs_checked():
+    W, G = _wg()
+    with pytest.raises(ProblemError, match="objective"):
+        LayerProblem.create(W, G, objective="fancy")
+    with pytest.raises(ProblemError, match="exactly one"):
+        LayerProblem.create(W)
+    with pytest.raises(ProblemError, match="n × d_in"):
+        LayerProblem.create(W, X=np.ones((5, 3)))
+
+
+def test_psd_within_tolerance_accepted():
+    W, G = _wg(d_in=8, rank=4)  # exactly rank-deficient: eigenvalues ~ ±1e-16
+    p = LayerProblem.create(W, G, pattern="per-row:4")
+    assert p.G.shape == (8, 8) and torch.equal(p.G, p.G.T)
+
+
+# ------------------------------------------------------------------ patterns
+def test_parse_fraction_and_count_forms():
+    assert parse_pattern("per-row:0.5").bind(4, 10).keep == 5
+    assert parse_pattern("per-row:3").bind(4, 10).keep == 3
+    assert parse_pattern("columns:0.25").bind(4, 8).keep == 6
+    assert parse_pattern("nm:2:4") == NM(2, 4)
+    assert parse_pattern("unstructured:0.6").budget(10, 10) == 40
+
+
+def test_topk_ties_go_to_lower_index():
+    s = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0]])
+    assert topk_mask(s, 2).tolist() == [[False, True, True, False, False]]
+
+
+@given(tiny_problems(max_d_in=8, max_d_out=3), st.integers(0, 10**6))
+def test_round_is_feasible_and_maximises_the_linear_score(problem, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(problem.shape, generator=g, dtype=torch.float64)
+    mask = problem.round(scores)
+    assert problem.is_feasible(mask)
+    # the LMO: no feasible mask has a larger total score (compare with brute force over masks)
+    lin = LayerProblem(problem.W, problem.G, problem.pattern, "mask")
+    assert float(scores[mask].sum()) >= _best_linear(lin, scores) - 1e-9
+
+
+def _best_linear(problem, scores):
+    """max Σ scores over feasible masks by enumeration (tiny)."""
+    import itertools
+    d_out, d_in = problem.shape
+    best = -np.inf
+    n = d_out * d_in
+    if n > 16:
+        return -np.inf
+    for bits in itertools.product([False, True], repeat=n):
+        m = torch.tensor(bits).reshape(d_out, d_in)
+        if problem.pattern.violation(m) is None:
+            best = max(best, float(scores[m].sum()))
+    return best
+
+
+def test_violations_are_explained():
+    assert "row 0" in PerRow(keep=2).violation(torch.tensor([[True, False, False]]))
+    assert "block" in NM(1, 2).violation(torch.tensor([[True, True, False, True]]))
+    assert "rows differ" in Columns(keep=1).violation(torch.tensor([[True, False], [False, True]]))
+    assert Unstructured(0.5).violation(torch.tensor([[True, False], [False, True]])) is None
+
+
+# ------------------------------------------------------------------ objectives
+def test_mask_objective_matches_formula():
+    W, G = _wg(seed=3)
+    p = LayerProblem.create(W, G, pattern="per-row:4")
+    mask = p.round(torch.as_tensor(np.abs(W)))
+    U = W * (1 - mask.numpy())
+    assert p.objective(mask) == pytest.approx(np.einsum("ri,ij,rj->", U, G, U), rel=1e-12)
+
+
+def test_reconstruct_refit_matches_least_squares():
+    W, G = _wg(d_out=4, d_in=10, seed=5)
+    p = LayerProblem.create(W, G, pattern="per-row:5", objective="reconstruct")
+    mask = p.round(torch.as_tensor(np.abs(W)))
+    V = p.refit(mask).numpy()
+    total = 0.0
+    for r in range(4):
+        S = mask[r].numpy()
+        v = np.zeros(10)
+        v[S] = np.linalg.lstsq(G[np.ix_(S, S)], (G @ W[r])[S], rcond=None)[0]
+        assert np.allclose(V[r], v, rtol=1e-8, atol=1e-10)
+        total += (W[r] - v) @ G @ (W[r] - v)
+    assert p.objective(mask) == pytest.approx(total, rel=1e-10)
+    assert not (V[~mask.numpy()]).any()
+
+
+def test_refit_exact_on_singular_gram():
+    W, G = _wg(d_out=3, d_in=8, seed=2, rank=3)
+    p = LayerProblem.create(W, G, pattern="per-row:5", objective="reconstruct")
+    mask = p.round(torch.as_tensor(np.abs(W)))
+    V = p.refit(mask)
+    assert torch.isfinite(V).all()
+    # optimality: the gradient of the error on the support vanishes
+    grad = ((V - p.W) @ p.G) * mask
+    assert float(grad.abs().max()) < 1e-8 * float(p.G.abs().max() * p.W.abs().max())
+
+
+def test_weights_objective_and_support_check():
+    W, G = _wg()
+    p = LayerProblem.create(W, G, pattern="per-row:4", objective="reconstruct")
+    mask = p.round(torch.as_tensor(np.abs(W)))
+    V = p.refit(mask)
+    assert p.objective(weights=V) == pytest.approx(p.objective(mask), rel=1e-12)
+    with pytest.raises(ProblemError, match="does not fit"):
+        p.objective(weights=p.W)
+    with pytest.raises(ProblemError, match="outside the mask"):
+        p.objective(mask, weights=p.W)
+
+
+@given(tiny_problems(max_d_in=7, max_d_out=3))
+def test_scaling_leaves_both_objectives_unchanged(problem):
+    scaled, d = problem.scaled()
+    assert torch.allclose(torch.diagonal(scaled.G)[torch.diagonal(problem.G) > 0], torch.tensor(1.0, dtype=torch.float64))
+    mask = problem.round(problem.W.abs())
+    assert scaled.objective(mask) == pytest.approx(problem.objective(mask), rel=1e-9, abs=1e-14)
+
+
+@given(tiny_problems(max_d_in=7, max_d_out=3, objectives=("mask",)))
+def test_reconstruct_never_worse_than_mask(problem):
+    mask = problem.round(problem.W.abs())
+    rec = problem.replace(objective="reconstruct")
+    assert rec.objective(mask) <= problem.objective(mask) * (1 + 1e-9) + 1e-14
+
+
+def test_to_device_dtype():
+    p = make_instance(2, 8, pattern="nm:2:4")
+    q = p.to(dtype=torch.float32)
+    assert q.W.dtype == torch.float32 and q.pattern == p.pattern
+
+
+# ------------------------------------------------------------------ files
+def test_instance_round_trip_with_G_and_X(tmp_path):
+    W, G = _wg()
+    save_instance(tmp_path / "a.npz", W, G)
+    p = load_instance(tmp_path / "a.npz", pattern="nm:2:4", objective="reconstruct")
+    assert np.allclose(p.G.numpy(), G) and p.objective_kind == "reconstruct"
+    X = np.random.default_rng(0).standard_normal((20, 8))
+    np.savez(tmp_path / "b.npz", W=W.astype(np.float32), X=X.astype(np.float32), extra=np.ones(3))
+    q = load_instance(tmp_path / "b.npz", pattern="per-row:4")
+    assert np.allclose(q.G.numpy(), X.astype(np.float32).astype(np.float64).T @ X.astype(np.float32).astype(np.float64))
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, "not found"), (b"not a zip", "cannot read"),
+])
+def test_bad_files(tmp_path, content, match):
+    path = tmp_path / "x.npz"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ProblemError, match=match):
+        load_instance(path)
+
+
+def test_missing_arrays(tmp_path):
+    np.savez(tmp_path / "w.npz", G=np.eye(3))
+    with pytest.raises(ProblemError, match="'W'"):
+        load_instance(tmp_path / "w.npz")
+    np.savez(tmp_path / "g.npz", W=np.ones((2, 3)))
+    with pytest.raises(ProblemError, match="neither"):
+        load_instance(tmp_path / "g.npz")
+
+
+def test_generator_is_seeded_and_llm_like():
+    a = make_arrays(4, 64, seed=7)
+    b = make_arrays(4, 64, seed=7)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    d = np.diag(a[1])
+    assert d.max() / np.median(d) > 50  # outlier channels
+    _, G = make_arrays(2, 16, seed=1, rank=6)
+    assert np.linalg.matrix_rank(G) == 6

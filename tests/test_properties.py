@@ -1,0 +1,76 @@
+"""Hypothesis properties tying the backends together on tiny instances.
+
+brute = every exact backend; every lower bound ≤ optimum ≤ every feasible result;
+W→cW scales the optimum by c²; keeping more never hurts; reconstruct ≤ mask.
+"""
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from layerprune.problems import LayerProblem, make_arrays
+from layerprune.problems.strategies import tiny_problems
+from layerprune.solvers import Params, Status, get_solver_class, make_solver, solver_names
+
+from conftest import rel_tol
+
+
+def _installed(pred):
+    out = []
+    for name in solver_names():
+        cls = get_solver_class(name)
+        if cls.is_installed() and pred(cls) and name != "brute":
+            out.append(name)
+    return out
+
+
+EXACT = _installed(lambda c: c.exact)
+ALL = _installed(lambda c: True)
+
+
+def _takes(name, problem):
+    return make_solver(name).why_not(problem) is None
+
+
+@settings(max_examples=20)
+@given(tiny_problems(max_d_in=6, max_d_out=2))
+def test_bound_le_optimum_le_every_feasible_result(problem):
+    best = make_solver("brute").solve(problem)
+    assert best.status == Status.OPTIMAL
+    for name in ALL:
+        if not _takes(name, problem):
+            continue
+        res = make_solver(name).solve(problem, params=Params(time_limit=30))
+        assert problem.is_feasible(res.mask), name
+        assert res.objective >= best.objective - rel_tol(best.objective), name
+        if res.lower_bound is not None:
+            assert res.lower_bound <= best.objective + rel_tol(best.objective, 1e-6), (name, res.lower_bound, best.objective)
+        if name in EXACT:
+            assert res.status == Status.OPTIMAL, (name, res)
+            assert res.objective == pytest.approx(best.objective, rel=1e-6, abs=1e-12), name
+
+
+@settings(max_examples=15)
+@given(tiny_problems(max_d_in=6, max_d_out=2), st.sampled_from([0.1, 3.0]))
+def test_scaling_w_scales_the_optimum(problem, c):
+    a = make_solver("brute").solve(problem).objective
+    b = make_solver("brute").solve(problem.replace(W=problem.W * c)).objective
+    assert b == pytest.approx(c * c * a, rel=1e-7, abs=1e-13)
+
+
+@settings(max_examples=15)
+@given(st.integers(3, 7), st.integers(1, 2), st.integers(0, 2**31 - 1), st.sampled_from(["mask", "reconstruct"]))
+def test_keeping_more_never_hurts(d_in, d_out, seed, objective):
+    W, G = make_arrays(d_out, d_in, seed=seed)
+    values = [make_solver("brute").solve(LayerProblem.create(W, G, pattern=f"per-row:{k}", objective=objective)).objective
+              for k in range(d_in + 1)]
+    for less, more in zip(values, values[1:]):
+        assert more <= less + rel_tol(less)
+    assert values[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+@settings(max_examples=15)
+@given(tiny_problems(max_d_in=6, max_d_out=2, objectives=("mask",)))
+def test_reconstruct_optimum_le_mask_optimum(problem):
+    m = make_solver("brute").solve(problem).objective
+    r = make_solver("brute").solve(problem.replace(objective="reconstruct")).objective
+    assert r <= m + rel_tol(m)
