@@ -29,9 +29,11 @@ __all__ = ["LayerProblem", "ProblemError", "OBJECTIVES"]
 
 OBJECTIVES = ("mask", "reconstruct")
 
-#: relative tolerance for symmetry and positive semi-definiteness of G
+#: relative tolerance for symmetry of G
 SYMMETRY_RTOL = 1e-5
-PSD_RTOL = 1e-6
+#: relative tolerance (× max diag G × sqrt(d_in)) for negative eigenvalues of G, by input precision
+PSD_RTOL = {torch.float64: 1e-8}
+PSD_RTOL_LOW_PRECISION = 1e-5
 #: bytes of float64 scratch one refit chunk may use
 _REFIT_CHUNK_BYTES = 1 << 27
 
@@ -67,7 +69,8 @@ def _check_gram(G: torch.Tensor, d_in: int) -> None:
     if scale == 0.0:
         return
     # G + eps·I admits a Cholesky factor iff λ_min(G) > -eps (cheaper than an eigen-decomposition)
-    eps = PSD_RTOL * float(torch.diagonal(G).abs().max().clamp_min(1e-300)) * max(1, d_in) ** 0.5
+    rtol = PSD_RTOL.get(G.dtype, PSD_RTOL_LOW_PRECISION)
+    eps = rtol * float(torch.diagonal(G).abs().max().clamp_min(1e-300)) * max(1, d_in) ** 0.5
     eye = torch.eye(d_in, dtype=torch.float64, device=G.device)
     _, info = torch.linalg.cholesky_ex(G.to(torch.float64) + eps * eye)
     if int(info) != 0:
