@@ -1,0 +1,161 @@
+"""Exact reach: how large a row the certified backends close, and how fast (issue 2, item 9).
+
+For each solver × objective × pattern × d_in, ``--rows`` synthetic LLM-like rows
+(``make_instance(rows, d_in, ...)``, one shared Gram matrix) are solved *one row at a time*
+with ``--time-limit`` seconds each. Reported per cell: rows proved optimal, median / max
+seconds, median gap, and checks: ``disagree`` (a row certified optimal whose objective differs
+from brute force, d_in ≤ 16) and ``bound>best`` (a lower bound above the best objective any
+solver — or brute force — found for that row).
+
+Usage::
+
+    python benchmarks/exact_reach.py --sizes 16 32 64 --solvers scip --time-limit 60
+    python benchmarks/exact_reach.py --solvers scip --option diag=none   # a formulation variant
+
+Writes ``--out`` (JSON, atomically) and the markdown table next to it (``.md``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from layerprune.problems import LayerProblem, atomic_write, make_instance
+from layerprune.solvers import Params, SolverError, get_solver_class, make_solver, solver_names
+
+BRUTE_MAX_D = 16
+
+
+def _parse_options(items):
+    out = {}
+    for item in items or []:
+        key, _, val = item.partition("=")
+        out[key] = val
+    return out
+
+
+def _row_problem(p: LayerProblem, r: int) -> LayerProblem:
+    return LayerProblem.create(p.W[r:r + 1], p.G, pattern=str(p.pattern), objective=p.objective_kind)
+
+
+def _usable(name: str):
+    """None if the solver can run here, else why not."""
+    if name not in solver_names():
+        return "not registered in this installation"
+    try:
+        cls = get_solver_class(name)
+    except (SolverError, ImportError) as exc:
+        return f"cannot import: {exc}"
+    missing = cls.missing_packages()
+    return f"missing {', '.join(missing)}" if missing else None
+
+
+def run(args) -> dict:
+    options = _parse_options(args.option)
+    records = []
+    solvers = []
+    for name in args.solvers:
+        why = _usable(name)
+        if why:
+            print(f"skipping solver {name!r}: {why}", file=sys.stderr)
+        else:
+            solvers.append(name)
+    for objective in args.objectives:
+        for pattern in args.patterns:
+            for d in args.sizes:
+                p = make_instance(args.rows, d, pattern=pattern, objective=objective, seed=args.seed + d)
+                for r in range(args.rows):
+                    rp = _row_problem(p, r)
+                    brute = None
+                    if d <= BRUTE_MAX_D and _usable("brute") is None:
+                        b = make_solver("brute")
+                        if b.why_not(rp) is None:
+                            brute = b.solve(rp).objective
+                    for name in solvers:
+                        s = make_solver(name, **(options if name == args.options_for else {}))
+                        if s.why_not(rp):
+                            print(f"skipping {name} on {rp.describe()}: {s.why_not(rp)}", file=sys.stderr)
+                            continue
+                        t = time.perf_counter()
+                        res = s.solve(rp, params=Params(time_limit=args.time_limit, seed=args.seed))
+                        sec = time.perf_counter() - t
+                        rec = dict(solver=name, objective=objective, pattern=pattern, d_in=d, row=r,
+                                   status=res.status.value, limit=res.limit, value=res.objective,
+                                   lower_bound=res.lower_bound, gap=res.gap, seconds=sec, brute=brute,
+                                   options=options if name == args.options_for else {})
+                        records.append(rec)
+                        print(f"{name:8s} {objective:11s} {pattern:12s} d={d:4d} row={r} {rec['status']:9s} "
+                              f"{sec:7.2f}s gap={rec['gap'] if rec['gap'] is None else round(rec['gap'], 6)}",
+                              flush=True)
+                    _checks(records, objective, pattern, d, r)
+                _write(args, records)  # partial results survive an interrupted run
+    return {"args": vars(args), "records": records}
+
+
+def _checks(records, objective, pattern, d, r):
+    """Mark disagreements with brute force and bounds above the best known objective."""
+    same = [x for x in records if (x["objective"], x["pattern"], x["d_in"], x["row"]) == (objective, pattern, d, r)]
+    vals = [x["value"] for x in same if x["value"] is not None] + [x["brute"] for x in same if x["brute"] is not None]
+    best = min(vals) if vals else math.inf
+    for x in same:
+        tol = 1e-6 * max(abs(best), 1e-12)
+        x["disagree"] = bool(x["brute"] is not None and x["status"] == "optimal"
+                             and abs(x["value"] - x["brute"]) > 1e-6 * max(abs(x["brute"]), 1e-12))
+        x["bound_violation"] = bool(x["lower_bound"] is not None and x["lower_bound"] > best + tol)
+
+
+def table(records) -> str:
+    keys = sorted({(x["solver"], x["objective"], x["pattern"], x["d_in"]) for x in records},
+                  key=lambda k: (k[0], k[1], k[2], k[3]))
+    lines = ["| solver | objective | pattern | d_in | proved optimal | median s | max s | median gap | disagree (brute) | bound>best |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for k in keys:
+        xs = [x for x in records if (x["solver"], x["objective"], x["pattern"], x["d_in"]) == k]
+        secs = [x["seconds"] for x in xs]
+        gaps = [x["gap"] for x in xs if x["gap"] is not None]
+        opt = sum(x["status"] == "optimal" for x in xs)
+        has_brute = any(x["brute"] is not None for x in xs)
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {opt}/{len(xs)} | {statistics.median(secs):.2f} | "
+                     f"{max(secs):.2f} | {statistics.median(gaps) if gaps else float('nan'):.2%} | "
+                     f"{sum(x.get('disagree', False) for x in xs) if has_brute else '–'} | "
+                     f"{sum(x.get('bound_violation', False) for x in xs)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write(args, records):
+    out = Path(args.out)
+    payload = {"args": {k: v for k, v in vars(args).items()}, "records": records}
+
+    def write_json(tmp):
+        Path(tmp).write_text(json.dumps(payload, indent=1))
+
+    atomic_write(out, write_json)
+    md = table(records) if records else ""
+    atomic_write(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(md))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[16, 32, 48, 64, 96, 128])
+    ap.add_argument("--objectives", nargs="+", default=["mask", "reconstruct"])
+    ap.add_argument("--patterns", nargs="+", default=["per-row:0.5", "nm:2:4"])
+    ap.add_argument("--solvers", nargs="+", default=["scip", "ortools"])
+    ap.add_argument("--rows", type=int, default=4)
+    ap.add_argument("--time-limit", type=float, default=60.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--option", action="append", help="solver option KEY=VALUE (for --options-for)")
+    ap.add_argument("--options-for", default="scip", help="solver the --option values go to")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "exact_reach.json"))
+    args = ap.parse_args(argv)
+    result = run(args)
+    _write(args, result["records"])
+    print()
+    print(table(result["records"]) if result["records"] else "no results")
+
+
+if __name__ == "__main__":
+    main()
