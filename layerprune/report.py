@@ -1,0 +1,256 @@
+"""What a pruning job measured: per-layer records, the job report, its JSON and its plot.
+
+The JSON written by ``layerprune prune --report FILE.json`` is :meth:`PruneReport.to_json`:
+
+``dense_perplexity`` / ``perplexity``
+    mapping evaluation text name → perplexity of the dense / pruned model
+``sparsity``
+    fraction of zeros counted in the target linears after pruning
+``seconds``, ``peak_memory_bytes``
+    wall time of the whole job and the process's peak resident memory (plus the peak
+    accelerator memory under ``peak_device_memory_bytes`` when one was used)
+``layers``
+    one record per pruned linear (see :class:`LayerRecord`)
+``settings``
+    everything needed to reproduce the run (model, solver, pattern, calibration source,
+    nsamples, seqlen, seed, …)
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = ["LayerRecord", "PruneReport", "format_report", "write_json_atomic", "plot_layer_errors"]
+
+
+def _finite_or_none(x: Optional[float]) -> Optional[float]:
+    """JSON has no inf/NaN: map them to None (strict JSON readers reject them)."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+@dataclass
+class LayerRecord:
+    """One pruned linear layer.
+
+    Attributes
+    ----------
+    block : index of the decoder block (-1 for ``lm_head``)
+    name : qualified module name in the model (e.g. ``model.layers.3.mlp.down_proj``)
+    shape : (d_out, d_in)
+    pattern : the pattern bound to this layer (counts, e.g. ``per-row:288``)
+    objective_kind : ``mask`` or ``reconstruct``
+    solver : backend that produced the mask
+    objective : the problem's exact objective of the written weights
+    wanda_objective : Wanda's objective on the same problem (reference)
+    lower_bound, bound_source, gap : certificate where the backend gives one
+    status, limit : the solver's status and why it stopped early
+    seconds : solver wall time for this layer (Wanda reference excluded)
+    ntokens : calibration tokens in this layer's Gram matrix
+    mask : (d_out, d_in) bool CPU tensor (True = kept); not written to JSON
+    """
+
+    block: int
+    name: str
+    shape: tuple
+    pattern: str
+    objective_kind: str
+    solver: str
+    objective: float
+    wanda_objective: Optional[float]
+    lower_bound: Optional[float]
+    bound_source: Optional[str]
+    gap: Optional[float]
+    status: str
+    limit: Optional[str]
+    seconds: float
+    ntokens: int
+    mask: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def reduction_vs_wanda(self) -> Optional[float]:
+        """``1 − objective / wanda_objective`` (positive = better than Wanda)."""
+        if self.wanda_objective is None or self.objective is None:
+            return None
+        if self.wanda_objective <= 0.0:
+            return 0.0 if self.objective <= 0.0 else None
+        return 1.0 - self.objective / self.wanda_objective
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("mask")
+        d["shape"] = list(self.shape)
+        for k in ("objective", "wanda_objective", "lower_bound", "gap", "seconds"):
+            d[k] = _finite_or_none(d[k])
+        d["reduction_vs_wanda"] = _finite_or_none(self.reduction_vs_wanda)
+        return d
+
+
+@dataclass
+class PruneReport:
+    """Everything one pruning job measured; :meth:`to_json` is the ``--report`` file."""
+
+    dense_perplexity: dict
+    perplexity: dict
+    sparsity: float
+    seconds: float
+    peak_memory_bytes: int
+    layers: list
+    settings: dict
+    peak_device_memory_bytes: Optional[int] = None
+    timings: dict = field(default_factory=dict)
+    model_size_bytes: Optional[int] = None
+    out_dir: Optional[str] = None
+    report_path: Optional[str] = None
+    plot_path: Optional[str] = None
+
+    # ------------------------------------------------------------------ views
+    def to_json(self) -> dict:
+        return {
+            "dense_perplexity": {k: _finite_or_none(v) for k, v in self.dense_perplexity.items()},
+            "perplexity": {k: _finite_or_none(v) for k, v in self.perplexity.items()},
+            "sparsity": self.sparsity,
+            "seconds": self.seconds,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "peak_device_memory_bytes": self.peak_device_memory_bytes,
+            "model_size_bytes": self.model_size_bytes,
+            "median_reduction_vs_wanda": _finite_or_none(self.median_reduction_vs_wanda()),
+            "timings": self.timings,
+            "settings": self.settings,
+            "out_dir": self.out_dir,
+            "layers": [r.to_json() for r in self.layers],
+        }
+
+    def table(self) -> list[dict]:
+        """Per-layer rows (plain dicts; ``pandas.DataFrame(report.table())`` tabulates them)."""
+        return [r.to_json() for r in self.layers]
+
+    def median_reduction_vs_wanda(self) -> Optional[float]:
+        vals = [r.reduction_vs_wanda for r in self.layers if r.reduction_vs_wanda is not None]
+        return statistics.median(vals) if vals else None
+
+    def format(self) -> str:
+        return format_report(self)
+
+    # ------------------------------------------------------------------ files
+    def write_json(self, path) -> Path:
+        path = Path(path)
+        write_json_atomic(path, self.to_json())
+        return path
+
+
+def _fmt_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 2 ** 20:.0f} MiB"
+
+
+def format_report(report: PruneReport) -> str:
+    """The printed summary: dense vs pruned perplexity per text, sparsity, time, memory."""
+    s = report.settings
+    lines = [
+        f"model {s.get('model')}  solver {s.get('solver')}  pattern {s.get('pattern')}  "
+        f"objective {s.get('objective')}",
+        f"calibration {s.get('calib')}: {s.get('nsamples')} × {s.get('seqlen')} tokens, seed {s.get('seed')}",
+        "",
+        f"{'text':<20} {'dense ppl':>12} {'pruned ppl':>12}",
+    ]
+    for name in report.perplexity:
+        d = report.dense_perplexity.get(name)
+        p = report.perplexity[name]
+        lines.append(f"{name:<20} {_num(d):>12} {_num(p):>12}")
+    lines.append("")
+    med = report.median_reduction_vs_wanda()
+    lines.append(f"sparsity reached   {100 * report.sparsity:.2f}% of target linear weights "
+                 f"({len(report.layers)} layers)")
+    if med is not None:
+        lines.append(f"error vs Wanda     median {100 * med:+.1f}% reduction per layer")
+    certified = [r for r in report.layers if r.gap is not None]
+    if certified:
+        gaps = sorted(r.gap for r in certified)
+        lines.append(f"certified layers   {len(certified)}, median gap {100 * statistics.median(gaps):.2f}%")
+    lines.append(f"time               {report.seconds:.1f} s"
+                 + (f" (pruning {report.timings['prune']:.1f} s)" if "prune" in report.timings else ""))
+    mem = f"peak memory        {_fmt_bytes(report.peak_memory_bytes)} RSS"
+    if report.peak_device_memory_bytes:
+        mem += f", {_fmt_bytes(report.peak_device_memory_bytes)} on the device"
+    if report.model_size_bytes:
+        mem += f" (model {_fmt_bytes(report.model_size_bytes)})"
+    lines.append(mem)
+    for label, path in (("saved model", report.out_dir), ("report", report.report_path),
+                        ("plot", report.plot_path)):
+        if path:
+            lines.append(f"{label:<18} {path}")
+    return "\n".join(lines)
+
+
+def _num(x: Optional[float]) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.3f}" if math.isfinite(x) else str(x)
+
+
+def write_json_atomic(path, obj) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (temporary file in the same folder, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def plot_layer_errors(layers: list, path) -> Optional[Path]:
+    """Plot per-layer error reduction vs Wanda, ``1 − objective / wanda_objective``.
+
+    One point per layer in pruning order, coloured by the layer's short name (``q_proj``,
+    ``down_proj``, …). Written atomically; returns the path, or None if no layer has a
+    Wanda reference.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(i, r) for i, r in enumerate(layers) if r.reduction_vs_wanda is not None]
+    if not pts:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kinds = sorted({r.name.rsplit(".", 1)[-1] for _, r in pts})
+    fig, ax = plt.subplots(figsize=(max(6.0, min(16.0, 0.06 * len(pts) + 4)), 4))
+    for kind in kinds:
+        xs = [i for i, r in pts if r.name.rsplit(".", 1)[-1] == kind]
+        ys = [100 * r.reduction_vs_wanda for i, r in pts if r.name.rsplit(".", 1)[-1] == kind]
+        ax.plot(xs, ys, "o", ms=4, label=kind)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set_xlabel("layer (pruning order)")
+    ax.set_ylabel("error reduction vs Wanda (%)")
+    solvers = sorted({r.solver for _, r in pts})
+    ax.set_title(f"per-layer error reduction vs Wanda ({', '.join(solvers)}; {pts[0][1].objective_kind})")
+    ax.legend(fontsize=7, ncol=min(4, len(kinds)), loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

