@@ -181,6 +181,15 @@ class LayerProblem:
         return self.W.dtype
 
     @property
+    def scale(self) -> float:
+        """``Σ_r w_rᵀ G w_r``: the error of pruning everything, the natural size of objectives.
+
+        Float64 round-off in any objective is a tiny multiple of it, so absolute tolerances
+        (a gap that counts as closed, a test's slack) are stated relative to this scale.
+        """
+        return float(self.weight_errors(torch.zeros_like(self.W)).sum())
+
+    @property
     def budget(self) -> int:
         """Number of weights a feasible mask keeps."""
         return self.pattern.budget(*self.shape)

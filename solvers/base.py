@@ -25,6 +25,9 @@ from layerprune.problems import LayerProblem
 
 __all__ = ["Status", "Params", "Proposal", "Result", "Solver", "SolverError", "Callback"]
 
+#: an absolute gap below ABS_GAP_TOL × problem.scale is float64 round-off, i.e. closed
+ABS_GAP_TOL = 1e-12
+
 #: ``callback(event) -> stop?``: called by iterative solvers with a dict (iteration, objective, …)
 Callback = Callable[[dict], Optional[bool]]
 
@@ -263,8 +266,11 @@ def finalize(name: str, problem: LayerProblem, p: Proposal, seconds: float, para
             lb = res.objective
     res.lower_bound = lb
     if res.status == Status.OPTIMAL:
-        gap = res.gap
-        if gap is None or gap > max(params.gap_tol, 1e-9):
+        # closed if the relative gap meets gap_tol, or the absolute gap is float64 round-off
+        # (a tiny multiple of the problem's scale: objectives near 0 make relative gaps noise)
+        closed = lb is not None and (res.gap <= max(params.gap_tol, 1e-9)
+                                     or res.objective - lb <= ABS_GAP_TOL * problem.scale)
+        if not closed:
             res.status = Status.FEASIBLE
             res.limit = res.limit or "tolerance"
             res.info["claimed_optimal"] = True

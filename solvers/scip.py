@@ -25,10 +25,12 @@ couple the layer and get one model.
     the SDP can move almost nothing off the diagonal (``Σδ ≈ 2e-4`` against ``tr Q ≈ 1e3`` at
     d=64); without ``δ ≥ 0`` it moved mass to negative entries and the root bound fell below 0.
     SCIP's RLT separator (``separating/rlt/freq=0``) did not help either (d=48: 72% vs 65%).
-    Hence ``none`` stays the ``mask`` default; ``sdp`` is the ``reconstruct`` default, where
-    the perspective needs ``δ > 0`` to have any strength.
+    Hence ``none`` stays the ``mask`` default. For ``reconstruct`` the default is ``eig``
+    (``δ = λ_min·1``): on 60 tiny rank-deficient rows (1×6, nm:1:2, 5 s limit) it proved all
+    60, while ``sdp`` timed out on 2 (SCIP branched on the unbounded ``v`` through the cones);
+    the perspective needs ``δ > 0`` to have strength, which these ill-conditioned ``G̃`` lack.
 ``reconstruct`` (perspective formulation, DESIGN.md §2)
-    ``G̃ = (G̃ − Δ) + Δ`` with ``δ ≥ 0`` from the same diagonal SDP; kept weights ``v``,
+    ``G̃ = (G̃ − Δ) + Δ`` with ``δ ≥ 0`` (option ``diag``); kept weights ``v``,
     binary kept indicators ``z``, ``s_i`` with the rotated cone ``v_i² ≤ s_i z_i``;
     objective ``‖Fᵀ(w − v)‖² + Σ δ_i (w_i² − 2 w_i v_i + s_i)``, ``Σ_group z = kept count``.
 
@@ -362,7 +364,7 @@ class ScipSolver(Solver):
     Options
     -------
     diag : ``"none"`` | ``"sdp"`` | ``"eig"`` (| ``"dense"`` for ``mask``: plain ``t ≥ pᵀQp``)
-        diagonal moved out of the quadratic; default ``"none"`` for ``mask``, ``"sdp"`` for
+        diagonal moved out of the quadratic; default ``"none"`` for ``mask``, ``"eig"`` for
         ``reconstruct`` (see the module docstring for the measurements).
     """
 
@@ -380,7 +382,7 @@ class ScipSolver(Solver):
         W = sp.W.numpy()
         G = sp.G.numpy()
         start = _warm_start(sp, None if init is None else init.cpu())
-        diag = self.options.get("diag") or ("sdp" if problem.objective_kind == "reconstruct" else "none")
+        diag = self.options.get("diag") or ("eig" if problem.objective_kind == "reconstruct" else "none")
         gap = max(params.gap_tol / 2, 1e-9)
         pat = sp.pattern
         recon = sp.objective_kind == "reconstruct"
@@ -440,8 +442,28 @@ class ScipSolver(Solver):
                         bound_source=f"scip dual bound (diag={diag}, safety {SAFETY:g}·blocks·max(1,|b|))",
                         status=status, limit=limit, iterations=info["nodes"], info=info)
 
+    @classmethod
+    def _model(cls, W, G, groups, start, v0, recon, params, tl, gap, diag):
+        """:meth:`_model_once`, solved again from its own optimum when that is needed to close
+        the gap: the safety margin is relative to the warm start's value (the model's unit),
+        so an optimum far below the warm start leaves a relative gap above ``gap_tol`` although
+        SCIP proved it. Re-scaling by the optimum shrinks the margin to ~1e-6 of it."""
+        deadline = time.perf_counter() + tl
+        res = cls._model_once(W, G, groups, start, v0, recon, params, tl, gap, diag)
+        values = res.values.reshape(W.shape)
+        if res.status not in _PROVED or np.array_equal(values, start.reshape(W.shape)):
+            return res
+        found = _objective(W, G, values, recon)
+        left = deadline - time.perf_counter()
+        if found - res.bound <= 0.5 * gap * found or left <= 0.05:
+            return res
+        v1 = _refit_rows(W, G, values) if recon else None
+        again = cls._model_once(W, G, groups, values.reshape(start.shape), v1, recon, params, left, gap, diag)
+        again.nodes += res.nodes
+        return again if again.status in _PROVED else res
+
     @staticmethod
-    def _model(W, G, groups, start, v0, recon, params, tl, gap, diag):
+    def _model_once(W, G, groups, start, v0, recon, params, tl, gap, diag):
         """Build and solve the model of ``W``'s rows (one row, or the coupled layer).
 
         ``groups``: (flat indices over W's entries, kept count, kind) from :func:`_row_groups`.
@@ -469,6 +491,23 @@ class ScipSolver(Solver):
         Qs = [(np.arange(r * d, (r + 1) * d), W[r][:, None] * G * W[r][None, :]) for r in range(R)]
         return _mask_model(Qs, pruned_groups, R * d, start.reshape(-1), params, tl, gap, diag,
                            [min(d, total)] * R)
+
+
+def _refit_rows(W: np.ndarray, G: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Optimal kept weights of each row on its support (least squares; exact for singular G)."""
+    V = np.zeros_like(W)
+    B = W @ G
+    for r in range(W.shape[0]):
+        S = mask[r]
+        if S.any():
+            V[r, S] = np.linalg.lstsq(G[np.ix_(S, S)], B[r, S], rcond=None)[0]
+    return V
+
+
+def _objective(W: np.ndarray, G: np.ndarray, mask: np.ndarray, recon: bool) -> float:
+    """The rows' objective of ``mask`` (R, d) in the scaled model's data."""
+    R = W - (_refit_rows(W, G, mask) if recon else W * mask)
+    return float(np.einsum("ri,ij,rj->", R, G, R))
 
 
 def _row_groups(pattern, d_in: int, d_out: int, rows: int):

@@ -15,9 +15,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-def rel_tol(value: float, rtol: float = 1e-7, atol: float = 1e-12) -> float:
-    """Numerical slack for comparing objectives of size ``value``."""
-    return rtol * abs(value) + atol
+def rel_tol(value: float, rtol: float = 1e-7, atol: float = 1e-12, scale: float = 1.0) -> float:
+    """Numerical slack for objectives of size ``value`` on a problem of size ``scale``
+    (``problem.scale``: float64 round-off is a tiny multiple of it, whatever the objective)."""
+    return rtol * abs(value) + atol * scale
 
 
 @pytest.fixture

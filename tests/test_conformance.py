@@ -60,17 +60,19 @@ def test_backend_conforms(name, pattern, objective, supported):
     assert not bool(res.weights[~res.mask].any())
     assert res.objective == pytest.approx(problem.objective(res.mask, weights=res.weights), rel=1e-9, abs=1e-15)
     # nothing beats the optimum; no bound exceeds it
-    assert res.objective >= best - rel_tol(best)
+    slack = rel_tol(best, 1e-6, scale=problem.scale)
+    assert res.objective >= best - slack
     if res.lower_bound is not None:
         assert cls.certifies, "only certifying backends report bounds"
-        assert res.lower_bound <= best + rel_tol(best, 1e-6), (res.lower_bound, best)
-        assert "raw_lower_bound" not in res.info or res.info["raw_lower_bound"] <= best + rel_tol(best, 1e-6)
+        assert res.lower_bound <= best + slack, (res.lower_bound, best)
+        assert res.info.get("raw_lower_bound", res.lower_bound) <= best + slack
         assert res.bound_source
     if res.status == Status.OPTIMAL:
-        assert res.lower_bound is not None and res.gap <= 1e-4
+        assert res.lower_bound is not None
+        assert res.gap <= 1e-4 or res.objective - res.lower_bound <= 1e-12 * problem.scale
     if cls.exact:
         assert res.status == Status.OPTIMAL, res
-        assert res.objective == pytest.approx(best, rel=1e-6, abs=1e-12)
+        assert res.objective == pytest.approx(best, rel=1e-6, abs=1e-12 * problem.scale)
     json = res.to_json()
     assert set(json) == {"solver", "status", "limit", "objective", "lower_bound", "gap", "seconds", "iterations"}
 

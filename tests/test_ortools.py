@@ -24,7 +24,7 @@ def _agree(problem, init=None):
     opt = ref.objective
     assert problem.is_feasible(res.mask)
     assert res.status == Status.OPTIMAL, (res.status, res.limit)
-    assert res.objective == pytest.approx(opt, rel=1e-6, abs=1e-12)
+    assert res.objective == pytest.approx(opt, rel=1e-6, abs=1e-12 * problem.scale)
     assert res.lower_bound is not None
     assert res.lower_bound <= opt * (1 + REL) + 1e-300
     # the backend's own bound (before the contract clamps it) never exceeds the optimum

@@ -1,7 +1,9 @@
 """Hypothesis properties tying the backends together on tiny instances.
 
 brute = every exact backend; every lower bound ≤ optimum ≤ every feasible result;
-W→cW scales the optimum by c²; keeping more never hurts; reconstruct ≤ mask.
+W→cW scales the optimum by c²; keeping more never hurts (``reconstruct``; for ``mask`` it is
+false, see the counterexample below); reconstruct ≤ mask.
+Tolerances are relative to the objective plus a tiny multiple of ``problem.scale``.
 """
 import pytest
 from hypothesis import given, settings
@@ -41,12 +43,14 @@ def test_bound_le_optimum_le_every_feasible_result(problem):
             continue
         res = make_solver(name).solve(problem, params=Params(time_limit=30))
         assert problem.is_feasible(res.mask), name
-        assert res.objective >= best.objective - rel_tol(best.objective), name
+        slack = rel_tol(best.objective, 1e-6, scale=problem.scale)
+        assert res.objective >= best.objective - slack, name
         if res.lower_bound is not None:
-            assert res.lower_bound <= best.objective + rel_tol(best.objective, 1e-6), (name, res.lower_bound, best.objective)
+            raw = res.info.get("raw_lower_bound", res.lower_bound)
+            assert raw <= best.objective + slack, (name, raw, best.objective)
         if name in EXACT:
             assert res.status == Status.OPTIMAL, (name, res)
-            assert res.objective == pytest.approx(best.objective, rel=1e-6, abs=1e-12), name
+            assert res.objective == pytest.approx(best.objective, rel=1e-6, abs=slack), name
 
 
 @settings(max_examples=15)
@@ -54,18 +58,28 @@ def test_bound_le_optimum_le_every_feasible_result(problem):
 def test_scaling_w_scales_the_optimum(problem, c):
     a = make_solver("brute").solve(problem).objective
     b = make_solver("brute").solve(problem.replace(W=problem.W * c)).objective
-    assert b == pytest.approx(c * c * a, rel=1e-7, abs=1e-13)
+    assert b == pytest.approx(c * c * a, rel=1e-7, abs=1e-12 * c * c * problem.scale)
 
 
 @settings(max_examples=15)
-@given(st.integers(3, 7), st.integers(1, 2), st.integers(0, 2**31 - 1), st.sampled_from(["mask", "reconstruct"]))
-def test_keeping_more_never_hurts(d_in, d_out, seed, objective):
+@given(st.integers(3, 7), st.integers(1, 2), st.integers(0, 2**31 - 1))
+def test_keeping_more_never_hurts_reconstruct(d_in, d_out, seed):
+    """A larger support can only lower min_v (w − v)ᵀG(w − v): the optimum is monotone in K."""
     W, G = make_arrays(d_out, d_in, seed=seed)
-    values = [make_solver("brute").solve(LayerProblem.create(W, G, pattern=f"per-row:{k}", objective=objective)).objective
-              for k in range(d_in + 1)]
+    problems = [LayerProblem.create(W, G, pattern=f"per-row:{k}", objective="reconstruct") for k in range(d_in + 1)]
+    values = [make_solver("brute").solve(p).objective for p in problems]
     for less, more in zip(values, values[1:]):
-        assert more <= less + rel_tol(less)
-    assert values[-1] == pytest.approx(0.0, abs=1e-12)
+        assert more <= less + rel_tol(less, scale=problems[0].scale)
+    assert values[-1] == pytest.approx(0.0, abs=1e-12 * problems[0].scale)
+
+
+def test_keeping_more_can_hurt_the_mask_objective():
+    """With fixed weights, pruned weights can cancel: w = (1, 1), G = [[1, −1], [−1, 1]] has
+    error 0 with both pruned but 1 with one kept, so monotonicity is not a property of `mask`."""
+    W, G = [[1.0, 1.0]], [[1.0, -1.0], [-1.0, 1.0]]
+    keep0 = make_solver("brute").solve(LayerProblem.create(W, G, pattern="per-row:0")).objective
+    keep1 = make_solver("brute").solve(LayerProblem.create(W, G, pattern="per-row:1")).objective
+    assert keep0 == 0.0 and keep1 == pytest.approx(1.0)
 
 
 @settings(max_examples=15)
@@ -73,4 +87,4 @@ def test_keeping_more_never_hurts(d_in, d_out, seed, objective):
 def test_reconstruct_optimum_le_mask_optimum(problem):
     m = make_solver("brute").solve(problem).objective
     r = make_solver("brute").solve(problem.replace(objective="reconstruct")).objective
-    assert r <= m + rel_tol(m)
+    assert r <= m + rel_tol(m, scale=problem.scale)
