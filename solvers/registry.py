@@ -21,6 +21,8 @@ SOLVERS: dict[str, str] = {
     "wanda": "wanda:Wanda",
     "ria": "ria:RIA",
     "sparsegpt": "sparsegpt:SparseGPT",
+    "sparseswaps": "sparseswaps:SparseSwaps",
+    "admm": "admm:ADMM",
 }
 
 
