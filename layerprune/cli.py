@@ -48,8 +48,6 @@ def _add_solve(sub) -> None:
 
 
 def _cmd_solve(args) -> int:
-    import numpy as np
-
     from layerprune.problems import PatternError, ProblemError, atomic_write, load_instance
     from layerprune.solvers import Params, SolverError, Status, make_solver
 

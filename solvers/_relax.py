@@ -35,7 +35,7 @@ from layerprune.problems import LayerProblem
 
 from .base import Params, Proposal, Status
 
-__all__ = ["Block", "blocks_for", "scaled_arrays", "lmo_min", "project_affine", "solve_cvx",
+__all__ = ["Block", "blocks_for", "run_blocks", "scaled_arrays", "lmo_min", "project_affine", "solve_cvx",
            "scores_to_matrix", "best_rounding", "make_proposal", "null_basis"]
 
 #: relative float64 safety added to every certificate (rounding in the exact evaluations)
@@ -210,3 +210,38 @@ def make_proposal(problem: LayerProblem, params: Params, keep_scores, bound: flo
     info["rounding"] = which
     return Proposal(mask=mask, lower_bound=bound, bound_source=source, status=status,
                     limit=limit, iterations=iterations, info=info)
+
+
+def run_blocks(blocks: list, solve_block, deadline: float, callback=None
+               ) -> tuple[float, list, Optional[str]]:
+    """Solve the blocks in order under one wall-clock deadline and sum their bounds.
+
+    Parameters
+    ----------
+    blocks : list of :class:`Block`
+    solve_block : ``block -> (bound, point)``; ``bound`` is valid for that block's exact error
+        (negative values are raised to 0, the error being ≥ 0), ``point`` its relaxed solution
+        of shape (n,) or None when the solver gave none
+    deadline : ``time.perf_counter()`` value after which no block is started
+    callback : ``event -> stop?`` called after every block with ``{"block", "lower_bound"}``
+
+    Returns
+    -------
+    bound : sum of the block bounds (blocks never reached count 0)
+    points : one entry per block (None where unsolved)
+    limit : ``"time"``, ``"interrupted"`` or None
+    """
+    bound, points, limit = 0.0, [], None
+    for block in blocks:
+        if time.perf_counter() >= deadline:
+            limit = "time"
+            break
+        lb, point = solve_block(block)
+        if point is None and time.perf_counter() >= deadline:
+            limit = "time"
+        bound += max(float(lb), 0.0)
+        points.append(point)
+        if callback is not None and callback({"block": len(points), "lower_bound": bound}):
+            limit = limit or "interrupted"
+            break
+    return bound, points + [None] * (len(blocks) - len(points)), limit

@@ -37,7 +37,8 @@ import numpy as np
 
 from layerprune.problems import LayerProblem
 
-from ._relax import FLOAT_MARGIN, blocks_for, lmo_min, make_proposal, scaled_arrays, scores_to_matrix, solve_cvx
+from ._relax import (FLOAT_MARGIN, blocks_for, lmo_min, make_proposal, run_blocks, scaled_arrays,
+                     scores_to_matrix, solve_cvx)
 from .base import Params, Proposal, Solver
 
 __all__ = ["RelaxPerspective", "choose_delta", "safe_delta", "h_and_grad"]
@@ -96,6 +97,42 @@ def h_and_grad(w: np.ndarray, G: np.ndarray, delta: np.ndarray, z: np.ndarray):
     return h, -delta * u ** 2, float(w @ b)
 
 
+def _solve_block(blk, W, G, FA, delta, params, deadline) -> tuple[float, Optional[np.ndarray]]:
+    """Certified perspective bound and relaxed kept indicators ``z`` of one block.
+
+    ``FA`` factors ``G − diag(δ)`` (``FA FAᵀ``); the bound is the convexity certificate
+    ``h(ẑ) + ⟨∇h(ẑ), s − ẑ⟩`` at the solver's point with ``s`` the LMO vertex, evaluated in
+    float64 with :data:`FLOAT_MARGIN`.
+    """
+    import cvxpy as cp
+
+    Ws = W[blk.rows]
+    sigma = max(float(np.einsum("ti,ij,tj->", Ws, G, Ws)) / len(blk.rows), 1e-300)
+    Ws = Ws / np.sqrt(sigma)
+    z = cp.Variable(blk.n)
+    obj, cons = 0, [z >= 0, z <= 1, blk.B().T @ z == blk.keep]
+    for t, w in enumerate(Ws):
+        v, s = cp.Variable(blk.d), cp.Variable(blk.d)
+        zt = z[blk.idx(t)]
+        obj = obj + cp.sum_squares(FA.T @ (w - v)) + delta @ (w ** 2) - 2 * (delta * w) @ v + delta @ s
+        cons.append(cp.SOC(s + zt, cp.vstack([2 * v, s - zt]), axis=0))
+    prob = cp.Problem(cp.Minimize(obj), cons)
+    if solve_cvx(prob, params, deadline) is None or z.value is None:
+        return 0.0, None
+    zh = np.clip(np.asarray(z.value, dtype=float), 0.0, 1.0)
+    hval, grad, scale = 0.0, np.zeros(blk.n), 0.0
+    for t, w in enumerate(Ws):
+        idx = blk.idx(t)
+        h, g, wgw = h_and_grad(w, G, delta, zh[idx])
+        hval += h
+        grad[idx] += g
+        scale += wgw
+    sv = lmo_min(grad, blk.group, blk.keep)
+    lin = float(grad @ (sv - zh))
+    margin = FLOAT_MARGIN * (abs(hval) + float(np.abs(grad * (sv - zh)).sum()) + scale)
+    return sigma * (hval + lin - margin), zh
+
+
 class RelaxPerspective(Solver):
     """Perspective relaxation of the ``reconstruct`` objective (certified convexity bound)."""
 
@@ -113,8 +150,6 @@ class RelaxPerspective(Solver):
         return None
 
     def _solve(self, problem: LayerProblem, params: Params, init, callback) -> Proposal:
-        import cvxpy as cp
-
         mode = self.options.get("delta", "sdp")
         if mode not in ("sdp", "sdp-sum", "eig"):
             raise ValueError(f"relax-perspective: delta must be sdp, sdp-sum or eig, got {mode!r}")
@@ -130,43 +165,8 @@ class RelaxPerspective(Solver):
         A = G - np.diag(delta)
         lamA, UA = np.linalg.eigh(A)
         FA = UA * np.sqrt(np.clip(lamA, 0.0, None))
-        bound, zs, limit = 0.0, [], None
-        for blk in blocks:
-            if time.perf_counter() >= deadline:
-                limit = "time"
-                break
-            Ws = W[blk.rows]
-            sigma = max(float(np.einsum("ti,ij,tj->", Ws, G, Ws)) / len(blk.rows), 1e-300)
-            Ws = Ws / np.sqrt(sigma)
-            z = cp.Variable(blk.n)
-            obj, cons = 0, [z >= 0, z <= 1, blk.B().T @ z == blk.keep]
-            for t, w in enumerate(Ws):
-                v, s = cp.Variable(blk.d), cp.Variable(blk.d)
-                zt = z[blk.idx(t)]
-                obj = obj + cp.sum_squares(FA.T @ (w - v)) + delta @ (w ** 2) - 2 * (delta * w) @ v + delta @ s
-                cons.append(cp.SOC(s + zt, cp.vstack([2 * v, s - zt]), axis=0))
-            prob = cp.Problem(cp.Minimize(obj), cons)
-            if solve_cvx(prob, params, deadline) is None or z.value is None:
-                limit = "time" if time.perf_counter() >= deadline else limit
-                zs.append(None)
-                continue
-            zh = np.clip(np.asarray(z.value, dtype=float), 0.0, 1.0)
-            hval, grad, scale = 0.0, np.zeros(blk.n), 0.0
-            for t, w in enumerate(Ws):
-                idx = blk.idx(t)
-                h, g, wgw = h_and_grad(w, G, delta, zh[idx])
-                hval += h
-                grad[idx] += g
-                scale += wgw
-            sv = lmo_min(grad, blk.group, blk.keep)
-            lin = float(grad @ (sv - zh))
-            margin = FLOAT_MARGIN * (abs(hval) + float(np.abs(grad * (sv - zh)).sum()) + scale)
-            bound += max(0.0, sigma * (hval + lin - margin))
-            zs.append(zh)
-            if callback is not None and callback({"block": len(zs), "lower_bound": bound}):
-                limit = limit or "interrupted"
-                break
-        zs += [None] * (len(blocks) - len(zs))
+        bound, zs, limit = run_blocks(blocks, lambda blk: _solve_block(blk, W, G, FA, delta, params, deadline),
+                                      deadline, callback)
         keep = scores_to_matrix(blocks, zs, problem.shape, fill=0.5)
         return make_proposal(problem, params, keep, bound,
                              f"perspective relaxation (delta={mode}), convexity certificate",

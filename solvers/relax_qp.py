@@ -41,7 +41,7 @@ import numpy as np
 from layerprune.problems import LayerProblem
 
 from ._relax import (FLOAT_MARGIN, Block, blocks_for, lmo_min, make_proposal, null_basis,
-                     project_affine, scaled_arrays, scores_to_matrix, solve_cvx)
+                     project_affine, run_blocks, scaled_arrays, scores_to_matrix, solve_cvx)
 from .base import Params, Proposal, Solver
 
 __all__ = ["RelaxQP", "shift_mu", "qp_certificate"]
@@ -161,21 +161,8 @@ class RelaxQP(Solver):
         deadline = params.deadline(start)
         W, G = scaled_arrays(problem)
         blocks = blocks_for(problem)
-        bound, ps, limit = 0.0, [], None
-        for b in blocks:
-            if time.perf_counter() >= deadline:
-                limit = "time"
-                ps.append(None)
-                continue
-            lb, p = _solve_block(b, W, G, mode, params, deadline)
-            if p is None and time.perf_counter() >= deadline:
-                limit = "time"
-            bound += max(lb, 0.0)  # each block's exact error is ≥ 0
-            ps.append(p)
-            if callback is not None and callback({"block": len(ps), "lower_bound": bound}):
-                limit = limit or "interrupted"
-                break
-        ps += [None] * (len(blocks) - len(ps))
+        bound, ps, limit = run_blocks(blocks, lambda b: _solve_block(b, W, G, mode, params, deadline),
+                                      deadline, callback)
         keep = 1.0 - scores_to_matrix(blocks, ps, problem.shape, fill=0.5)
         return make_proposal(problem, params, keep, bound, f"QP relaxation (mu={mode}), convexity certificate",
                              limit=limit, iterations=len(blocks), info={"mu": mode})

@@ -37,7 +37,7 @@ import numpy as np
 from layerprune.problems import LayerProblem
 
 from ._relax import (FLOAT_MARGIN, Block, blocks_for, make_proposal, scaled_arrays,
-                     scores_to_matrix, solve_cvx)
+                     run_blocks, scores_to_matrix, solve_cvx)
 from .base import Params, Proposal, Solver
 
 __all__ = ["RelaxSDP", "block_Q", "shor_dual", "shor_certificate", "reduction_basis"]
@@ -115,6 +115,24 @@ def shor_dual(Q: np.ndarray, V: np.ndarray, params: Params, deadline: float,
     return float(s.value), np.asarray(mu.value, dtype=float), p
 
 
+def _solve_block(b, W, G, params, deadline, order_for) -> tuple[float, Optional[np.ndarray]]:
+    """Certified Shor bound and relaxed point (pruned indicators) of one block."""
+    Q = block_Q(b, W, G)
+    sigma = float(np.diag(Q).max())
+    if sigma <= 0.0:
+        return 0.0, None
+    Q = Q / sigma
+    V = reduction_basis(b)
+    # CLARABEL's dense PSD scaling costs O(n⁶) per iteration (48 s at n = 64, measured):
+    # SCS first above CLARABEL_MAX_N; the certificate absorbs SCS's lower accuracy
+    sol = shor_dual(Q, V, params, deadline, order=order_for(Q.shape[0]))
+    if sol is None:
+        return 0.0, None
+    s, mu, p = sol
+    trace = 1.0 + float(b.prune.sum())
+    return sigma * shor_certificate(Q, V, s, mu, trace), (None if p is None else np.clip(p, 0.0, 1.0))
+
+
 class RelaxSDP(Solver):
     """Shor SDP relaxation of the ``mask`` objective (facially reduced, certified dual bound)."""
 
@@ -137,35 +155,10 @@ class RelaxSDP(Solver):
         deadline = params.deadline(start)
         W, G = scaled_arrays(problem)
         blocks = blocks_for(problem)
-        bound, ps, limit = 0.0, [], None
-        for b in blocks:
-            if time.perf_counter() >= deadline:
-                limit = "time"
-                break
-            Q = block_Q(b, W, G)
-            sigma = float(np.diag(Q).max())
-            if sigma <= 0.0:
-                ps.append(None)
-                continue
-            Q = Q / sigma
-            V = reduction_basis(b)
-            # CLARABEL's dense PSD scaling costs O(n⁶) per iteration (48 s at n = 64, measured):
-            # SCS first above CLARABEL_MAX_N; the certificate absorbs SCS's lower accuracy
-            big = Q.shape[0] > int(self.options.get("clarabel_max_n", CLARABEL_MAX_N))
-            order = ("SCS", "CLARABEL") if big else ("CLARABEL", "SCS")
-            sol = shor_dual(Q, V, params, deadline, order=order)
-            if sol is None:
-                limit = "time" if time.perf_counter() >= deadline else limit
-                ps.append(None)
-                continue
-            s, mu, p = sol
-            trace = 1.0 + float(b.prune.sum())
-            bound += max(0.0, sigma * shor_certificate(Q, V, s, mu, trace))
-            ps.append(None if p is None else np.clip(p, 0.0, 1.0))
-            if callback is not None and callback({"block": len(ps), "lower_bound": bound}):
-                limit = limit or "interrupted"
-                break
-        ps += [None] * (len(blocks) - len(ps))
+        order_for = lambda n: ("SCS", "CLARABEL") if n > int(self.options.get("clarabel_max_n", CLARABEL_MAX_N)) \
+            else ("CLARABEL", "SCS")
+        bound, ps, limit = run_blocks(blocks, lambda b: _solve_block(b, W, G, params, deadline, order_for),
+                                      deadline, callback)
         keep = 1.0 - scores_to_matrix(blocks, ps, problem.shape, fill=0.5)
         return make_proposal(problem, params, keep, bound, "Shor SDP dual (facially reduced), weak duality",
                              limit=limit, iterations=len(blocks))
