@@ -23,6 +23,7 @@ SOLVERS: dict[str, str] = {
     "sparsegpt": "sparsegpt:SparseGPT",
     "sparseswaps": "sparseswaps:SparseSwaps",
     "admm": "admm:ADMM",
+    "sparsefw": "sparsefw:SparseFW",
 }
 
 
