@@ -228,6 +228,16 @@ class Solver:
         seconds = time.perf_counter() - start
         return finalize(self.name, problem, proposal, seconds, params)
 
+    def propose(self, problem: LayerProblem, params: Optional[Params] = None) -> Proposal:
+        """The raw proposal without re-scoring or refit: a cheap warm start for another solver.
+
+        Raises :class:`SolverError` if the solver cannot take the problem.
+        """
+        why = self.why_not(problem)
+        if why:
+            raise SolverError(why)
+        return self._solve(problem, params or Params(), None, None)
+
     def _solve(self, problem: LayerProblem, params: Params, init: Optional[torch.Tensor],
                callback: Optional[Callback]) -> Proposal:
         raise NotImplementedError

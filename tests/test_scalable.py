@@ -97,10 +97,11 @@ def test_schedule_fraction_is_cubic_and_reaches_target():
     assert values[0] == pytest.approx(0.5 * (1 - (14 / 15) ** 3))
 
 
+@pytest.mark.parametrize("start", ["sparsegpt", "none"])
 @pytest.mark.parametrize("pattern", ["per-row:0.5", "nm:2:4", "unstructured:0.5", "columns:0.25"])
-def test_admm_is_feasible_and_beats_magnitude_refit(pattern):
+def test_admm_is_feasible_and_beats_magnitude_refit(pattern, start):
     problem = make_instance(16, 32, pattern=pattern, objective="reconstruct", seed=5)
-    res = make_solver("admm").solve(problem)
+    res = make_solver("admm", init_solver=start).solve(problem)
     assert problem.is_feasible(res.mask) and res.iterations == 20
     assert res.objective <= make_solver("magnitude").solve(problem).objective
     assert res.objective <= res.info["own_weights_objective"] * (1 + 1e-9)
