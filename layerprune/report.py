@@ -8,7 +8,9 @@ The JSON written by ``layerprune prune --report FILE.json`` is :meth:`PruneRepor
     fraction of zeros counted in the target linears after pruning
 ``seconds``, ``peak_memory_bytes``
     wall time of the whole job and the process's peak resident memory (plus the peak
-    accelerator memory under ``peak_device_memory_bytes`` when one was used)
+    accelerator memory under ``peak_device_memory_bytes`` when one was used, and under
+    ``peak_child_memory_bytes`` the peak of the largest child process it ran, if any: the
+    one-time conversion of the bundled model, a solver's worker process)
 ``layers``
     one record per pruned linear (see :class:`LayerRecord`)
 ``settings``
@@ -107,6 +109,7 @@ class PruneReport:
     settings: dict
     peak_device_memory_bytes: Optional[int] = None
     timings: dict = field(default_factory=dict)
+    peak_child_memory_bytes: Optional[int] = None
     model_size_bytes: Optional[int] = None
     out_dir: Optional[str] = None
     report_path: Optional[str] = None
@@ -121,6 +124,7 @@ class PruneReport:
             "seconds": self.seconds,
             "peak_memory_bytes": self.peak_memory_bytes,
             "peak_device_memory_bytes": self.peak_device_memory_bytes,
+            "peak_child_memory_bytes": self.peak_child_memory_bytes,
             "model_size_bytes": self.model_size_bytes,
             "median_reduction_vs_wanda": _finite_or_none(self.median_reduction_vs_wanda()),
             "timings": self.timings,
@@ -184,6 +188,8 @@ def format_report(report: PruneReport) -> str:
         mem += f", {_fmt_bytes(report.peak_device_memory_bytes)} on the device"
     if report.model_size_bytes:
         mem += f" (model {_fmt_bytes(report.model_size_bytes)})"
+    if report.peak_child_memory_bytes:
+        mem += f"; largest child process {_fmt_bytes(report.peak_child_memory_bytes)}"
     lines.append(mem)
     for label, path in (("saved model", report.out_dir), ("report", report.report_path),
                         ("plot", report.plot_path)):

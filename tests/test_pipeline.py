@@ -180,6 +180,34 @@ def test_perplexity_matches_manual_computation():
         perplexity(model, ids[:, :10], seqlen)
 
 
+def test_perplexity_bounded_logits_same_value(monkeypatch):
+    """Windows batched only while their logits fit EVAL_LOGITS_BYTES and the NLL taken in
+    slices of NLL_CHUNK_ELEMENTS logits: the same perplexity as one big batch, one slice."""
+    import layerprune.pipeline as pl
+
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(0, VOCAB, (1, 200), generator=g)
+    reference = perplexity(model, ids, 20, batch_size=10)
+    batches = []
+    real_forward = model.forward
+
+    def forward(*args, **kw):
+        batches.append(kw["input_ids"].shape[0])
+        return real_forward(*args, **kw)
+
+    monkeypatch.setattr(model, "forward", forward)
+    monkeypatch.setattr(pl, "EVAL_LOGITS_BYTES", 2 * 20 * VOCAB * 4)  # two windows of logits
+    monkeypatch.setattr(pl, "NLL_CHUNK_ELEMENTS", 3 * VOCAB)          # three positions per slice
+    assert perplexity(model, ids, 20) == pytest.approx(reference, rel=1e-6)
+    assert batches == [2] * 5
+    logits = torch.randn(2, 7, VOCAB, dtype=torch.float64)
+    tgt = torch.randint(0, VOCAB, (2, 7), generator=g)
+    full = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), tgt[:, 1:].reshape(-1),
+                                             reduction="sum")
+    assert pl._nll_sum(logits, tgt) == pytest.approx(float(full), rel=1e-6)  # float32 slices
+
+
 def test_sequential_order_recaptures_after_each_group():
     model, ids = tiny_llama(), calib()
     dense = copy.deepcopy(model)

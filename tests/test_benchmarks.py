@@ -1,0 +1,195 @@
+"""benchmarks/prune_model.py: configurations, results file, table, resume (no bundled model)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("prune_model_bench", ROOT / "benchmarks" / "prune_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+CAPS = {
+    "magnitude": {"patterns": ["columns", "nm", "per-row", "unstructured"], "objectives": ["mask", "reconstruct"]},
+    "wanda": {"patterns": ["columns", "nm", "per-row", "unstructured"], "objectives": ["mask", "reconstruct"]},
+    "sparsegpt": {"patterns": ["nm", "per-row", "unstructured"], "objectives": ["mask", "reconstruct"]},
+    "admm": {"patterns": ["columns", "nm", "per-row", "unstructured"], "objectives": ["reconstruct"]},
+    "broken": {"patterns": ["per-row"], "objectives": ["mask"], "installed": False},
+}
+
+SETTINGS = {"model": "smollm2", "nsamples": 8, "seqlen": 256, "eval_tokens": 2048, "calib": None,
+            "eval": None, "seed": 0, "device": None, "dtype": "float32", "prune_args": ""}
+
+
+def fake_report(ppl: dict, ratio: float, dense=None) -> dict:
+    """A ``--report`` JSON as the pipeline writes it (two layers)."""
+    layers = [{"name": f"l{i}", "objective": ratio * w, "wanda_objective": w, "status": "feasible"}
+              for i, w in enumerate((2.0, 4.0))]
+    return {"dense_perplexity": dense or {"persuasion": 37.0, "mobydick": 42.5}, "perplexity": ppl,
+            "sparsity": 0.5, "seconds": 12.0, "peak_memory_bytes": 900 * 2 ** 20,
+            "peak_device_memory_bytes": None, "model_size_bytes": 513 * 2 ** 20,
+            "median_reduction_vs_wanda": 1.0 - ratio, "timings": {"prune": 3.5},
+            "settings": {"calib": "austen-calib", "calibration_tokens": 2048,
+                         "eval_tokens_used": {"persuasion": 2048, "mobydick": 2048}}, "layers": layers}
+
+
+def test_solver_specs(bench):
+    assert bench.parse_solver_spec("sparsegpt:reconstruct", CAPS) == ("sparsegpt", "reconstruct")
+    assert bench.parse_solver_spec("wanda", CAPS) == ("wanda", "mask")
+    assert bench.parse_solver_spec("admm", CAPS) == ("admm", "reconstruct")  # its only objective
+    for bad in ("wanda:oops", ":mask", ""):
+        with pytest.raises(bench.BenchmarkError):
+            bench.parse_solver_spec(bad, CAPS)
+
+
+def test_plan_skips_patterns_and_rejects_bad_solvers(bench):
+    runs, skipped = bench.plan_runs(["per-row:0.5", "columns:0.3"], ["wanda", "sparsegpt:reconstruct", "wanda:mask"], CAPS)
+    assert [r.key for r in runs] == ["per-row:0.5 wanda:mask", "per-row:0.5 sparsegpt:reconstruct",
+                                     "columns:0.3 wanda:mask"]
+    assert skipped == [{"key": "columns:0.3 sparsegpt:reconstruct", "reason": "sparsegpt cannot take columns patterns"}]
+    for solvers, err in ((["nosuch"], "unknown solver"), (["broken"], "not installed"),
+                         (["admm:mask"], "cannot take objective")):
+        with pytest.raises(bench.BenchmarkError, match=err):
+            bench.plan_runs(["per-row:0.5"], solvers, CAPS)
+    with pytest.raises(bench.BenchmarkError, match="bad pattern"):
+        bench.plan_runs(["per-row:x"], ["wanda"], CAPS)
+
+
+def test_prune_command_uses_real_cli_flags(bench, tmp_path):
+    """Every flag the benchmark passes is one ``layerprune prune`` parses, with the values asked."""
+    import argparse
+
+    from layerprune.prune_cli import add_subcommands, config_from_args
+
+    settings = dict(SETTINGS, calib="emma", eval=["persuasion", "mobydick"], device="cpu",
+                    prune_args="--time-limit-per-layer 5")
+    cmd = bench.prune_command(bench.RunSpec("nm:2:4", "sparsegpt", "reconstruct"), settings, tmp_path / "r.json")
+    assert cmd[1:4] == ["-m", "layerprune", "prune"]
+    parser = argparse.ArgumentParser()
+    add_subcommands(parser.add_subparsers())
+    cfg = config_from_args(parser.parse_args(cmd[3:]))
+    assert (cfg.solver, cfg.objective, cfg.pattern, cfg.nsamples, cfg.seqlen, cfg.eval_tokens) == \
+        ("sparsegpt", "reconstruct", "nm:2:4", 8, 256, 2048)
+    assert (cfg.calib, cfg.eval, cfg.device, cfg.time_limit_per_layer, cfg.report, cfg.progress) == \
+        ("emma", ["persuasion", "mobydick"], "cpu", 5.0, str(tmp_path / "r.json"), False)
+
+
+def test_summary_table_json_and_resume(bench, tmp_path):
+    out = tmp_path / "res" / "prune_model.json"
+    specs, _ = bench.plan_runs(["per-row:0.5"], ["magnitude", "wanda", "sparsegpt:reconstruct"], CAPS)
+    calls = []
+
+    def runner(spec, settings, workdir, timeout):
+        calls.append(spec.key)
+        assert settings == SETTINGS and workdir.is_dir()
+        if spec.solver == "sparsegpt":
+            return {"pattern": spec.pattern, "solver": spec.solver, "objective": spec.objective,
+                    "status": "failed", "error": "layerprune: error: boom | bang", "returncode": 2,
+                    "wall_s": 1.0, "peak_rss_bytes": 1, "timed_out": False}
+        ratio = {"magnitude": 1.5, "wanda": 1.0}[spec.solver]
+        rep = fake_report({"persuasion": 60.0 * ratio, "mobydick": 90.0 * ratio}, ratio)
+        return {"pattern": spec.pattern, "solver": spec.solver, "objective": spec.objective,
+                "status": "ok", "error": None, "returncode": 0, "wall_s": 20.0,
+                "peak_rss_bytes": 1000 * 2 ** 20, "timed_out": False, **bench.summarise_report(rep)}
+
+    res = bench.benchmark(SETTINGS, specs, out, runner=runner, log=lambda s: None)
+    assert calls == [s.key for s in specs]
+    saved = json.loads(out.read_text())
+    assert saved["settings"] == SETTINGS and saved["dense_perplexity"] == {"persuasion": 37.0, "mobydick": 42.5}
+    mag = saved["runs"][0]
+    assert mag["mean_error_vs_wanda"] == pytest.approx(1.5) and mag["prune_s"] == 3.5
+    assert mag["layer_status"] == {"feasible": 2} and mag["calib_name"] == "austen-calib"
+    md = out.with_suffix(".md").read_text()
+    assert md == bench.markdown(res)
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    assert rows[0].split(" | ")[3:6] == ["ppl persuasion", "ppl mobydick", "layer err / wanda"]
+    assert rows[1].startswith("| dense | – | – | 37.00 | 42.50 |")
+    assert rows[2] == "| per-row:0.5 | magnitude | mask | 90.00 | 135.00 | 1.500 | 3.5 | 20.0 | 1000 |"
+    assert rows[4].startswith("| per-row:0.5 | sparsegpt | reconstruct | failed: layerprune: error: boom / bang |")
+    assert "austen-calib: 8 × 256 tokens" in md
+    assert not list(out.parent.glob(".*tmp"))  # atomic writes leave no temporaries
+
+    # --resume reruns only the failed configuration, keeping the others as they were
+    calls.clear()
+    bench.benchmark(SETTINGS, specs, out, resume=True, runner=runner, log=lambda s: None)
+    assert calls == ["per-row:0.5 sparsegpt:reconstruct"]
+    again = json.loads(out.read_text())
+    assert again["runs"][:2] == saved["runs"][:2]
+    # other settings: refuse to mix results
+    with pytest.raises(bench.BenchmarkError, match="nsamples: 8 → 16"):
+        bench.benchmark(dict(SETTINGS, nsamples=16), specs, out, resume=True, runner=runner, log=lambda s: None)
+
+
+def test_dense_mismatch_is_flagged(bench):
+    runs = [dict(pattern="p", solver=s, objective="mask", status="ok", dense_perplexity={"a": d})
+            for s, d in (("x", 10.0), ("y", 10.0 * (1 + 1e-9)), ("z", 11.0))]
+    dense, bad = bench.dense_perplexity(runs)
+    assert dense == {"a": 10.0} and bad == ["p z:mask"]
+
+
+def test_subprocess_peak_memory_and_timeout(bench, tmp_path):
+    code = "import sys; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); sys.exit(3)"
+    r = bench.run_subprocess([sys.executable, "-c", code], timeout=None, log_path=tmp_path / "log")
+    assert r["returncode"] == 3 and not r["timed_out"]
+    assert r["peak_rss_bytes"] > 300 * 2 ** 20  # the child's own peak, not this process's
+    r = bench.run_subprocess([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.5,
+                             log_path=tmp_path / "log2")
+    assert r["timed_out"] and r["wall_s"] < 20
+
+
+@pytest.mark.slow
+def test_end_to_end_on_a_tiny_model(bench, tmp_path):
+    """The script for real (subprocesses running ``layerprune prune``) on a tiny saved LLaMA."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    from tokenizers import Tokenizer, models as tmodels, pre_tokenizers, trainers
+
+    words = "the of and to a in that was her it he she not be for his as with had you on but at".split()
+
+    def text(seed, n):
+        g = torch.Generator().manual_seed(seed)
+        return " ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=g).tolist()) + "\n"
+
+    tok = Tokenizer(tmodels.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text(0, 2000)], trainers.BpeTrainer(vocab_size=64, special_tokens=["<unk>", "</s>"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    fast.save_pretrained(tmp_path / "model")
+    (tmp_path / "calib.txt").write_text(text(1, 3000))
+    (tmp_path / "heldout.txt").write_text(text(2, 3000))
+    out = tmp_path / "res.json"
+    argv = ["--model", str(tmp_path / "model"), "--calib", str(tmp_path / "calib.txt"),
+            "--eval", str(tmp_path / "heldout.txt"), "--nsamples", "4", "--seqlen", "16",
+            "--eval-tokens", "256", "--device", "cpu", "--solvers", "magnitude", "wanda:mask",
+            "--patterns", "per-row:0.5", "--out", str(out)]
+    assert bench.main(argv) == 0
+    res = json.loads(out.read_text())
+    assert [r["status"] for r in res["runs"]] == ["ok", "ok"], [r.get("error") for r in res["runs"]]
+    mag, wanda = res["runs"]
+    assert set(res["dense_perplexity"]) == {"heldout"} and res["dense_mismatch"] == []
+    assert wanda["mean_error_vs_wanda"] == pytest.approx(1.0)
+    assert mag["mean_error_vs_wanda"] > 0 and math.isfinite(mag["mean_error_vs_wanda"])
+    for r in (mag, wanda):
+        assert r["sparsity"] == 0.5 and r["layers"] == 14 and math.isfinite(r["perplexity"]["heldout"])
+        assert r["peak_rss_bytes"] >= r["report_peak_rss_bytes"] > 0
+    assert "| per-row:0.5 | wanda | mask |" in out.with_suffix(".md").read_text()
+    # resume: nothing left to run
+    assert bench.main(argv + ["--resume"]) == 0
+    assert json.loads(out.read_text())["runs"] == res["runs"]
