@@ -11,6 +11,7 @@ Usage::
 
     python benchmarks/exact_reach.py --sizes 16 32 64 --solvers scip --time-limit 60
     python benchmarks/exact_reach.py --solvers scip --option diag=none   # a formulation variant
+    python benchmarks/exact_reach.py --solvers scip --option epigraph=joint --option heuristics=default
 
 Writes ``--out`` (JSON, atomically) and the markdown table next to it (``.md``).
 """

@@ -11,7 +11,11 @@ couple the layer and get one model.
     since ``Σ_r u_rᵀG̃u_r = qᵀ(G̃ ⊙ W̃ᵀW̃)q`` for the pruned columns ``q``). As ``p_j² = p_j``,
     ``pᵀQp = pᵀ(Q − Δ)p + δᵀp`` for every diagonal ``Δ = diag(δ)``. With ``Q − Δ ⪰ 0``
     factored as ``FFᵀ`` (eigen-decomposition, tiny eigenvalues dropped), the model is the
-    visibly convex epigraph ``min t + δᵀp, t ≥ ‖Fᵀp‖², Σ_group p = pruned count``.
+    visibly convex epigraph ``min t + δᵀp, t ≥ ‖Fᵀp‖², Σ_group p = pruned count``, by default
+    *split* (option ``epigraph="split"``): ``y = Fᵀp``, ``t_k ≥ y_k²``, objective ``Σ_k t_k``
+    (the disaggregated extended formulation of Vielma–Dunning–Huchette–Lubin 2017: SCIP's
+    gradient cuts approximate each univariate square, a tighter outer approximation of
+    ``‖y‖²`` than cuts on the joint ``t ≥ ‖y‖²``, option ``epigraph="joint"``).
     ``δ ≥ 0`` (option ``diag``): ``"none"`` (default for ``mask``: the plain factored form
     of DESIGN.md §2), ``"sdp"`` (approximately ``max Σδ s.t. Q − Δ ⪰ 0, δ ≥ 0``, by the
     Burer–Monteiro mixing method on its dual ``min ⟨Q, X⟩, diag X ≥ 1, X ⪰ 0``, then shrunk
@@ -29,10 +33,39 @@ couple the layer and get one model.
     (``δ = λ_min·1``): on 60 tiny rank-deficient rows (1×6, nm:1:2, 5 s limit) it proved all
     60, while ``sdp`` timed out on 2 (SCIP branched on the unbounded ``v`` through the cones);
     the perspective needs ``δ > 0`` to have strength, which these ill-conditioned ``G̃`` lack.
+
+    Issue-2 measurements (make_instance rows, per-row 50%, ``threads=1``, 60 s per row, 2
+    cores shared with 2 other workers, load 3.5–6): d=48 row 1 (optimum 0.05352): joint
+    epigraph gap 30% at 60 s; split 13–14%; split + SCIP heuristics off **optimal in 38.5 s**;
+    joint + heuristics off 15%. d=64: joint: row 0 gap 61%, row 1 optimal in 37 s; split +
+    heuristics off: row 0 gap 31–40%, row 1 optimal in 16.5 s. Through :class:`ScipSolver`
+    (load 8.4): d=48 row 1, new defaults optimal in 45 s vs old (joint, heuristics on, Wanda
+    start) gap 30% at 60 s; d=64 row 1, 21.5 s vs 29.5 s (split + polish with heuristics on:
+    22.8 s, so at d=64 the split epigraph and the start carry the gain). Hence the ``mask`` defaults
+    ``epigraph="split"``, ``heuristics="off"`` (the warm start is polished to a 1-swap
+    optimum by :func:`one_swap` and handed over as a complete solution, so SCIP spends its
+    time on the bound). Not adopted, measured: QCR with the cardinality constraint
+    (Billionnet–Elloumi–Plateau: the Shor SDP with ``P1 = c·p``, facially reduced, solved
+    accurately by Clarabel in 9 s; objective rewritten exactly as ``s + ‖Lᵀ Vᵀ(1,p)‖²`` for
+    ``VᵀM(s,μ)V = LLᵀ``): it raises the root bound of d=48 row 1 from 0.0248 (continuous QP)
+    to 0.0346, but the optimum is 0.0535 and SCIP's bound after 60 s on the QCR model (split)
+    was 0.042, no better than the plain split model; SCS solves were too inaccurate to use
+    (certificate 0.020). On these ``G̃`` (rank-d/8 part with eigenvalues 3–13 over a bulk of
+    0–0.1) the integrality gap of every convex relaxation tried stays 35–60% at d ≥ 48, so
+    the tree, not the root, decides: certified rows reach d=64 (most rows, 15–60 s), not
+    d=128 (gaps 85–95% after 60 s).
 ``reconstruct`` (perspective formulation, DESIGN.md §2)
     ``G̃ = (G̃ − Δ) + Δ`` with ``δ ≥ 0`` (option ``diag``); kept weights ``v``,
     binary kept indicators ``z``, ``s_i`` with the rotated cone ``v_i² ≤ s_i z_i``;
     objective ``‖Fᵀ(w − v)‖² + Σ δ_i (w_i² − 2 w_i v_i + s_i)``, ``Σ_group z = kept count``.
+    Default ``epigraph="joint"`` (split measured worse at d=32, per-row 50%, 30 s: gaps
+    98%/84% vs 90%/60%) and SCIP's heuristics always on: the start is partial (indicator
+    slacks) and needs SCIP's completion heuristic. SCIP's presolve *aggregation* is off in
+    this model (``presolving/donotaggr``): with it, SCIP cut off the true optimum of tiny rows
+    (found by the Hypothesis test: nm:1:2, d=4, "optimal" 0.0762 against brute force 0.0600;
+    and a 1×2 row whose bound was 135× the optimum without an incumbent), also in the code
+    before issue 2. Disabling single presolvers showed only linear-constraint presolving (or
+    aggregation) at fault; both rows are regression tests.
 
 Bound validity (all in the scaled model, objective O(1)):
 
@@ -42,8 +75,9 @@ Bound validity (all in the scaled model, objective O(1)):
   heuristic scale; Δ is shrunk so that ``λ₋`` is ``G̃``'s own round-off, ~1e-13·‖G̃‖);
 - SCIP's dual bound is only accurate to its tolerances: with ``numerics/feastol`` =
   :data:`FEASTOL` (absolute, on O(1) rows) each epigraph row ``t ≥ ‖y‖²`` and its ``y`` rows
-  may be violated by ~feastol; :data:`SAFETY` ``·(number of epigraphs)·max(1, |bound|)``
-  (10× feastol each) is subtracted from every model bound, in the model's units.
+  may be violated by ~feastol; :data:`SAFETY` ``·charge·max(1, |bound|)`` is subtracted from
+  every model bound, in the model's units, where the charge is 1 per joint epigraph
+  (10× feastol) and ``0.2`` per split ``t_k ≥ y_k²`` (2× feastol each, at least 1 per block).
 
 Status: ``optimal`` only when every model was proved optimal (SCIP ``optimal`` or
 ``gaplimit`` with ``limits/gap = gap_tol/2``); a time limit gives ``feasible`` + ``time``;
@@ -64,12 +98,14 @@ from layerprune.problems import LayerProblem
 
 from .base import Params, Proposal, Solver, Status
 
-__all__ = ["ScipSolver", "max_diagonal", "psd_factor"]
+__all__ = ["ScipSolver", "max_diagonal", "one_swap", "psd_factor"]
 
 #: SCIP's ``numerics/feastol`` (absolute, on models scaled to an O(1) objective)
 FEASTOL = 1e-7
 #: per epigraph constraint, subtracted (× max(1, |bound|)) from SCIP's dual bound of an O(1) model
 SAFETY = 10 * FEASTOL
+#: a start whose value is below this fraction of the all-pruned value is optimal to round-off
+TINY = 1e-13
 #: eigenvalues below this fraction of the largest are dropped when factoring (a relaxation)
 EIG_RTOL = 1e-12
 
@@ -178,8 +214,8 @@ class _ModelResult:
     nodes: int = 0
 
 
-def _new_model(params: Params, time_limit: float, gap: float):
-    from pyscipopt import Model
+def _new_model(params: Params, time_limit: float, gap: float, heuristics: str = "default"):
+    from pyscipopt import SCIP_PARAMSETTING, Model
 
     m = Model()
     if not params.verbose:
@@ -190,21 +226,58 @@ def _new_model(params: Params, time_limit: float, gap: float):
     m.setParam("randomization/randomseedshift", int(params.seed) % (2**31 - 1))
     if params.threads:
         m.setParam("parallel/maxnthreads", int(params.threads))
+    if heuristics == "off":  # the warm start is already 1-swap optimal: branch, do not search
+        m.setHeuristics(SCIP_PARAMSETTING.OFF)
+    elif heuristics != "default":
+        raise ValueError(f"unknown heuristics setting {heuristics!r}")
     return m
 
 
-def _add_start(m, values: list) -> bool:
-    """Hand SCIP a feasible point ((variable, value) pairs) as a partial solution.
+def _epigraph(m, ys, yv, split: bool, startvals: list, name: str) -> tuple[list, float]:
+    """Objective terms bounding ``‖y‖²`` from above; returns (terms, safety charge).
 
-    Partial, because indicator constraints add slack variables SCIP completes itself.
+    Safety charge, in units of :data:`SAFETY` (= 10·feastol): SCIP may violate each quadratic
+    constraint by ``feastol`` (absolute; the model is O(1)), so ``k`` split constraints are
+    charged ``2·feastol`` each (``0.2·k``, at least 1) and the joint one ``10·feastol`` (1).
+
+    ``split``: one ``t_k ≥ y_k²`` per coordinate (disaggregated, Vielma et al. 2017): SCIP's
+    gradient cuts then approximate each univariate square separately, a much tighter outer
+    approximation of ``‖y‖²`` for the same number of cuts. Otherwise one ``t ≥ Σ_k y_k²``.
     """
-    sol = m.createPartialSol()
+    if not split:
+        t = m.addVar(lb=0.0, name=name)
+        m.addCons(quicksum_sq(ys) <= t)
+        startvals.append((t, float(yv @ yv) * (1 + 1e-9) + 1e-12))
+        return [t], 1.0
+    ts = []
+    for k, y in enumerate(ys):
+        t = m.addVar(lb=0.0, name=f"{name}_{k}")
+        m.addCons(y * y <= t)
+        startvals.append((t, float(yv[k]) ** 2 * (1 + 1e-9) + 1e-14))
+        ts.append(t)
+    return ts, max(1.0, 0.2 * len(ts))
+
+
+def quicksum_sq(ys):
+    from pyscipopt import quicksum
+
+    return quicksum(y * y for y in ys)
+
+
+def _add_start(m, values: list, complete: bool = False) -> bool:
+    """Hand SCIP a feasible point ((variable, value) pairs).
+
+    ``complete``: every variable is given (the ``mask`` model): a full solution, used even with
+    heuristics off. Otherwise partial, because indicator constraints add slack variables that
+    SCIP's completion heuristic fills in.
+    """
+    sol = m.createSol() if complete else m.createPartialSol()
     for var, val in values:
         m.setSolVal(sol, var, float(val))
     return bool(m.addSol(sol, free=True))
 
 
-def _run(m, scale: float, correction: float, deadline: float, blocks: int) -> tuple[str, float, int]:
+def _run(m, scale: float, correction: float, deadline: float, blocks: float) -> tuple[str, float, int]:
     """Optimise until ``deadline`` (perf_counter); return (status, safe bound in the scaled
     problem's units, nodes). Model building counts against the limit."""
     m.setParam("limits/time", max(0.01, min(1e20, deadline - time.perf_counter())))
@@ -233,7 +306,7 @@ def _best(m, xs, start: np.ndarray, pruned: bool) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- mask model
-def _mask_model(Qs, groups, n, start, params, time_limit, gap, diag, caps):
+def _mask_model(Qs, groups, n, start, params, time_limit, gap, opts, caps):
     """``min Σ_b p_bᵀQ_b p_b`` over binary pruned indicators, group cardinalities fixed.
 
     Parameters
@@ -252,13 +325,15 @@ def _mask_model(Qs, groups, n, start, params, time_limit, gap, diag, caps):
     deadline = time.perf_counter() + time_limit
     q0 = (~start).astype(float)
     scale = sum(float(q0[idx] @ Q @ q0[idx]) for idx, Q in Qs)
-    if scale <= 0.0:
-        return _ModelResult(start.copy(), 0.0, "optimal")
-    m = _new_model(params, time_limit, gap)
+    full = sum(float(Q.sum()) for _, Q in Qs)  # everything pruned: the objective's natural size
+    if scale <= TINY * max(full, 0.0):  # the start is optimal to round-off; scaling by it would
+        return _ModelResult(start.copy(), 0.0, "optimal")  # blow the coefficients up
+    diag = opts["diag"]
+    m = _new_model(params, time_limit, gap, opts["heuristics"])
     p = [m.addVar(vtype="B", name=f"p{j}") for j in range(n)]
     for idx, count in groups:
         m.addCons(quicksum(p[j] for j in idx) == count)
-    obj, startvals, correction = [], [(v, q0[j]) for j, v in enumerate(p)], 0.0
+    obj, startvals, correction, nepi = [], [(v, q0[j]) for j, v in enumerate(p)], 0.0, 0.0
     for b, (idx, Q) in enumerate(Qs):
         Qn = Q / scale
         if diag == "dense":
@@ -266,12 +341,12 @@ def _mask_model(Qs, groups, n, start, params, time_limit, gap, diag, caps):
             m.addCons(quicksum(Qn[a, c] * p[idx[a]] * p[idx[c]] for a in range(len(idx))
                                for c in range(len(idx)) if Qn[a, c] != 0.0) <= t)
             obj.append(t)
+            nepi += 1
             startvals.append((t, float(q0[idx] @ Qn @ q0[idx]) * (1 + 1e-9) + 1e-12))
             continue
         delta = max_diagonal(Qn, diag, nonneg=True, seed=params.seed)
         F, neg = psd_factor(Qn - np.diag(delta))
         correction += neg * caps[b] * scale
-        t = m.addVar(lb=0.0, name=f"t{b}")
         ys = []
         yv = F.T @ q0[idx]
         for k in range(F.shape[1]):
@@ -279,18 +354,18 @@ def _mask_model(Qs, groups, n, start, params, time_limit, gap, diag, caps):
             m.addCons(y == quicksum(float(F[a, k]) * p[idx[a]] for a in range(len(idx)) if F[a, k] != 0.0))
             ys.append(y)
             startvals.append((y, yv[k]))
-        m.addCons(quicksum(y * y for y in ys) <= t)
-        startvals.append((t, float(yv @ yv) * (1 + 1e-9) + 1e-12))
-        obj.append(t)
+        terms, k = _epigraph(m, ys, yv, opts["epigraph"] == "split", startvals, f"t{b}")
+        obj.extend(terms)
+        nepi += k
         obj.extend(float(delta[a]) * p[idx[a]] for a in range(len(idx)) if delta[a] != 0.0)
     m.setObjective(quicksum(obj), "minimize")
-    _add_start(m, startvals)
-    status, bound, nodes = _run(m, scale, correction, deadline, len(Qs))
+    _add_start(m, startvals, complete=True)
+    status, bound, nodes = _run(m, scale, correction, deadline, nepi)
     return _ModelResult(_best(m, p, start, pruned=True), bound, status, nodes)
 
 
 # ---------------------------------------------------------------------- reconstruct model
-def _reconstruct_model(W, G, zmap, groups, nz, start, v0, params, time_limit, gap, diag, resid):
+def _reconstruct_model(W, G, zmap, groups, nz, start, v0, params, time_limit, gap, opts, resid):
     """Perspective best-subset model over rows sharing ``G̃``.
 
     Parameters
@@ -311,17 +386,24 @@ def _reconstruct_model(W, G, zmap, groups, nz, start, v0, params, time_limit, ga
     deadline = time.perf_counter() + time_limit
     R, d = W.shape
     scale = float(np.einsum("ri,ij,rj->", W - v0, G, W - v0))
-    if scale <= 0.0:
+    if scale <= TINY * max(float(np.einsum("ri,ij,rj->", W, G, W)), 0.0):
+        # the start is optimal to round-off (finalize checks the absolute gap); scaling the model
+        # by it would give SCIP coefficients beyond its infinity ("error in input data")
         return _ModelResult(start.copy(), 0.0, "optimal")
-    delta = max_diagonal(G, diag, nonneg=True, seed=params.seed)
+    delta = max_diagonal(G, opts["diag"], nonneg=True, seed=params.seed)
     F, neg = psd_factor(G - np.diag(delta))
     Fn, dn = F / math.sqrt(scale), delta / scale
-    m = _new_model(params, time_limit, gap)
+    m = _new_model(params, time_limit, gap, opts["heuristics"])
+    # SCIP's variable aggregation (e.g. z₂ = 1 − z₁ from an nm:1:2 group) together with the
+    # indicator and cone constraints cut off true optima of tiny rows (wrong "optimal" with a
+    # bound above the brute-force optimum, with or without an incumbent); measured: only
+    # ``presolving/donotaggr`` or no linear presolve fixes it (tests: *_reconstruct_presolve_*)
+    m.setParam("presolving/donotaggr", True)
     z = [m.addVar(vtype="B", name=f"z{j}") for j in range(nz)]
     for idx, count in groups:
         m.addCons(quicksum(z[j] for j in idx) == count)
     startvals = [(v, float(start[j])) for j, v in enumerate(z)]
-    obj, const = [], 0.0
+    obj, const, nepi = [], 0.0, 0.0
     for r in range(R):
         w = W[r]
         v = [m.addVar(lb=-m.infinity(), name=f"v{r}_{i}") for i in range(d)]
@@ -335,7 +417,6 @@ def _reconstruct_model(W, G, zmap, groups, nz, start, v0, params, time_limit, ga
             # indicators enforce supp v ⊆ z exactly at integral z
             m.addConsIndicator(v[i] <= 0.0, z[zmap[r, i]], activeone=False)
             m.addConsIndicator(-v[i] <= 0.0, z[zmap[r, i]], activeone=False)
-        t = m.addVar(lb=0.0, name=f"t{r}")
         yv = Fn.T @ (w - v0[r])
         ys = []
         for k in range(F.shape[1]):
@@ -343,14 +424,14 @@ def _reconstruct_model(W, G, zmap, groups, nz, start, v0, params, time_limit, ga
             m.addCons(y == float(Fn[:, k] @ w) - quicksum(float(Fn[i, k]) * v[i] for i in range(d) if Fn[i, k] != 0.0))
             ys.append(y)
             startvals.append((y, yv[k]))
-        m.addCons(quicksum(y * y for y in ys) <= t)
-        startvals.append((t, float(yv @ yv) * (1 + 1e-9) + 1e-12))
-        obj.append(t)
+        terms, k = _epigraph(m, ys, yv, opts["epigraph"] == "split", startvals, f"t{r}")
+        obj.extend(terms)
+        nepi += k
         obj.extend(float(dn[i]) * (s[i] - 2.0 * w[i] * v[i]) for i in range(d) if dn[i] != 0.0)
         const += float(dn @ (w * w))
     m.setObjective(quicksum(obj) + const, "minimize")
     _add_start(m, startvals)
-    status, bound, nodes = _run(m, scale, 4.0 * neg * resid, deadline, R)
+    status, bound, nodes = _run(m, scale, 4.0 * neg * resid, deadline, nepi)
     return _ModelResult(_best(m, z, start, pruned=False), bound, status, nodes)
 
 
@@ -366,6 +447,11 @@ class ScipSolver(Solver):
     diag : ``"none"`` | ``"sdp"`` | ``"eig"`` (| ``"dense"`` for ``mask``: plain ``t ≥ pᵀQp``)
         diagonal moved out of the quadratic; default ``"none"`` for ``mask``, ``"eig"`` for
         ``reconstruct`` (see the module docstring for the measurements).
+    epigraph : ``"split"`` (``t_k ≥ y_k²``, default for ``mask``) | ``"joint"`` (``t ≥ ‖y‖²``,
+        default for ``reconstruct``)
+    heuristics : ``"off"`` (default) | ``"default"`` (SCIP's primal heuristics); ``mask`` only,
+        ``reconstruct`` always keeps them on
+    polish : bool, default True: 1-swap local search on the ``mask`` warm start (per-row, nm)
     """
 
     name = "scip"
@@ -382,12 +468,26 @@ class ScipSolver(Solver):
         W = sp.W.numpy()
         G = sp.G.numpy()
         start = _warm_start(sp, None if init is None else init.cpu())
-        diag = self.options.get("diag") or ("eig" if problem.objective_kind == "reconstruct" else "none")
+        pat_name = sp.pattern.name
+        recon_kind = problem.objective_kind == "reconstruct"
+        if self.options.get("polish", True) and not recon_kind and pat_name in ("per-row", "nm"):
+            group = np.arange(sp.d_in) // (sp.pattern.m if pat_name == "nm" else sp.d_in)
+            polish_until = start_time + 0.2 * (deadline - start_time)  # at most 1/5 of the limit
+            for r in range(sp.d_out):  # a 1-swap optimum: SCIP's scale and first incumbent
+                if time.perf_counter() < polish_until:
+                    start[r] = one_swap(W[r][:, None] * G * W[r][None, :], start[r], group)
+        diag = self.options.get("diag") or ("eig" if recon_kind else "none")
+        # heuristics off only for mask: the reconstruct model's start is partial and needs
+        # SCIP's completion heuristic to become its incumbent
+        opts = {"diag": diag, "epigraph": self.options.get("epigraph", "joint" if recon_kind else "split"),
+                "heuristics": "default" if recon_kind else self.options.get("heuristics", "off")}
+        if opts["epigraph"] not in ("split", "joint"):
+            raise ValueError(f"unknown epigraph option {opts['epigraph']!r}")
         gap = max(params.gap_tol / 2, 1e-9)
         pat = sp.pattern
         recon = sp.objective_kind == "reconstruct"
         v0 = sp.refit(torch.from_numpy(start)).numpy() if recon else None
-        info = {"diag": diag, "rows_proved": 0, "models": 0, "nodes": 0}
+        info = {**opts, "rows_proved": 0, "models": 0, "nodes": 0}
         mask = start.copy()
 
         if pat.name in ("per-row", "nm"):
@@ -402,7 +502,7 @@ class ScipSolver(Solver):
                 groups = _row_groups(pat, sp.d_in, sp.d_out, 1)
                 try:
                     res = self._model(W[r:r + 1], G, groups, start[r:r + 1], None if v0 is None else v0[r:r + 1],
-                                      recon, params, tl, gap, diag)
+                                      recon, params, tl, gap, opts)
                 except KeyboardInterrupt:  # Ctrl-C outside SCIP's own handler (model building)
                     statuses.append("userinterrupt")
                     continue
@@ -421,7 +521,7 @@ class ScipSolver(Solver):
             tl = left if math.isfinite(left) else 1e20
             groups = _row_groups(pat, sp.d_in, sp.d_out, sp.d_out)
             try:
-                res = self._model(W, G, groups, start, v0, recon, params, tl, gap, diag)
+                res = self._model(W, G, groups, start, v0, recon, params, tl, gap, opts)
                 mask = res.values.reshape(sp.d_out, sp.d_in)
                 statuses, lb = [res.status], res.bound
                 info["nodes"] += res.nodes
@@ -439,17 +539,18 @@ class ScipSolver(Solver):
         else:
             status, limit = Status.FEASIBLE, next(s for s in statuses if s not in _PROVED)
         return Proposal(mask=torch.from_numpy(np.ascontiguousarray(mask)).to(problem.device), lower_bound=lb,
-                        bound_source=f"scip dual bound (diag={diag}, safety {SAFETY:g}·blocks·max(1,|b|))",
+                        bound_source=(f"scip dual bound (diag={diag}, epigraph={opts['epigraph']}, "
+                                      f"safety {SAFETY:g}·charge·max(1,|b|))"),
                         status=status, limit=limit, iterations=info["nodes"], info=info)
 
     @classmethod
-    def _model(cls, W, G, groups, start, v0, recon, params, tl, gap, diag):
+    def _model(cls, W, G, groups, start, v0, recon, params, tl, gap, opts):
         """:meth:`_model_once`, solved again from its own optimum when that is needed to close
         the gap: the safety margin is relative to the warm start's value (the model's unit),
         so an optimum far below the warm start leaves a relative gap above ``gap_tol`` although
         SCIP proved it. Re-scaling by the optimum shrinks the margin to ~1e-6 of it."""
         deadline = time.perf_counter() + tl
-        res = cls._model_once(W, G, groups, start, v0, recon, params, tl, gap, diag)
+        res = cls._model_once(W, G, groups, start, v0, recon, params, tl, gap, opts)
         values = res.values.reshape(W.shape)
         if res.status not in _PROVED or np.array_equal(values, start.reshape(W.shape)):
             return res
@@ -458,12 +559,12 @@ class ScipSolver(Solver):
         if found - res.bound <= 0.5 * gap * found or left <= 0.05:
             return res
         v1 = _refit_rows(W, G, values) if recon else None
-        again = cls._model_once(W, G, groups, values.reshape(start.shape), v1, recon, params, left, gap, diag)
+        again = cls._model_once(W, G, groups, values.reshape(start.shape), v1, recon, params, left, gap, opts)
         again.nodes += res.nodes
         return again if again.status in _PROVED else res
 
     @staticmethod
-    def _model_once(W, G, groups, start, v0, recon, params, tl, gap, diag):
+    def _model_once(W, G, groups, start, v0, recon, params, tl, gap, opts):
         """Build and solve the model of ``W``'s rows (one row, or the coupled layer).
 
         ``groups``: (flat indices over W's entries, kept count, kind) from :func:`_row_groups`.
@@ -471,25 +572,25 @@ class ScipSolver(Solver):
         R, d = W.shape
         columns = groups[0][2] == "columns"
         if recon:
-            kdiag = "sdp" if diag == "dense" else diag
+            kopts = {**opts, "diag": "sdp" if opts["diag"] == "dense" else opts["diag"]}
             resid = float(((W - v0) ** 2).sum())
             if columns:
                 zmap, zgroups, zstart = np.broadcast_to(np.arange(d), (R, d)), [(np.arange(d), groups[0][1])], start[0]
             else:
                 zmap, zgroups, zstart = np.arange(R * d).reshape(R, d), [(i, c) for i, c, _ in groups], start.reshape(-1)
-            res = _reconstruct_model(W, G, zmap, zgroups, zstart.size, zstart, v0, params, tl, gap, kdiag, resid)
+            res = _reconstruct_model(W, G, zmap, zgroups, zstart.size, zstart, v0, params, tl, gap, kopts, resid)
             res.values = np.broadcast_to(res.values, (R, d)).copy() if columns else res.values.reshape(R, d)
             return res
         if columns:
             pruned = d - int(groups[0][1])
             res = _mask_model([(np.arange(d), G * (W.T @ W))], [(np.arange(d), pruned)], d, start[0],
-                              params, tl, gap, diag, [pruned])
+                              params, tl, gap, opts, [pruned])
             res.values = np.broadcast_to(res.values, (R, d)).copy()
             return res
         pruned_groups = [(idx, idx.size - cnt) for idx, cnt, _ in groups]
         total = sum(c for _, c in pruned_groups)
         Qs = [(np.arange(r * d, (r + 1) * d), W[r][:, None] * G * W[r][None, :]) for r in range(R)]
-        return _mask_model(Qs, pruned_groups, R * d, start.reshape(-1), params, tl, gap, diag,
+        return _mask_model(Qs, pruned_groups, R * d, start.reshape(-1), params, tl, gap, opts,
                            [min(d, total)] * R)
 
 
@@ -521,6 +622,40 @@ def _row_groups(pattern, d_in: int, d_out: int, rows: int):
         return [(np.arange(rows * d_in), pattern.budget(d_out, d_in), "layer")]
     keep = pattern.bind(d_out, d_in).keep
     return [(np.arange(rows * d_in), keep, "columns")]
+
+
+def one_swap(Q: np.ndarray, kept: np.ndarray, group: np.ndarray, max_steps: int = 10_000) -> np.ndarray:
+    """Best-improvement 1-swap local search on ``pᵀQp`` (p = pruned = ~kept), swaps inside a group.
+
+    Pruning kept ``i`` and keeping pruned ``j`` changes the value by
+    ``Δ_ij = Q_ii + 2c_i + Q_jj − 2c_j − 2Q_ij`` with ``c = Qp``; the best ``Δ < 0`` is applied
+    until none improves by more than round-off. Monotone, so never worse than ``kept``.
+
+    Parameters
+    ----------
+    Q : (d, d) symmetric; kept : (d,) bool; group : (d,) int, the cardinality group of each entry
+
+    Returns
+    -------
+    (d,) bool kept mask with the same count per group
+    """
+    kept = kept.copy()
+    p = (~kept).astype(float)
+    c = Q @ p
+    dq = np.diag(Q)
+    same = group[:, None] == group[None, :]
+    for _ in range(max_steps):
+        a = np.where(kept, dq + 2 * c, np.inf)        # cost of pruning i
+        b = np.where(~kept, dq - 2 * c, np.inf)       # cost of keeping j
+        D = a[:, None] + b[None, :] - 2 * Q
+        D[~same] = np.inf
+        i, j = np.unravel_index(int(np.argmin(D)), D.shape)
+        if not D[i, j] < -1e-12 * max(float(p @ c), 1e-300):
+            break
+        kept[i], kept[j] = False, True
+        p[i], p[j] = 1.0, 0.0
+        c += Q[:, i] - Q[:, j]
+    return kept
 
 
 def _warm_start(sp: LayerProblem, init: Optional[torch.Tensor]) -> np.ndarray:
