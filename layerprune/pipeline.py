@@ -27,10 +27,14 @@ prune, measure pruned, save, report.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import gc
 import json
 import math
 import os
 import resource
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,13 +49,18 @@ from layerprune.solvers import Params, Solver, SolverError, get_solver_class, ma
 
 from .report import LayerRecord, PruneReport, plot_layer_errors, write_json_atomic
 
-__all__ = ["PruneConfig", "PruningInterrupted", "prune_model", "perplexity", "sparsity", "run",
+__all__ = ["PruneConfig", "PruningInterrupted", "prune_model", "perplexity", "sparsity", "run", "release_memory",
            "find_blocks", "find_linears", "capture_block_inputs", "linear_groups"]
 
 #: calibration sequences per forward mini-batch
 CALIB_BATCH = 8
-#: evaluation windows per forward mini-batch
+#: evaluation windows per forward mini-batch (at most)
 EVAL_BATCH = 4
+#: at most this many bytes of float32 logits per evaluation forward (fewer windows per batch
+#: for large vocabularies / long windows, never fewer than one)
+EVAL_LOGITS_BYTES = 64 * 2 ** 20
+#: logits per slice of the NLL computation (16 MiB of float32)
+NLL_CHUNK_ELEMENTS = 4 * 2 ** 20
 
 
 class PruningInterrupted(KeyboardInterrupt):
@@ -511,6 +520,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
                     b.hidden = _call_block(block, b)
             block.to(home)
             current = None
+            release_memory()  # the block's forward and solver temporaries
         if prune_lm_head:
             head_solver = _resolve_solver("lm_head", solver, overrides)
             done(_prune_lm_head(model, calib_ids, device, batch_size, head_solver, **kw))
@@ -557,16 +567,24 @@ def _prune_lm_head(model: nn.Module, calib_ids: torch.Tensor, device: torch.devi
 
 # ============================================================================ measurement
 def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, device=None,
-               batch_size: int = EVAL_BATCH) -> float:
+               batch_size: Optional[int] = None) -> float:
     r"""Perplexity on non-overlapping windows of ``seqlen`` tokens.
 
     :math:`\exp\big(\frac{1}{N}\sum -\log p(t_{k+1} \mid t_{\le k})\big)`, the next-token NLL
     averaged over every predicted token of every window (``seqlen − 1`` per window); the
     trailing ``T mod seqlen`` tokens are dropped.
 
+    Memory: the logits of one forward are ``batch × seqlen × vocab`` floats (SmolLM2: 48 MiB
+    per 256-token window), often more than a decoder block's activations. Windows are batched
+    only while their logits stay under :data:`EVAL_LOGITS_BYTES`, and the NLL is taken over
+    slices of at most :data:`NLL_CHUNK_ELEMENTS` logits, so no full-size ``log_softmax`` or
+    reshaped copy of the logits is made.
+
     Parameters
     ----------
     ids : (1, T) or (T,) LongTensor
+    batch_size : windows per forward (default: as many as fit :data:`EVAL_LOGITS_BYTES`, at
+        most :data:`EVAL_BATCH`, at least 1)
     """
     ids = ids.reshape(-1)
     n = ids.numel() // seqlen
@@ -575,26 +593,76 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seqlen: int, device=None,
     windows = ids[: n * seqlen].reshape(n, seqlen)
     home = _model_device(model)
     device = torch.device(device) if device is not None else home
+    if batch_size is None:
+        vocab = _vocab_size(model)
+        batch_size = EVAL_BATCH if vocab is None else \
+            max(1, min(EVAL_BATCH, EVAL_LOGITS_BYTES // (seqlen * vocab * 4)))
     was_training = model.training
     model.eval()
     if device != home:
         model.to(device)
     total, count = 0.0, 0
     try:
-        with torch.no_grad():
+        with torch.no_grad():  # not inference_mode: buffers a model caches here stay usable later
             for chunk in windows.split(batch_size):
                 chunk = chunk.to(device)
                 logits = model(input_ids=chunk, use_cache=False).logits
-                nll = torch.nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                    chunk[:, 1:].reshape(-1), reduction="sum")
-                total += float(nll)
+                total += _nll_sum(logits, chunk)
                 count += chunk.shape[0] * (seqlen - 1)
+                del logits
     finally:
         if device != home:
             model.to(home)
         model.train(was_training)
+        release_memory()
     return math.exp(total / count)
+
+
+def _vocab_size(model: nn.Module) -> Optional[int]:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    n = getattr(head, "out_features", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(n) if n else None
+
+
+def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """``Σ −log softmax(logits[b, t])[ids[b, t+1]]`` over ``t < T−1``, in float32 slices.
+
+    logits : (B, T, V); ids : (B, T). Each slice holds at most :data:`NLL_CHUNK_ELEMENTS`
+    logits (plus its ``log_softmax``), whatever ``B·T·V``.
+    """
+    B, T, V = logits.shape
+    step = max(1, NLL_CHUNK_ELEMENTS // V)
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)  # one sync per batch
+    for b in range(B):
+        for s in range(0, T - 1, step):
+            e = min(T - 1, s + step)
+            total += torch.nn.functional.cross_entropy(
+                logits[b, s:e].float(), ids[b, s + 1:e + 1], reduction="sum").double()
+    return float(total)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap memory back to the system.
+
+    glibc keeps freed chunks below its (adaptive, up to 32 MiB) ``mmap`` threshold in its
+    arenas; after a forward pass that is tens to hundreds of MiB of resident memory nobody
+    uses. ``malloc_trim(0)`` returns it (a no-op where the C library is not glibc).
+    """
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        return getattr(libc, "malloc_trim", None)
+    except (OSError, AttributeError):
+        return None
 
 
 def sparsity(model: nn.Module, *, include_lm_head: bool = False) -> float:
@@ -618,7 +686,7 @@ class PruneConfig:
     """Settings of one ``layerprune prune`` job (the CLI's flags)."""
 
     model: str = "smollm2"
-    solver: str = "wanda"
+    solver: str = "sparseswaps"
     pattern: str = "per-row:0.5"
     objective: str = "mask"
     nsamples: int = 64
@@ -652,9 +720,11 @@ def _dtype(name: str) -> torch.dtype:
     return dt
 
 
-def _peak_rss_bytes() -> int:
-    """Peak resident set size of this process (Linux: ru_maxrss is in KiB)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+def _peak_rss_bytes(who: int = resource.RUSAGE_SELF) -> int:
+    """Peak resident set size of this process, or with ``RUSAGE_CHILDREN`` of its largest
+    finished child (Linux: ru_maxrss is in KiB; macOS: bytes)."""
+    peak = int(resource.getrusage(who).ru_maxrss)
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneReport:
@@ -686,6 +756,7 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
     t = time.perf_counter()
     model, tokenizer = models.load_model(config.model, dtype=dtype, device="cpu", cache_dir=config.cache_dir)
     timings["load"] = time.perf_counter() - t
+    release_memory()  # loader temporaries
     # validate pattern/solvers/overrides against the model before the costly steps
     blocks, path = find_blocks(model)
     _plan(model, blocks, path, config.pattern, config.objective, config.solver,
@@ -704,6 +775,7 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
         evals[name] = data.eval_tokens(tokenizer, data.load_text(src, cache_dir=config.cache_dir),
                                        max_tokens=config.eval_tokens)
     timings["data"] = time.perf_counter() - t
+    release_memory()  # the tokenized calibration text
 
     t = time.perf_counter()
     dense = {name: perplexity(model, ids, config.seqlen, device) for name, ids in evals.items()}
@@ -739,6 +811,7 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
 
     t = time.perf_counter()
     report.peak_memory_bytes = _peak_rss_bytes()
+    report.peak_child_memory_bytes = _peak_rss_bytes(resource.RUSAGE_CHILDREN) or None
     report.seconds = time.perf_counter() - t0
     if config.out is not None:
         report.out_dir = str(config.out)

@@ -97,7 +97,7 @@ def _add_prune(sub) -> None:
                     "with a chosen backend; measure dense and pruned perplexity; save and report.")
     p.add_argument("--model", default="smollm2",
                    help="'smollm2' (bundled), a Hugging Face id, a directory or a .gguf file")
-    p.add_argument("--solver", default="wanda", metavar="NAME", help="backend (layerprune solvers)")
+    p.add_argument("--solver", default="sparseswaps", metavar="NAME", help="backend (layerprune solvers; default sparseswaps)")
     p.add_argument("--pattern", default="per-row:0.5", metavar="PATTERN",
                    help="per-row:0.5 | nm:2:4 | unstructured:0.6 | columns:0.3 (pruned fractions)")
     p.add_argument("--objective", default="mask", choices=["mask", "reconstruct"])

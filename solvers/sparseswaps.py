@@ -38,8 +38,8 @@ from .magnitude import working
 
 __all__ = ["SparseSwaps", "swap_terms", "best_pairs", "best_block_pairs", "max_correlations"]
 
-#: elements of one chunk of the full K×P check (float64: 8 bytes each)
-FULL_CHECK_ELEMENTS = 1 << 23
+#: elements of one chunk of scored pairs (bounds the temporaries: a few tensors of this size)
+FULL_CHECK_ELEMENTS = 1 << 21
 
 
 def swap_terms(w: torch.Tensor, c: torch.Tensor, gdiag: torch.Tensor, kept: torch.Tensor
