@@ -141,9 +141,10 @@ class ADMM(Solver):
         d_in = problem.d_in
         eye = torch.eye(d_in, dtype=dtype, device=device)
         delta = ridge * float(torch.diagonal(G).mean())
-        lam, V = torch.linalg.eigh(G)
-        inverse = lambda r: (V / (lam + delta + r)[None, :]) @ V.T  # (G̃ + (δ+ρ)I)⁻¹
-        Ainv = inverse(rho)
+        Ainv = torch.linalg.inv(G + (delta + rho) * eye)
+        if growth != 1.0:  # ρ changes every iteration: one eigendecomposition serves every inverse
+            lam, V = torch.linalg.eigh(G)
+            inverse = lambda r: (V / (lam + delta + r)[None, :]) @ V.T  # (G̃ + (δ+ρ)I)⁻¹
         B = W0 @ (G + delta * eye)
         final = pruned_fraction(problem)
 

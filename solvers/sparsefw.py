@@ -32,6 +32,7 @@ from layerprune.problems import LayerProblem
 
 from .base import Params, Proposal, Solver, SolverError, Status
 from .magnitude import input_norms, working
+from .wanda import wanda_scores
 
 __all__ = ["SparseFW", "fw_certificate", "line_search"]
 
@@ -104,7 +105,7 @@ class SparseFW(Solver):
         device, dtype = working(problem, params)
         W = problem.W.to(device=device, dtype=dtype)
         G = problem.G.to(device=device, dtype=dtype)
-        wanda = W.abs() * input_norms(problem, device, dtype)[None, :]
+        wanda = wanda_scores(W, input_norms(problem, device, dtype))
         fixed = self._fixed(problem, wanda, alpha)
         start = problem.round(wanda) if init is None else init.to(device)
         M = start.to(dtype)

@@ -13,14 +13,15 @@ still improving, the pair of smallest ``Δ`` (``nm``: ``i`` and ``j`` in the sam
 ``M``). A row stops when no pair improves its error by more than a round-off tolerance, i.e.
 at a 1-swap local optimum: the search is monotone and never worsens its warm start.
 
-Speed (where an implementation wins or loses, DESIGN.md §3): for ``per-row`` a step first
-scores only the ``candidates × candidates`` pairs of the smallest ``a`` and ``b`` of each
-row (``O(d)`` per row: ``a``/``b`` updates and two top-k); only rows where that finds no
-improving pair get the full ``K × P`` check (chunked), which either finds the best pair or
-proves the row locally optimal. ``nm`` scores all in-block pairs every step
-(``d·M`` per row). ``c`` is recomputed exactly every ``refresh`` steps against drift, and
-a final float64 re-score reverts any row that ended worse than its start (round-off in a
-float32 run), so the result is never worse than the warm start.
+Speed (where an implementation wins or loses, DESIGN.md §3): for ``per-row`` a step scores
+exactly only the ``candidates × candidates`` pairs with the smallest screening values of each
+row (:func:`_screened_best`: an exact lower bound on ``Δ`` from each input's largest
+correlation); rows where those pairs do not improve and the bound cannot rule out the rest get
+4× more candidates, up to all ``K × P`` pairs, so a row stops only when proved 1-swap optimal.
+``nm`` scores all in-block pairs every step (``d·M`` per row). ``c`` is recomputed exactly
+every ``refresh`` steps against drift, and a final float64 re-score reverts any row that
+ended worse than its start (round-off in a float32 run), so the result is never worse than
+the warm start.
 
 No lower bound: a local search certifies nothing.
 """
@@ -190,8 +191,7 @@ class SparseSwaps(Solver):
             raise SolverError("sparseswaps: candidates and refresh must be positive integers")
         if init is None:
             from .registry import make_solver
-            init = make_solver(self.options.get("init_solver", "wanda")).solve(
-                problem, params=params).mask
+            init = make_solver(self.options.get("init_solver", "wanda")).propose(problem, params).mask
         start_mask = init.to(device)
         W = problem.W.to(device=device, dtype=dtype)
         G = problem.G.to(device=device, dtype=dtype)

@@ -31,14 +31,20 @@ def _check_against_brute(p: LayerProblem):
     return brute, res
 
 
+def _assert_proves_brute(p: LayerProblem):
+    """SCIP is consistent with brute force and proves its optimum."""
+    brute, res = _check_against_brute(p)
+    assert res.status == Status.OPTIMAL, res.info
+    assert res.objective == pytest.approx(brute.objective, rel=REL)
+    return brute, res
+
+
 @pytest.mark.parametrize("objective", ["mask", "reconstruct"])
 @pytest.mark.parametrize("pattern", ["per-row:3", "nm:2:4", "unstructured:0.5", "columns:3"])
 def test_explicit_cases_match_brute(pattern, objective):
     W, G = make_arrays(2, 8 if pattern.startswith("nm") else 6, seed=3, rank=None)
     p = LayerProblem.create(W, G, pattern=pattern, objective=objective)
-    brute, res = _check_against_brute(p)
-    assert res.status == Status.OPTIMAL, res.info
-    assert res.objective == pytest.approx(brute.objective, rel=REL)
+    _assert_proves_brute(p)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -50,9 +56,7 @@ def test_hypothesis_matches_brute(p):
 def test_rank_deficient_reconstruct():
     W, G = make_arrays(1, 8, seed=1, rank=6)
     p = LayerProblem.create(W, G, pattern="per-row:3", objective="reconstruct")
-    brute, res = _check_against_brute(p)
-    assert res.status == Status.OPTIMAL
-    assert res.objective == pytest.approx(brute.objective, rel=REL)
+    _assert_proves_brute(p)
 
 
 def test_time_limit_is_honest():
@@ -185,9 +189,7 @@ def test_reconstruct_presolve_aggregation_regression():
                       [5.47998357234888087e-03, -1.71593372423624491e-01, 6.42012171189500247e+00,
                        1.24667877221544765e-01]], dtype=torch.float64)
     p = LayerProblem.create(W, G, pattern="nm:1:2", objective="reconstruct")
-    brute, res = _check_against_brute(p)
-    assert res.status == Status.OPTIMAL
-    assert res.objective == pytest.approx(brute.objective, rel=REL)
+    _assert_proves_brute(p)
 
 
 def test_polished_start_never_worse_than_wanda():
