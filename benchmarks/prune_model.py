@@ -213,9 +213,10 @@ def run_one(spec: RunSpec, settings: dict, workdir: Path, timeout: Optional[floa
     if report_path.exists():
         report_path.unlink()
     cmd = prune_command(spec, settings, report_path)
+    code, load = _code_version(), _load()
     proc = run_subprocess(cmd, timeout=timeout, log_path=log_path)
     rec = {"pattern": spec.pattern, "solver": spec.solver, "objective": spec.objective,
-           "command": shlex.join(cmd[1:]), **proc}
+           "command": shlex.join(cmd[1:]), "code": code, "load_at_start": load, **proc}
     if proc["timed_out"]:
         rec.update(status="timeout", error=f"killed after {timeout:g} s")
     elif proc["returncode"] != 0 or not report_path.is_file():
@@ -335,6 +336,27 @@ def load_previous(out: Path, settings: dict) -> list[dict]:
     return list(old.get("runs", []))
 
 
+def _code_version() -> Optional[str]:
+    """The git commit the run measured (``-dirty`` with uncommitted changes), if in a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=30, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
+def _load() -> Optional[list]:
+    """1/5/15-minute load averages: other work on the machine slows a run down."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _environment() -> dict:
     import torch
 
@@ -352,10 +374,15 @@ def _environment() -> dict:
 
 def benchmark(settings: dict, runs: list[RunSpec], out: Path, *, resume: bool = False,
               skipped: Optional[list] = None, timeout: Optional[float] = None,
-              runner: Callable[..., dict] = run_one, log=print) -> dict:
-    """Run every configuration not already done; write the results after each run."""
+              runner: Callable[..., dict] = run_one, log=print, redo: tuple = ()) -> dict:
+    """Run every configuration not already done (or named in ``redo``, keys like
+    ``"per-row:0.5 admm:reconstruct"``); write the results after each run."""
     previous = load_previous(out, settings) if resume else []
     done = {f"{r['pattern']} {r['solver']}:{r['objective']}": r for r in previous if r.get("status") == "ok"}
+    unknown = set(redo) - {spec.key for spec in runs}
+    if unknown:
+        raise BenchmarkError(f"--redo names no run of this grid: {', '.join(sorted(unknown))}")
+    done = {k: r for k, r in done.items() if k not in set(redo)}
     results = {"benchmark": "prune_model", "settings": settings, "environment": _environment(),
                "skipped": list(skipped or []), "runs": []}
     # keep earlier results of configurations not in this grid (resume with a different grid)
@@ -404,6 +431,8 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON (and .md next to it)")
     p.add_argument("--resume", action="store_true",
                    help="keep the successful runs of --out (same settings) and run the rest")
+    p.add_argument("--redo", nargs="+", default=[], metavar="'PATTERN SOLVER:OBJECTIVE'",
+                   help="with --resume: run these configurations again, e.g. 'per-row:0.5 admm:reconstruct'")
     return p.parse_args(argv)
 
 
@@ -420,7 +449,8 @@ def main(argv=None) -> int:
         for sk in skipped:
             print(f"skipping {sk['key']}: {sk['reason']}", file=sys.stderr)
         results = benchmark(settings, runs, args.out, resume=args.resume, skipped=skipped,
-                            timeout=args.timeout, log=lambda s: print(s, file=sys.stderr, flush=True))
+                            timeout=args.timeout, log=lambda s: print(s, file=sys.stderr, flush=True),
+                            redo=tuple(args.redo))
     except BenchmarkError as exc:
         print(f"prune_model: error: {exc}", file=sys.stderr)
         return 2

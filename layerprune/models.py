@@ -347,7 +347,8 @@ def save_pruned(model: nn.Module, tokenizer, out_dir, *, masks: Optional[dict] =
 
     The directory holds ``config.json``, ``model.safetensors`` (``save_pretrained`` with
     ``safe_serialization``), the tokenizer files, ``masks.safetensors`` (one ``uint8`` tensor per
-    pruned linear, 1 = kept, keyed by module name) when ``masks`` is given, and each of
+    pruned linear, 1 = kept, keyed by module name) when ``masks`` is given (bool tensors or
+    :func:`layerprune.report.pack_mask` pairs), and each of
     ``extra_files`` (name -> bytes or str). A GGUF-loaded model's ``quantization_config`` is
     dropped, so ``from_pretrained(out_dir)`` gives a plain float model.
 
@@ -391,9 +392,11 @@ def save_pruned(model: nn.Module, tokenizer, out_dir, *, masks: Optional[dict] =
 def _save_masks(masks: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
+    from .report import unpack_mask
+
     tensors = {}
     for name, mask in masks.items():
-        m = torch.as_tensor(mask)
+        m = unpack_mask(mask) if isinstance(mask, tuple) else torch.as_tensor(mask)
         if m.dtype != torch.bool:
             if not ((m == 0) | (m == 1)).all():
                 raise ModelError(f"mask {name!r} is not boolean")

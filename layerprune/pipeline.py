@@ -47,7 +47,7 @@ from torch import nn
 from layerprune.problems import LayerProblem, PatternError, ProblemError, parse_pattern
 from layerprune.solvers import Params, Solver, SolverError, get_solver_class, make_solver
 
-from .report import LayerRecord, PruneReport, plot_layer_errors, write_json_atomic
+from .report import LayerRecord, PruneReport, pack_mask, plot_layer_errors, write_json_atomic
 
 __all__ = ["PruneConfig", "PruningInterrupted", "prune_model", "perplexity", "sparsity", "run", "release_memory",
            "find_blocks", "find_linears", "capture_block_inputs", "linear_groups"]
@@ -387,22 +387,28 @@ def _solve_layer(layer: _Layer, G: torch.Tensor, ntokens: int, *, pattern: str, 
         wanda = _wanda_result(problem, params)
     except SolverError:
         wanda = None
+    solver = solvers[layer.solver]
     init_mask = None
     if init is not None:
         init_mask = wanda.mask if (init == "wanda" and wanda is not None) else \
             solvers[init].solve(problem, params=params).mask
+    elif wanda is not None and solver.init_solver == "wanda":
+        init_mask = wanda.mask  # the start it would compute itself: reuse the reference
     try:
-        res = solvers[layer.solver].solve(problem, params=params, init=init_mask)
+        if wanda is not None and solver.name == "wanda" and not solver.options:
+            res = wanda  # the reference is this solve
+        else:
+            res = solver.solve(problem, params=params, init=init_mask)
     except SolverError as exc:
         raise SolverError(f"layer {layer.qualified}: {exc}") from None
     status, limit = res.status.value, res.limit
     if res.mask is None:  # e.g. a MIP stopped before its first incumbent: fall back, say so
-        fallback = init_mask if init_mask is not None else (wanda.mask if wanda is not None else None)
+        fallback = init_mask if init is not None else (wanda.mask if wanda is not None else None)
         if fallback is None:
             raise SolverError(f"layer {layer.qualified}: solver {layer.solver!r} found no mask ({status})")
         weights = problem.refit(fallback) if objective == "reconstruct" else problem.W.to(torch.float64) * fallback
         mask, value = fallback, problem.objective(fallback)
-        limit = f"{limit or status}; fell back to {'init' if init_mask is not None else 'wanda'} mask"
+        limit = f"{limit or status}; fell back to {'init' if init is not None else 'wanda'} mask"
     else:
         weights, mask, value = res.weights, res.mask, res.objective
     lin.weight.data.copy_(weights.to(device=lin.weight.device, dtype=lin.weight.dtype))
@@ -413,7 +419,7 @@ def _solve_layer(layer: _Layer, G: torch.Tensor, ntokens: int, *, pattern: str, 
         pattern=str(problem.pattern), objective_kind=objective, solver=layer.solver,
         objective=value, wanda_objective=None if wanda is None else wanda.objective,
         lower_bound=lower, bound_source=res.bound_source, gap=gap, status=status, limit=limit,
-        seconds=res.seconds, ntokens=ntokens, mask=mask.detach().to("cpu", torch.bool))
+        seconds=res.seconds, ntokens=ntokens, packed_mask=pack_mask(mask))
 
 
 def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str, Solver] = "wanda",
@@ -820,7 +826,7 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
             png = plot_layer_errors(records, Path(tmp) / "layer_errors.png")
             if png is not None:
                 extra["layer_errors.png"] = png.read_bytes()
-        masks = {r.name: r.mask for r in records}
+        masks = {r.name: r.packed_mask for r in records}
         models.save_pruned(model, tokenizer, config.out, masks=masks, force=config.force,
                            extra_files=extra)
     if config.report is not None:

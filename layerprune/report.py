@@ -24,11 +24,35 @@ import math
 import os
 import statistics
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["LayerRecord", "PruneReport", "format_report", "write_json_atomic", "plot_layer_errors"]
+import numpy as np
+
+__all__ = ["LayerRecord", "PruneReport", "format_report", "write_json_atomic", "plot_layer_errors",
+           "pack_mask", "unpack_mask"]
+
+
+def pack_mask(mask) -> tuple[tuple[int, ...], np.ndarray]:
+    """A bool mask packed to bits (8 weights per byte): ``(shape, uint8 array)``.
+
+    Whole-model runs keep one mask per pruned linear until the save; as bool tensors those
+    take as many bytes as weights (101 MiB for SmolLM2-135M), packed an eighth of it.
+    """
+    import torch
+
+    m = torch.as_tensor(mask).detach().to("cpu", torch.bool)
+    return tuple(m.shape), np.packbits(m.numpy().reshape(-1))
+
+
+def unpack_mask(packed: tuple[tuple[int, ...], np.ndarray]):
+    """Inverse of :func:`pack_mask`: a (d_out, d_in) bool CPU tensor."""
+    import torch
+
+    shape, bits = packed
+    n = int(np.prod(shape)) if shape else 1
+    return torch.from_numpy(np.unpackbits(bits, count=n).astype(bool).reshape(shape))
 
 
 def _finite_or_none(x: Optional[float]) -> Optional[float]:
@@ -57,7 +81,8 @@ class LayerRecord:
     status, limit : the solver's status and why it stopped early
     seconds : solver wall time for this layer (Wanda reference excluded)
     ntokens : calibration tokens in this layer's Gram matrix
-    mask : (d_out, d_in) bool CPU tensor (True = kept); not written to JSON
+    packed_mask : the mask packed to bits (:func:`pack_mask`); the property ``mask`` gives the
+        (d_out, d_in) bool CPU tensor (True = kept). Not written to JSON.
     """
 
     block: int
@@ -75,7 +100,12 @@ class LayerRecord:
     limit: Optional[str]
     seconds: float
     ntokens: int
-    mask: Any = field(default=None, repr=False, compare=False)
+    packed_mask: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def mask(self):
+        """(d_out, d_in) bool CPU tensor (True = kept), unpacked from ``packed_mask``."""
+        return None if self.packed_mask is None else unpack_mask(self.packed_mask)
 
     @property
     def reduction_vs_wanda(self) -> Optional[float]:
@@ -87,8 +117,7 @@ class LayerRecord:
         return 1.0 - self.objective / self.wanda_objective
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        d.pop("mask")
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "packed_mask"}
         d["shape"] = list(self.shape)
         for k in ("objective", "wanda_objective", "lower_bound", "gap", "seconds"):
             d[k] = _finite_or_none(d[k])

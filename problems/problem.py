@@ -35,7 +35,7 @@ SYMMETRY_RTOL = 1e-5
 PSD_RTOL = {torch.float64: 1e-8}
 PSD_RTOL_LOW_PRECISION = 1e-5
 #: bytes of float64 scratch one refit chunk may use
-_REFIT_CHUNK_BYTES = 1 << 27
+_REFIT_CHUNK_BYTES = 1 << 24
 
 
 class ProblemError(ValueError):
@@ -339,7 +339,10 @@ def _psd_solve(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     good = (info == 0) & ((diagL.amin(dim=-1) ** 2) > 1e-12 * scale)
     x = torch.empty_like(b)
     if bool(good.any()):
-        x[good] = torch.cholesky_solve(b[good].unsqueeze(-1), L[good]).squeeze(-1)
+        # two triangular solves: far faster than batched ``cholesky_solve`` on CPU
+        Lg = L[good]
+        y = torch.linalg.solve_triangular(Lg, b[good].unsqueeze(-1), upper=False)
+        x[good] = torch.linalg.solve_triangular(Lg.mT, y, upper=True).squeeze(-1)
     if not bool(good.all()):
         bad = ~good
         lam, U = torch.linalg.eigh(A[bad])

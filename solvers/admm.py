@@ -115,6 +115,7 @@ class ADMM(Solver):
     description = "ADMM weight update with a gradual mask (Boža 2024), exact refit"
     objectives = frozenset({"reconstruct"})
     uses_init = True
+    default_init = "sparsegpt"
 
     def _solve(self, problem: LayerProblem, params: Params, init, callback) -> Proposal:
         deadline = params.deadline(time.perf_counter())
@@ -128,8 +129,8 @@ class ADMM(Solver):
             iters = params.max_iter
         if iters < 1 or not 1 <= mask_iters or rho <= 0 or ridge < 0:
             raise SolverError("admm: need iterations ≥ 1, mask_iterations ≥ 1, rho > 0, ridge ≥ 0")
-        start_solver = self.options.get("init_solver", "sparsegpt")
-        if init is None and start_solver not in (None, "none"):
+        start_solver = self.init_solver
+        if init is None and start_solver is not None:
             from .registry import make_solver
             starter = make_solver(start_solver)
             if starter.why_not(problem) is None:  # e.g. sparsegpt has no columns pattern

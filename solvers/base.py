@@ -157,6 +157,8 @@ class Solver:
     certifies : it returns a lower bound (and may prove optimality)
     exact : it proves optimality when given enough time
     uses_init : it warm-starts from an initial mask
+    default_init : registry name of the solver whose mask it starts from when given no ``init``
+        (option ``init_solver`` overrides; ``"none"`` = its own cold start)
     max_size : largest ``d_in`` (or total variables) it is meant for, None = any
     """
 
@@ -168,9 +170,16 @@ class Solver:
     certifies: ClassVar[bool] = False
     exact: ClassVar[bool] = False
     uses_init: ClassVar[bool] = False
+    default_init: ClassVar[Optional[str]] = None
 
     def __init__(self, **options: Any):
         self.options = options
+
+    @property
+    def init_solver(self) -> Optional[str]:
+        """The solver whose mask warm-starts a solve given no ``init`` (None: cold start)."""
+        name = self.options.get("init_solver", self.default_init) if self.uses_init else None
+        return None if name in (None, "none") else name
 
     # ------------------------------------------------------------------ capabilities
     @classmethod

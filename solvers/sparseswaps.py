@@ -180,6 +180,7 @@ class SparseSwaps(Solver):
     patterns = frozenset({"per-row", "nm"})
     objectives = frozenset({"mask"})
     uses_init = True
+    default_init = "wanda"
 
     def _solve(self, problem: LayerProblem, params: Params, init, callback) -> Proposal:
         start_time = time.perf_counter()
@@ -191,7 +192,7 @@ class SparseSwaps(Solver):
             raise SolverError("sparseswaps: candidates and refresh must be positive integers")
         if init is None:
             from .registry import make_solver
-            init = make_solver(self.options.get("init_solver", "wanda")).propose(problem, params).mask
+            init = make_solver(self.init_solver or "wanda").propose(problem, params).mask
         start_mask = init.to(device)
         W = problem.W.to(device=device, dtype=dtype)
         G = problem.G.to(device=device, dtype=dtype)

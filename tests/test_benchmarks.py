@@ -128,6 +128,14 @@ def test_summary_table_json_and_resume(bench, tmp_path):
     assert calls == ["per-row:0.5 sparsegpt:reconstruct"]
     again = json.loads(out.read_text())
     assert again["runs"][:2] == saved["runs"][:2]
+    # --redo runs a kept configuration again; a key outside the grid is an error
+    calls.clear()
+    bench.benchmark(SETTINGS, specs, out, resume=True, runner=runner, log=lambda s: None,
+                    redo=("per-row:0.5 wanda:mask",))
+    assert calls == ["per-row:0.5 wanda:mask", "per-row:0.5 sparsegpt:reconstruct"]
+    with pytest.raises(bench.BenchmarkError, match="--redo names no run"):
+        bench.benchmark(SETTINGS, specs, out, resume=True, runner=runner, log=lambda s: None,
+                        redo=("nm:2:4 wanda:mask",))
     # other settings: refuse to mix results
     with pytest.raises(bench.BenchmarkError, match="nsamples: 8 → 16"):
         bench.benchmark(dict(SETTINGS, nsamples=16), specs, out, resume=True, runner=runner, log=lambda s: None)

@@ -15,7 +15,7 @@ from layerprune.pipeline import (PruningInterrupted, find_blocks, find_linears, 
                                  prune_model, sparsity)
 from layerprune.problems import ProblemError
 from layerprune.report import PruneReport, format_report, plot_layer_errors
-from layerprune.solvers import SolverError, make_solver
+from layerprune.solvers import SolverError, get_solver_class, make_solver
 from layerprune.solvers.wanda import Wanda
 
 transformers = pytest.importorskip("transformers")
@@ -274,6 +274,31 @@ def test_init_warm_start_is_accepted():
     assert len(records) == 14 and sparsity(model) == 0.5
 
 
+def test_wanda_reference_is_reused_not_recomputed(monkeypatch):
+    """Wanda runs once per layer: as the reference, as the wanda solve itself, and as the
+    start of a solver whose default start is Wanda (sparseswaps gets it passed as ``init``)."""
+    calls, inits = [], []
+    wanda_solve, swaps_solve = Wanda._solve, get_solver_class("sparseswaps")._solve
+
+    def counting(self, problem, params, init, callback):
+        calls.append(problem)
+        return wanda_solve(self, problem, params, init, callback)
+
+    def seeing(self, problem, params, init, callback):
+        inits.append(init)
+        return swaps_solve(self, problem, params, init, callback)
+
+    monkeypatch.setattr(Wanda, "_solve", counting)
+    monkeypatch.setattr(get_solver_class("sparseswaps"), "_solve", seeing)
+    records = prune_model(tiny_llama(), calib(), solver="wanda", progress=False)
+    assert len(calls) == len(records) == 14
+    assert all(r.objective == r.wanda_objective for r in records)
+    calls.clear()
+    records = prune_model(tiny_llama(), calib(), solver="sparseswaps", progress=False)
+    assert len(calls) == len(inits) == 14 and all(i is not None for i in inits)
+    assert all(r.objective <= r.wanda_objective * (1 + 1e-12) for r in records)
+
+
 @pytest.mark.parametrize("make", [tiny_qwen2, tiny_opt])
 def test_other_families(make):
     model, ids = make(), calib()
@@ -500,3 +525,14 @@ def test_cli_bad_input_one_line_nothing_written(tiny_job, tmp_path, capsys, chan
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and err in lines[0], lines
     assert list(tmp_path.iterdir()) == []
+
+
+def test_mask_packing_round_trips():
+    from layerprune.report import pack_mask, unpack_mask
+
+    g = torch.Generator().manual_seed(3)
+    for shape in [(7, 13), (1, 1), (3, 8), (0, 5)]:
+        m = torch.rand(shape, generator=g) < 0.5
+        shape_back, bits = pack_mask(m)
+        assert shape_back == shape and bits.nbytes == (m.numel() + 7) // 8
+        assert torch.equal(unpack_mask((shape_back, bits)), m)
