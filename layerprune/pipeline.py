@@ -32,7 +32,6 @@ import functools
 import gc
 import json
 import math
-import os
 import resource
 import sys
 import tempfile
@@ -495,7 +494,6 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
     current = None
     try:
         batches = capture_block_inputs(model, blocks, calib_ids, device, batch_size)
-        ntok = sum(b.hidden.shape[0] * b.hidden.shape[1] for b in batches)
         bar = tqdm(total=total, disable=not progress, desc="pruning", unit="layer")
         for i, (block, layers) in enumerate(zip(blocks, plan)):
             bar.set_postfix_str(f"block {i + 1}/{len(blocks)}")
@@ -706,6 +704,7 @@ class PruneConfig:
     init: Optional[str] = None
     device: Optional[str] = None             # None: cuda if available, else cpu
     time_limit_per_layer: Optional[float] = None
+    max_iter: Optional[int] = None           # iteration cap per layer (Params.max_iter)
     seed: int = 0
     overrides: dict = field(default_factory=dict)
     sequential_order: bool = False
@@ -757,7 +756,7 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
         getattr(data, "DEFAULT_CALIBRATION", "austen-calib")
     eval_srcs = list(config.eval) if config.eval else \
         list(getattr(data, "DEFAULT_EVALUATION", ("persuasion", "mobydick")))
-    params = Params(time_limit=config.time_limit_per_layer, seed=config.seed)
+    params = Params(time_limit=config.time_limit_per_layer, max_iter=config.max_iter, seed=config.seed)
 
     t = time.perf_counter()
     model, tokenizer = models.load_model(config.model, dtype=dtype, device="cpu", cache_dir=config.cache_dir)
@@ -767,6 +766,7 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
     blocks, path = find_blocks(model)
     _plan(model, blocks, path, config.pattern, config.objective, config.solver,
           dict(config.overrides or {}), config.init, config.prune_lm_head)
+    make_solver(config.solver, **(config.solver_options or {}))  # unknown options: fail now
 
     t = time.perf_counter()
     calib_name = data.text_name(calib_src)

@@ -60,6 +60,28 @@ def parse_overrides(values: Optional[list]) -> dict:
     return out
 
 
+def parse_solver_options(values: Optional[list]) -> dict:
+    """``--solver-option candidates=32`` (repeatable) → ``{"candidates": 32}``; values are read
+    as int, then float, else kept as text."""
+    from layerprune.solvers import SolverError
+
+    out = {}
+    for v in values or []:
+        key, sep, text = v.partition("=")
+        if not sep or not key.strip() or not text.strip():
+            raise SolverError(f"--solver-option expects KEY=VALUE, got {v!r}")
+        text = text.strip()
+        for cast in (int, float):
+            try:
+                out[key.strip()] = cast(text)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key.strip()] = text
+    return out
+
+
 def _quiet_transformers() -> None:
     """No "Loading weights" bars from transformers (stderr keeps only what matters)."""
     try:
@@ -117,6 +139,10 @@ def _add_prune(sub) -> None:
     p.add_argument("--init", default=None, metavar="SOLVER", help="warm start each layer from this solver")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: cuda if available)")
     p.add_argument("--time-limit-per-layer", type=_positive_float, default=None, metavar="SECONDS")
+    p.add_argument("--max-iter", type=_positive_int, default=None, metavar="N",
+                   help="iteration cap per layer for iterative solvers (sparsefw, admm, …)")
+    p.add_argument("--solver-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="option of the default solver, e.g. candidates=32 (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--override", action="append", default=None, metavar="NAME=SOLVER",
                    help="another backend for layers whose name contains NAME (repeatable)")
@@ -137,6 +163,7 @@ def config_from_args(args):
         nsamples=args.nsamples, seqlen=args.seqlen, calib=args.calib, eval=split_list(args.eval),
         eval_tokens=args.eval_tokens, out=args.out, force=args.force, report=args.report,
         init=args.init, device=args.device, time_limit_per_layer=args.time_limit_per_layer,
+        max_iter=args.max_iter, solver_options=parse_solver_options(args.solver_option),
         seed=args.seed, overrides=parse_overrides(args.override),
         sequential_order=args.sequential_order, prune_lm_head=args.prune_lm_head,
         dtype=args.dtype, progress=not args.no_progress)

@@ -112,6 +112,7 @@ class ADMM(Solver):
     """
 
     name = "admm"
+    options_taken = ('iterations', 'mask_iterations', 'rho', 'rho_growth', 'ridge')
     description = "ADMM weight update with a gradual mask (Boža 2024), exact refit"
     objectives = frozenset({"reconstruct"})
     uses_init = True

@@ -157,6 +157,7 @@ class Solver:
     certifies : it returns a lower bound (and may prove optimality)
     exact : it proves optimality when given enough time
     uses_init : it warm-starts from an initial mask
+    options_taken : names of the constructor options it reads (others are an error)
     default_init : registry name of the solver whose mask it starts from when given no ``init``
         (option ``init_solver`` overrides; ``"none"`` = its own cold start)
     max_size : largest ``d_in`` (or total variables) it is meant for, None = any
@@ -171,8 +172,14 @@ class Solver:
     exact: ClassVar[bool] = False
     uses_init: ClassVar[bool] = False
     default_init: ClassVar[Optional[str]] = None
+    options_taken: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: Any):
+        taken = set(self.options_taken) | ({"init_solver"} if self.uses_init else set())
+        unknown = sorted(set(options) - taken)
+        if unknown:
+            raise SolverError(f"solver {self.name!r} takes no option {', '.join(map(repr, unknown))} "
+                              f"(takes {', '.join(sorted(taken)) or 'none'})")
         self.options = options
 
     @property

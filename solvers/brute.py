@@ -82,6 +82,7 @@ class BruteForce(Solver):
     """Enumerate every admissible support (tiny layers only: ≤ 65,536 supports per row)."""
 
     name = "brute"
+    options_taken = ('max_supports',)
     description = "exhaustive enumeration (reference optimum, tiny layers)"
     certifies = True
     exact = True

@@ -195,6 +195,7 @@ class OrToolsSolver(Solver):
     """
 
     name = "ortools"
+    options_taken = ('isolate',)
     description = "OR-Tools MathOpt/GSCIP factored convexified binary QP (mask objective, exact)"
     requires = ("ortools",)
     objectives = frozenset({"mask"})

@@ -137,6 +137,7 @@ class RelaxPerspective(Solver):
     """Perspective relaxation of the ``reconstruct`` objective (certified convexity bound)."""
 
     name = "relax-perspective"
+    options_taken = ('delta', 'max_work')
     description = "perspective relaxation of the reconstruct objective, SDP-chosen diagonal (cvxpy)"
     requires = ("cvxpy",)
     objectives = frozenset({"reconstruct"})

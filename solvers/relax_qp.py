@@ -141,6 +141,7 @@ class RelaxQP(Solver):
     """Convexified continuous QP relaxation of the ``mask`` objective (certified bound)."""
 
     name = "relax-qp"
+    options_taken = ('max_work', 'mu')
     description = "continuous QP relaxation of the mask objective, diagonal convexification (cvxpy)"
     requires = ("cvxpy",)
     objectives = frozenset({"mask"})

@@ -137,6 +137,7 @@ class RelaxSDP(Solver):
     """Shor SDP relaxation of the ``mask`` objective (facially reduced, certified dual bound)."""
 
     name = "relax-sdp"
+    options_taken = ('clarabel_max_n', 'max_n')
     description = "Shor SDP relaxation of the mask objective with squared budget constraints (cvxpy)"
     requires = ("cvxpy",)
     objectives = frozenset({"mask"})

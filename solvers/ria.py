@@ -52,6 +52,7 @@ class RIA(Solver):
     """Keep the largest relative-importance scores times ``‖X_j‖^a`` (option ``a``, default 0.5)."""
 
     name = "ria"
+    options_taken = ('a',)
     description = "RIA: (|W|/colsum + |W|/rowsum)·‖X_j‖^a (Zhang et al. 2024)"
 
     def _solve(self, problem: LayerProblem, params: Params, init, callback) -> Proposal:

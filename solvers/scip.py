@@ -455,6 +455,7 @@ class ScipSolver(Solver):
     """
 
     name = "scip"
+    options_taken = ('diag', 'epigraph', 'heuristics', 'polish')
     description = "SCIP MIQCP: convexified epigraph (mask), perspective (reconstruct); certified"
     requires = ("pyscipopt",)
     certifies = True

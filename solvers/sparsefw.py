@@ -89,6 +89,7 @@ class SparseFW(Solver):
     """
 
     name = "sparsefw"
+    options_taken = ('alpha', 'check_every', 'refresh')
     description = "SparseFW: Frank-Wolfe on the pattern hull, exact line search, rounding, FW-gap bound"
     objectives = frozenset({"mask"})
     certifies = True

@@ -152,6 +152,7 @@ class SparseGPT(Solver):
     """SparseGPT's OBS sweep (options ``percdamp`` = 0.01, ``blocksize`` = 128)."""
 
     name = "sparsegpt"
+    options_taken = ('blocksize', 'max_damp_tries', 'percdamp')
     description = "SparseGPT: OBS updates, damping, 128-column lazy blocks (Frantar & Alistarh 2023)"
     patterns = frozenset({"per-row", "nm", "unstructured"})
 

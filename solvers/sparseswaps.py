@@ -176,6 +176,7 @@ class SparseSwaps(Solver):
     """
 
     name = "sparseswaps"
+    options_taken = ('candidates', 'refresh')
     description = "SparseSwaps: best-improvement 1-swap local search on the mask objective"
     patterns = frozenset({"per-row", "nm"})
     objectives = frozenset({"mask"})

@@ -388,8 +388,10 @@ def test_cli_parses_prune_flags():
         "--nsamples", "8", "--seqlen", "32", "--calib", "c.txt", "--eval", "a,b", "--eval", "c",
         "--eval-tokens", "100", "--out", "o", "--force", "--report", "r.json", "--init", "magnitude",
         "--device", "cpu", "--time-limit-per-layer", "5", "--seed", "3", "--override", "down_proj=sparsegpt",
-        "--sequential-order", "--no-progress"])
+        "--sequential-order", "--no-progress", "--max-iter", "40", "--solver-option", "candidates=32",
+        "--solver-option", "init_solver=magnitude", "--solver-option", "rho=0.5"])
     cfg = config_from_args(args)
+    assert cfg.max_iter == 40 and cfg.solver_options == {"candidates": 32, "init_solver": "magnitude", "rho": 0.5}
     assert cfg.eval == ["a", "b", "c"] and cfg.overrides == {"down_proj": "sparsegpt"}
     assert (cfg.nsamples, cfg.seqlen, cfg.eval_tokens, cfg.seed) == (8, 32, 100, 3)
     assert cfg.sequential_order and cfg.force and not cfg.progress and cfg.time_limit_per_layer == 5.0
@@ -410,6 +412,17 @@ def test_cli_expected_errors_are_one_line_exit_2(monkeypatch, capsys, tmp_path):
     args = _parser().parse_args(["prune", "--override", "oops"])
     assert args.handler(args) == 2
     assert "NAME=SOLVER" in capsys.readouterr().err
+    args = _parser().parse_args(["prune", "--solver-option", "candidates"])
+    assert args.handler(args) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_unknown_solver_option_is_an_error():
+    with pytest.raises(SolverError, match="takes no option 'candidate'.*candidates, init_solver, refresh"):
+        make_solver("sparseswaps", candidate=3)
+    with pytest.raises(SolverError, match="takes no option 'init_solver'"):
+        make_solver("wanda", init_solver="magnitude")
+    assert make_solver("admm", init_solver="none", rho=2.0).options["rho"] == 2.0
 
 
 # ----------------------------------------------------------------------------- real model
@@ -510,6 +523,7 @@ def test_run_end_to_end_saves_reloads_and_reports(tiny_job, tmp_path):
     (dict(nsamples=500, seqlen=64), "too short"),
     (dict(pattern="nm:2:3"), "does not fit layer"),
     (dict(solver="no-such-solver"), "unknown solver"),
+    (dict(solver="wanda", solver_options={"candidates": 2}), "takes no option 'candidates'"),
 ])
 def test_cli_bad_input_one_line_nothing_written(tiny_job, tmp_path, capsys, change, err):
     pytest.importorskip("layerprune.models")
@@ -520,6 +534,7 @@ def test_cli_bad_input_one_line_nothing_written(tiny_job, tmp_path, capsys, chan
             "--nsamples", str(cfg.nsamples), "--seqlen", str(cfg.seqlen), "--pattern", cfg.pattern,
             "--solver", cfg.solver, "--out", str(tmp_path / "o"), "--report", str(tmp_path / "r.json"),
             "--no-progress", "--device", "cpu"]
+    argv += [f"--solver-option={k}={v}" for k, v in cfg.solver_options.items()]
     args = _parser().parse_args(argv)
     assert cmd_prune(args) == 2
     lines = capsys.readouterr().err.strip().splitlines()
