@@ -196,6 +196,7 @@ def summarise_report(report: dict) -> dict:
         "report_peak_rss_bytes": report.get("peak_memory_bytes"),
         "peak_device_bytes": report.get("peak_device_memory_bytes"),
         "model_size_bytes": report.get("model_size_bytes"),
+        "memory_target_bytes": report.get("memory_target_bytes"),
         "mean_error_vs_wanda": statistics.fmean(ratios) if ratios else None,
         "median_reduction_vs_wanda": report.get("median_reduction_vs_wanda"),
         "layers": len(report.get("layers", [])),
@@ -267,6 +268,12 @@ def markdown(results: dict) -> str:
         f"{s.get('device') or 'default'}" + (f"; extra `{s['prune_args']}`" if s.get("prune_args") else "") + ".",
         f"Machine: {results.get('environment', {}).get('machine', '?')}.",
         "",
+    ]
+    target = next((r["memory_target_bytes"] for r in runs if r.get("memory_target_bytes")), None)
+    if target:
+        lines += [f"Memory target: {target / 2 ** 20:.0f} MiB (3 × the fp32 model plus one block's "
+                  "input and output hidden states for the calibration set).", ""]
+    lines += [
         "`layer err / wanda`: mean over layers of the layer objective divided by Wanda's on the "
         "same problem (below 1 = better than Wanda). `wall s`: the whole `layerprune prune` "
         "subprocess (load, calibration, dense and pruned evaluation, pruning); `prune s`: the "

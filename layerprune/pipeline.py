@@ -812,6 +812,7 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
         sparsity=sparsity(model, include_lm_head=config.prune_lm_head),
         seconds=0.0, peak_memory_bytes=0, layers=records, settings=settings, timings=timings,
         model_size_bytes=_size(models, model),
+        memory_target_bytes=_memory_target(_size(models, model), model, calib_ids),
         peak_device_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
     )
 
@@ -838,6 +839,15 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
     if config.report is not None:
         write_json_atomic(config.report, report.to_json())
     return report
+
+
+def _memory_target(model_bytes: Optional[int], model: nn.Module, calib_ids: torch.Tensor) -> Optional[int]:
+    """3 × the model's size plus one block's input and output hidden states (calibration set)."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not model_bytes or not hidden:
+        return None
+    elem = next(model.parameters()).element_size()
+    return int(3 * model_bytes + 2 * calib_ids.numel() * int(hidden) * elem)
 
 
 def _size(models, model) -> Optional[int]:

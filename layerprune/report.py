@@ -10,7 +10,9 @@ The JSON written by ``layerprune prune --report FILE.json`` is :meth:`PruneRepor
     wall time of the whole job and the process's peak resident memory (plus the peak
     accelerator memory under ``peak_device_memory_bytes`` when one was used, and under
     ``peak_child_memory_bytes`` the peak of the largest child process it ran, if any: the
-    one-time conversion of the bundled model, a solver's worker process)
+    one-time conversion of the bundled model, a solver's worker process). ``memory_target_bytes``
+    is the budget this toolkit holds itself to: 3 × the model's size plus one block's input
+    and output hidden states for the calibration set.
 ``layers``
     one record per pruned linear (see :class:`LayerRecord`)
 ``settings``
@@ -140,6 +142,7 @@ class PruneReport:
     timings: dict = field(default_factory=dict)
     peak_child_memory_bytes: Optional[int] = None
     model_size_bytes: Optional[int] = None
+    memory_target_bytes: Optional[int] = None
     out_dir: Optional[str] = None
     report_path: Optional[str] = None
     plot_path: Optional[str] = None
@@ -155,6 +158,7 @@ class PruneReport:
             "peak_device_memory_bytes": self.peak_device_memory_bytes,
             "peak_child_memory_bytes": self.peak_child_memory_bytes,
             "model_size_bytes": self.model_size_bytes,
+            "memory_target_bytes": self.memory_target_bytes,
             "median_reduction_vs_wanda": _finite_or_none(self.median_reduction_vs_wanda()),
             "timings": self.timings,
             "settings": self.settings,
@@ -216,7 +220,10 @@ def format_report(report: PruneReport) -> str:
     if report.peak_device_memory_bytes:
         mem += f", {_fmt_bytes(report.peak_device_memory_bytes)} on the device"
     if report.model_size_bytes:
-        mem += f" (model {_fmt_bytes(report.model_size_bytes)})"
+        mem += f" (model {_fmt_bytes(report.model_size_bytes)}"
+        if report.memory_target_bytes:
+            mem += f"; target 3 × model + one block's hidden states {_fmt_bytes(report.memory_target_bytes)}"
+        mem += ")"
     if report.peak_child_memory_bytes:
         mem += f"; largest child process {_fmt_bytes(report.peak_child_memory_bytes)}"
     lines.append(mem)
