@@ -10,6 +10,7 @@ solver — or brute force — found for that row).
 Usage::
 
     python benchmarks/exact_reach.py --sizes 16 32 64 --solvers scip --time-limit 60
+    python benchmarks/exact_reach.py --sizes 48 96 --merge   # add cells to the existing results
     python benchmarks/exact_reach.py --solvers scip --option diag=none   # a formulation variant
     python benchmarks/exact_reach.py --solvers scip --option epigraph=joint --option heuristics=default
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -55,9 +57,34 @@ def _usable(name: str):
     return f"missing {', '.join(missing)}" if missing else None
 
 
+def _kept_records(args) -> list:
+    """With ``--merge``: the records of ``--out`` for cells this run does not redo."""
+    out = Path(args.out)
+    if not args.merge or not out.exists():
+        return []
+    try:
+        old = json.loads(out.read_text())["records"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"exact_reach: error: cannot merge into {out}: {exc}") from None
+    redo = {(s, o, p, d) for s in args.solvers for o in args.objectives for p in args.patterns for d in args.sizes}
+    return [x for x in old if (x["solver"], x["objective"], x["pattern"], x["d_in"]) not in redo]
+
+
+def _history(args) -> list:
+    """With ``--merge``: the invocations behind the records of ``--out`` (oldest first)."""
+    out = Path(args.out)
+    if not args.merge or not out.exists():
+        return []
+    try:
+        old = json.loads(out.read_text())["args"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return old.get("merged", [old])
+
+
 def run(args) -> dict:
     options = _parse_options(args.option)
-    records = []
+    records, history = _kept_records(args), _history(args)
     solvers = []
     for name in args.solvers:
         why = _usable(name)
@@ -87,14 +114,15 @@ def run(args) -> dict:
                         rec = dict(solver=name, objective=objective, pattern=pattern, d_in=d, row=r,
                                    status=res.status.value, limit=res.limit, value=res.objective,
                                    lower_bound=res.lower_bound, gap=res.gap, seconds=sec, brute=brute,
+                                   load=round(os.getloadavg()[0], 2),
                                    options=options if name == args.options_for else {})
                         records.append(rec)
                         print(f"{name:8s} {objective:11s} {pattern:12s} d={d:4d} row={r} {rec['status']:9s} "
                               f"{sec:7.2f}s gap={rec['gap'] if rec['gap'] is None else round(rec['gap'], 6)}",
                               flush=True)
                     _checks(records, objective, pattern, d, r)
-                _write(args, records)  # partial results survive an interrupted run
-    return {"args": vars(args), "records": records}
+                _write(args, records, history)  # partial results survive an interrupted run
+    return {"args": vars(args), "records": records, "history": history}
 
 
 def _checks(records, objective, pattern, d, r):
@@ -127,9 +155,11 @@ def table(records) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write(args, records):
+def _write(args, records, history=()):
     out = Path(args.out)
     payload = {"args": {k: v for k, v in vars(args).items()}, "records": records}
+    if args.merge:  # the invocations behind the merged records, oldest first
+        payload["args"] = {"merged": list(history) + [payload["args"]]}
 
     def write_json(tmp):
         Path(tmp).write_text(json.dumps(payload, indent=1))
@@ -150,10 +180,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--option", action="append", help="solver option KEY=VALUE (for --options-for)")
     ap.add_argument("--options-for", default="scip", help="solver the --option values go to")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the records of --out for cells (solver, objective, pattern, d_in) not in this run")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "exact_reach.json"))
     args = ap.parse_args(argv)
     result = run(args)
-    _write(args, result["records"])
+    _write(args, result["records"], result["history"])
     print()
     print(table(result["records"]) if result["records"] else "no results")
 
