@@ -344,12 +344,14 @@ def load_previous(out: Path, settings: dict) -> list[dict]:
 
 
 def _code_version() -> Optional[str]:
-    """The git commit the run measured (``-dirty`` with uncommitted changes), if in a checkout."""
+    """The git commit the run measured (``-dirty`` with uncommitted changes other than results
+    files), if in a checkout."""
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                               text=True, timeout=30, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], cwd=root,
                                capture_output=True, text=True, timeout=30, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
