@@ -49,7 +49,7 @@ from layerprune.solvers import Params, Solver, SolverError, get_solver_class, ma
 from .report import LayerRecord, PruneReport, pack_mask, plot_layer_errors, write_json_atomic
 
 __all__ = ["PruneConfig", "PruningInterrupted", "prune_model", "perplexity", "sparsity", "run", "release_memory",
-           "find_blocks", "find_linears", "capture_block_inputs", "linear_groups"]
+           "find_blocks", "find_linears", "capture_block_inputs", "linear_groups", "layer_problems"]
 
 #: calibration sequences per forward mini-batch
 CALIB_BATCH = 8
@@ -294,6 +294,63 @@ def _accumulate(block: nn.Module, batches: list[_Batch], linears: dict[str, nn.L
         for h in handles:
             h.remove()
     return accs
+
+
+def layer_problems(model: nn.Module, calib_ids: torch.Tensor, block: int, *, pattern: str = "per-row:0.5",
+                   objective: str = "mask", device: Union[None, str, torch.device] = None,
+                   batch_size: int = CALIB_BATCH) -> dict[str, LayerProblem]:
+    """The layer problems of one decoder block of the (unchanged) model: real instances.
+
+    The calibration ids run through the dense model up to block ``block``; each target linear
+    of that block gets its problem with ``W`` its weights and ``G`` the mean ``xᵀx`` of its
+    inputs (float64), as :func:`prune_model` would build them had the earlier blocks been kept
+    dense. Nothing in the model changes. ``save_instance(path, p.W, p.G)`` (from
+    ``layerprune.problems``) writes one as a CONTRACT instance file.
+
+    Parameters
+    ----------
+    model : a Hugging Face causal LM
+    calib_ids : (nsamples, seqlen) LongTensor
+    block : index of the decoder block (negative counts from the end)
+    pattern, objective : of the problems (fractions resolve per layer width)
+
+    Returns
+    -------
+    {qualified module name: LayerProblem}, in forward order.
+    """
+    blocks, path = find_blocks(model)
+    if not -len(blocks) <= block < len(blocks):
+        raise ProblemError(f"block {block} out of range: the model has {len(blocks)} blocks")
+    block %= len(blocks)
+    home = _model_device(model)
+    device = torch.device(device) if device is not None else home
+    out: dict[str, LayerProblem] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        batches = capture_block_inputs(model, blocks, calib_ids, device, batch_size)
+        for i in range(block + 1):
+            blocks[i].to(device)
+            try:
+                if i < block:
+                    with torch.no_grad():
+                        for b in batches:
+                            b.hidden = _call_block(blocks[i], b)
+                    continue
+                linears = find_linears(blocks[i])
+                groups = linear_groups(blocks[i], linears, batches[0])
+                accs = _accumulate(blocks[i], batches, linears, groups, stop_early=False)
+                for g in groups:
+                    G = accs[g[0]].gram()
+                    for local in g:
+                        name = f"{path}.{i}.{local}" if path else f"{i}.{local}"
+                        out[name] = LayerProblem.create(linears[local].weight.detach(), G,
+                                                        pattern=pattern, objective=objective)
+            finally:
+                blocks[i].to(home)
+    finally:
+        model.train(was_training)
+    return out
 
 
 # ============================================================================ pruning

@@ -114,6 +114,29 @@ def test_gram_matrices_are_mean_xtx_of_captured_inputs():
         torch.testing.assert_close(prob.W, mods[r.name].weight.to(torch.float64))
 
 
+def test_layer_problems_are_the_dense_models_real_instances(tmp_path):
+    from layerprune.pipeline import layer_problems
+    from layerprune.problems import load_instance, save_instance
+
+    model, ids = tiny_llama(layers=3), calib()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probs = layer_problems(model, ids, block=-2, pattern="nm:2:4", objective="reconstruct")
+    assert list(probs)[0] == "model.layers.1.self_attn.q_proj" and len(probs) == 7
+    mods = dict(model.named_modules())
+    for name, prob in probs.items():
+        X = linear_inputs(model, ids, mods[name])
+        torch.testing.assert_close(prob.G, gram(X), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(prob.W, mods[name].weight.to(torch.float64))
+        assert str(prob.pattern) == "nm:2:4" and prob.objective_kind == "reconstruct"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    down = probs["model.layers.1.mlp.down_proj"]
+    save_instance(tmp_path / "down.npz", down.W, down.G)
+    back = load_instance(tmp_path / "down.npz")
+    torch.testing.assert_close(back.G, probs["model.layers.1.mlp.down_proj"].G)
+    with pytest.raises(ProblemError, match="block 3 out of range"):
+        layer_problems(model, ids, block=3)
+
+
 def test_sequential_propagation_uses_pruned_outputs():
     model, ids = tiny_llama(), calib()
     dense = copy.deepcopy(model)
