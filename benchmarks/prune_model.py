@@ -306,16 +306,9 @@ def markdown(results: dict) -> str:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from layerprune.problems import atomic_write
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_results(results: dict, out: Path) -> None:

@@ -37,13 +37,19 @@ def load_instance(path, *, pattern="per-row:0.5", objective: str = "mask") -> La
 
 
 def atomic_write(path, write) -> None:
-    """Call ``write(tmp_path)`` and rename the result onto ``path`` (same directory)."""
+    """Call ``write(tmp_path)`` and rename the result onto ``path`` (same directory).
+
+    The file gets the ordinary permissions the umask allows (a temporary file is private).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

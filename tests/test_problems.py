@@ -215,3 +215,19 @@ def test_generator_is_seeded_and_llm_like():
     assert d.max() / np.median(d) > 50  # outlier channels
     _, G = make_arrays(2, 16, seed=1, rank=6)
     assert np.linalg.matrix_rank(G) == 6
+
+
+def test_atomic_write_gives_ordinary_permissions(tmp_path):
+    import os
+    from pathlib import Path
+
+    from layerprune.problems import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "out.txt", lambda tmp: Path(tmp).write_text("x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.txt").read_text() == "x"
+    assert (tmp_path / "out.txt").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
