@@ -1,8 +1,9 @@
 """Exact reach: how large a row the certified backends close, and how fast (issue 2, item 9).
 
-For each solver × objective × pattern × d_in, ``--rows`` synthetic LLM-like rows
-(``make_instance(rows, d_in, ...)``, one shared Gram matrix) are solved *one row at a time*
-with ``--time-limit`` seconds each. Reported per cell: rows proved optimal, median / max
+For each solver × objective × pattern × d_in, ``--rows`` rows are solved *one row at a time*
+with ``--time-limit`` seconds each: synthetic LLM-like rows (``make_instance(rows, d_in, ...)``,
+one shared Gram matrix), or with ``--source smollm2`` real rows of a SmolLM2 layer cut to their
+d_in inputs of largest Wanda score (a principal block of the real Gram matrix). Reported per cell: rows proved optimal, median / max
 seconds, median gap, and checks: ``disagree`` (a row certified optimal whose objective differs
 from brute force, d_in ≤ 16) and ``bound>best`` (a lower bound above the best objective any
 solver — or brute force — found for that row).
@@ -11,6 +12,7 @@ Usage::
 
     python benchmarks/exact_reach.py --sizes 16 32 64 --solvers scip --time-limit 60
     python benchmarks/exact_reach.py --sizes 48 96 --merge   # add cells to the existing results
+    python benchmarks/exact_reach.py --source smollm2 --layer q_proj --merge   # real rows, cut to d_in inputs
     python benchmarks/exact_reach.py --solvers scip --option diag=none   # a formulation variant
     python benchmarks/exact_reach.py --solvers scip --option epigraph=joint --option heuristics=default
 
@@ -26,6 +28,8 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from layerprune.problems import LayerProblem, atomic_write, make_instance
 from layerprune.solvers import Params, SolverError, get_solver_class, make_solver, solver_names
@@ -66,8 +70,9 @@ def _kept_records(args) -> list:
         old = json.loads(out.read_text())["records"]
     except (OSError, ValueError, KeyError) as exc:
         raise SystemExit(f"exact_reach: error: cannot merge into {out}: {exc}") from None
-    redo = {(s, o, p, d) for s in args.solvers for o in args.objectives for p in args.patterns for d in args.sizes}
-    return [x for x in old if (x["solver"], x["objective"], x["pattern"], x["d_in"]) not in redo]
+    redo = {(_source(args), s, o, p, d) for s in args.solvers for o in args.objectives for p in args.patterns
+            for d in args.sizes}
+    return [x for x in old if _cell(x) not in redo]
 
 
 def _history(args) -> list:
@@ -82,8 +87,34 @@ def _history(args) -> list:
     return old.get("merged", [old])
 
 
+def _real_layer(args) -> LayerProblem:
+    """``--source smollm2``: the layer ``--layer`` of block ``--block`` of the bundled SmolLM2,
+    calibrated as ``layerprune prune`` does by default (Austen, 64 × 256 tokens)."""
+    from layerprune import data, models
+    from layerprune.pipeline import layer_problems
+
+    model, tokenizer = models.load_model("smollm2")
+    ids = data.calibration_batch(tokenizer, data.load_text("austen-calib"), 64, 256, args.seed)
+    problems = layer_problems(model, ids, block=args.block)
+    hits = [n for n in problems if n.endswith(args.layer)]
+    if len(hits) != 1:
+        raise SystemExit(f"exact_reach: error: --layer {args.layer!r} matches {hits or 'no layer'} of block {args.block}")
+    return problems[hits[0]]
+
+
+def _real_row(layer: LayerProblem, r: int, d: int, pattern: str, objective: str) -> LayerProblem:
+    """Row ``r`` of a real layer cut to its ``d`` inputs of largest Wanda score ``|w_j|·‖x_j‖``:
+    a principal block of the real Gram matrix, so a genuine (smaller) instance."""
+    if d > layer.d_in:
+        raise SystemExit(f"exact_reach: error: size {d} exceeds the layer's {layer.d_in} inputs")
+    w, G = layer.W[r].to(torch.float64), layer.G.to(torch.float64)
+    idx = torch.sort(torch.topk(w.abs() * torch.diagonal(G).clamp_min(0).sqrt(), d).indices).values
+    return LayerProblem.create(w[idx][None, :], G[idx][:, idx], pattern=pattern, objective=objective)
+
+
 def run(args) -> dict:
     options = _parse_options(args.option)
+    real = _real_layer(args) if args.source == "smollm2" else None
     records, history = _kept_records(args), _history(args)
     solvers = []
     for name in args.solvers:
@@ -95,9 +126,10 @@ def run(args) -> dict:
     for objective in args.objectives:
         for pattern in args.patterns:
             for d in args.sizes:
-                p = make_instance(args.rows, d, pattern=pattern, objective=objective, seed=args.seed + d)
+                p = None if real else make_instance(args.rows, d, pattern=pattern, objective=objective,
+                                                    seed=args.seed + d)
                 for r in range(args.rows):
-                    rp = _row_problem(p, r)
+                    rp = _real_row(real, r, d, pattern, objective) if real else _row_problem(p, r)
                     brute = None
                     if d <= BRUTE_MAX_D and _usable("brute") is None:
                         b = make_solver("brute")
@@ -111,7 +143,7 @@ def run(args) -> dict:
                         t = time.perf_counter()
                         res = s.solve(rp, params=Params(time_limit=args.time_limit, seed=args.seed))
                         sec = time.perf_counter() - t
-                        rec = dict(solver=name, objective=objective, pattern=pattern, d_in=d, row=r,
+                        rec = dict(source=_source(args), solver=name, objective=objective, pattern=pattern, d_in=d, row=r,
                                    status=res.status.value, limit=res.limit, value=res.objective,
                                    lower_bound=res.lower_bound, gap=res.gap, seconds=sec, brute=brute,
                                    load=round(os.getloadavg()[0], 2),
@@ -120,14 +152,24 @@ def run(args) -> dict:
                         print(f"{name:8s} {objective:11s} {pattern:12s} d={d:4d} row={r} {rec['status']:9s} "
                               f"{sec:7.2f}s gap={rec['gap'] if rec['gap'] is None else round(rec['gap'], 6)}",
                               flush=True)
-                    _checks(records, objective, pattern, d, r)
+                    _checks(records, _source(args), objective, pattern, d, r)
                 _write(args, records, history)  # partial results survive an interrupted run
     return {"args": vars(args), "records": records, "history": history}
 
 
-def _checks(records, objective, pattern, d, r):
+def _source(args) -> str:
+    return "synthetic" if args.source == "synthetic" else f"{args.source} block {args.block} {args.layer}"
+
+
+def _cell(x: dict) -> tuple:
+    """The table cell of a record (records written before sources existed are synthetic)."""
+    return x.get("source", "synthetic"), x["solver"], x["objective"], x["pattern"], x["d_in"]
+
+
+def _checks(records, source, objective, pattern, d, r):
     """Mark disagreements with brute force and bounds above the best known objective."""
-    same = [x for x in records if (x["objective"], x["pattern"], x["d_in"], x["row"]) == (objective, pattern, d, r)]
+    same = [x for x in records if (x.get("source", "synthetic"), x["objective"], x["pattern"], x["d_in"], x["row"])
+            == (source, objective, pattern, d, r)]
     vals = [x["value"] for x in same if x["value"] is not None] + [x["brute"] for x in same if x["brute"] is not None]
     best = min(vals) if vals else math.inf
     for x in same:
@@ -138,17 +180,16 @@ def _checks(records, objective, pattern, d, r):
 
 
 def table(records) -> str:
-    keys = sorted({(x["solver"], x["objective"], x["pattern"], x["d_in"]) for x in records},
-                  key=lambda k: (k[0], k[1], k[2], k[3]))
-    lines = ["| solver | objective | pattern | d_in | proved optimal | median s | max s | median gap | disagree (brute) | bound>best |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    keys = sorted({_cell(x) for x in records}, key=lambda k: (k[0] != "synthetic", k))
+    lines = ["| rows | solver | objective | pattern | d_in | proved optimal | median s | max s | median gap | disagree (brute) | bound>best |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for k in keys:
-        xs = [x for x in records if (x["solver"], x["objective"], x["pattern"], x["d_in"]) == k]
+        xs = [x for x in records if _cell(x) == k]
         secs = [x["seconds"] for x in xs]
         gaps = [x["gap"] for x in xs if x["gap"] is not None]
         opt = sum(x["status"] == "optimal" for x in xs)
         has_brute = any(x["brute"] is not None for x in xs)
-        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {opt}/{len(xs)} | {statistics.median(secs):.2f} | "
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]} | {k[4]} | {opt}/{len(xs)} | {statistics.median(secs):.2f} | "
                      f"{max(secs):.2f} | {statistics.median(gaps) if gaps else float('nan'):.2%} | "
                      f"{sum(x.get('disagree', False) for x in xs) if has_brute else '–'} | "
                      f"{sum(x.get('bound_violation', False) for x in xs)} |")
@@ -180,6 +221,11 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--option", action="append", help="solver option KEY=VALUE (for --options-for)")
     ap.add_argument("--options-for", default="scip", help="solver the --option values go to")
+    ap.add_argument("--source", choices=["synthetic", "smollm2"], default="synthetic",
+                    help="synthetic LLM-like rows (make_instance), or real SmolLM2 rows cut to their d_in "
+                         "inputs of largest Wanda score")
+    ap.add_argument("--block", type=int, default=3, help="--source smollm2: decoder block")
+    ap.add_argument("--layer", default="q_proj", help="--source smollm2: linear in the block (name suffix)")
     ap.add_argument("--merge", action="store_true",
                     help="keep the records of --out for cells (solver, objective, pattern, d_in) not in this run")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "exact_reach.json"))

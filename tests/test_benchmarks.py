@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -201,3 +202,44 @@ def test_end_to_end_on_a_tiny_model(bench, tmp_path):
     # resume: nothing left to run
     assert bench.main(argv + ["--resume"]) == 0
     assert json.loads(out.read_text())["runs"] == res["runs"]
+
+
+# --------------------------------------------------------------------------- exact_reach.py
+@pytest.fixture(scope="module")
+def reach():
+    spec = importlib.util.spec_from_file_location("exact_reach_bench", ROOT / "benchmarks" / "exact_reach.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+def test_exact_reach_table_checks_and_merge(reach, tmp_path, capsys):
+    pytest.importorskip("pyscipopt")
+    out = tmp_path / "reach.json"
+    common = ["--solvers", "scip", "--rows", "1", "--time-limit", "20", "--out", str(out),
+              "--objectives", "mask", "--patterns", "per-row:0.5"]
+    reach.main(["--sizes", "8"] + common)
+    first = json.loads(out.read_text())
+    (rec,) = first["records"]
+    assert rec["status"] == "optimal" and rec["source"] == "synthetic" and not rec["disagree"]
+    assert rec["value"] == pytest.approx(rec["brute"], rel=1e-6)
+    # --merge keeps the d=8 cell, adds d=10, and records both invocations
+    reach.main(["--sizes", "10", "--merge"] + common)
+    merged = json.loads(out.read_text())
+    assert [r["d_in"] for r in merged["records"]] == [8, 10] and len(merged["args"]["merged"]) == 2
+    rows = [ln for ln in out.with_suffix(".md").read_text().splitlines() if ln.startswith("| synthetic")]
+    assert [ln.split(" | ")[4] for ln in rows] == ["8", "10"] and all("| 1/1 |" in ln for ln in rows)
+
+
+def test_exact_reach_real_row_is_a_principal_block(reach):
+    from layerprune.problems import make_instance
+
+    layer = make_instance(3, 24, seed=4)
+    cut = reach._real_row(layer, 1, 8, "per-row:0.5", "reconstruct")
+    w, G = layer.W[1], layer.G
+    idx = torch.topk(w.abs() * torch.diagonal(G).sqrt(), 8).indices.sort().values
+    torch.testing.assert_close(cut.W[0], w[idx])
+    torch.testing.assert_close(cut.G, G[idx][:, idx])
+    assert cut.objective_kind == "reconstruct" and str(cut.pattern) == "per-row:4"
