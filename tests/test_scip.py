@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 
 from layerprune.problems import LayerProblem, make_arrays, make_instance  # noqa: E402
 from layerprune.problems.strategies import tiny_problems  # noqa: E402
-from layerprune.solvers import Params, Status, make_solver  # noqa: E402
-from layerprune.solvers.scip import max_diagonal, psd_factor  # noqa: E402
+from layerprune.solvers import Params, SolverError, Status, make_solver  # noqa: E402
+from layerprune.solvers.scip import mask_diagonal, max_diagonal, psd_factor  # noqa: E402
 
 REL = 1e-6  # objectives agree to this relative tolerance (both are exact re-scores)
 
@@ -209,3 +209,17 @@ def test_reconstruct_zero_optimum_regression():
     p = LayerProblem.create(W, G, pattern="unstructured:0.25", objective="reconstruct")
     brute, res = _check_against_brute(p)
     assert res.status == Status.OPTIMAL
+
+
+def test_auto_diagonal_only_where_the_sdp_moves_weight():
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((200, 12))
+    well = X.T @ X / 200                       # well conditioned: the SDP moves a lot
+    v = rng.standard_normal(12)
+    near_singular = np.outer(v, v) + 1e-9 * np.eye(12)  # rank one: it can move almost nothing
+    d = mask_diagonal(well, "auto")
+    assert d.sum() >= 0.01 * np.trace(well) and np.linalg.eigvalsh(well - np.diag(d))[0] > -1e-9
+    assert not mask_diagonal(near_singular, "auto").any()
+    assert not mask_diagonal(well, "none").any()
+    with pytest.raises(SolverError, match="unknown diag option 'auto' for reconstruct"):
+        make_solver("scip", diag="auto").solve(make_instance(1, 8, objective="reconstruct"))
