@@ -79,7 +79,8 @@ class LayerRecord:
     wanda_objective : Wanda's objective on the same problem (reference)
     lower_bound, bound_source, gap : certificate where the backend gives one
     status, limit : the solver's status and why it stopped early
-    seconds : solver wall time for this layer (Wanda reference excluded)
+    seconds : solver wall time for this layer (the Wanda reference, and a start reused from it,
+        excluded)
     ntokens : calibration tokens in this layer's Gram matrix
     packed_mask : the mask packed to bits (:func:`pack_mask`); the property ``mask`` gives the
         (d_out, d_in) bool CPU tensor (True = kept). Not written to JSON.
