@@ -32,17 +32,10 @@ from pathlib import Path
 import torch
 
 from layerprune.problems import LayerProblem, atomic_write, make_instance
+from layerprune.prune_cli import parse_solver_options
 from layerprune.solvers import Params, SolverError, get_solver_class, make_solver, solver_names
 
 BRUTE_MAX_D = 16
-
-
-def _parse_options(items):
-    out = {}
-    for item in items or []:
-        key, _, val = item.partition("=")
-        out[key] = val
-    return out
 
 
 def _row_problem(p: LayerProblem, r: int) -> LayerProblem:
@@ -61,30 +54,20 @@ def _usable(name: str):
     return f"missing {', '.join(missing)}" if missing else None
 
 
-def _kept_records(args) -> list:
-    """With ``--merge``: the records of ``--out`` for cells this run does not redo."""
+def _previous(args) -> tuple[list, list]:
+    """With ``--merge``: the records of ``--out`` for cells this run does not redo, and the
+    invocations behind them (oldest first)."""
     out = Path(args.out)
     if not args.merge or not out.exists():
-        return []
+        return [], []
     try:
-        old = json.loads(out.read_text())["records"]
+        old = json.loads(out.read_text())
+        records, old_args = old["records"], old["args"]
     except (OSError, ValueError, KeyError) as exc:
         raise SystemExit(f"exact_reach: error: cannot merge into {out}: {exc}") from None
     redo = {(_source(args), s, o, p, d) for s in args.solvers for o in args.objectives for p in args.patterns
             for d in args.sizes}
-    return [x for x in old if _cell(x) not in redo]
-
-
-def _history(args) -> list:
-    """With ``--merge``: the invocations behind the records of ``--out`` (oldest first)."""
-    out = Path(args.out)
-    if not args.merge or not out.exists():
-        return []
-    try:
-        old = json.loads(out.read_text())["args"]
-    except (OSError, ValueError, KeyError):
-        return []
-    return old.get("merged", [old])
+    return [x for x in records if _cell(x) not in redo], old_args.get("merged", [old_args])
 
 
 def _real_layer(args) -> LayerProblem:
@@ -113,9 +96,9 @@ def _real_row(layer: LayerProblem, r: int, d: int, pattern: str, objective: str)
 
 
 def run(args) -> dict:
-    options = _parse_options(args.option)
+    options = parse_solver_options(args.option)
     real = _real_layer(args) if args.source == "smollm2" else None
-    records, history = _kept_records(args), _history(args)
+    records, history = _previous(args)
     solvers = []
     for name in args.solvers:
         why = _usable(name)

@@ -296,6 +296,18 @@ def _accumulate(block: nn.Module, batches: list[_Batch], linears: dict[str, nn.L
     return accs
 
 
+def _qualified(path: str, block: int, local: str) -> str:
+    """A block linear's name in the model (``model.layers.3.mlp.down_proj``)."""
+    return f"{path}.{block}.{local}" if path else f"{block}.{local}"
+
+
+def _propagate(block: nn.Module, batches: list[_Batch]) -> None:
+    """Replace each batch's hidden states by the block's outputs (the next block's inputs)."""
+    with torch.no_grad():
+        for b in batches:
+            b.hidden = _call_block(block, b)
+
+
 def layer_problems(model: nn.Module, calib_ids: torch.Tensor, block: int, *, pattern: str = "per-row:0.5",
                    objective: str = "mask", device: Union[None, str, torch.device] = None,
                    batch_size: int = CALIB_BATCH) -> dict[str, LayerProblem]:
@@ -333,9 +345,7 @@ def layer_problems(model: nn.Module, calib_ids: torch.Tensor, block: int, *, pat
             blocks[i].to(device)
             try:
                 if i < block:
-                    with torch.no_grad():
-                        for b in batches:
-                            b.hidden = _call_block(blocks[i], b)
+                    _propagate(blocks[i], batches)
                     continue
                 linears = find_linears(blocks[i])
                 groups = linear_groups(blocks[i], linears, batches[0])
@@ -343,8 +353,7 @@ def layer_problems(model: nn.Module, calib_ids: torch.Tensor, block: int, *, pat
                 for g in groups:
                     G = accs[g[0]].gram()
                     for local in g:
-                        name = f"{path}.{i}.{local}" if path else f"{i}.{local}"
-                        out[name] = LayerProblem.create(linears[local].weight.detach(), G,
+                        out[_qualified(path, i, local)] = LayerProblem.create(linears[local].weight.detach(), G,
                                                         pattern=pattern, objective=objective)
             finally:
                 blocks[i].to(home)
@@ -408,7 +417,7 @@ def _plan(model: nn.Module, blocks: Sequence[nn.Module], path: str, pattern: str
     for i, block in enumerate(blocks):
         layers = []
         for local, lin in find_linears(block).items():
-            qualified = f"{path}.{i}.{local}" if path else f"{i}.{local}"
+            qualified = _qualified(path, i, local)
             d_out, d_in = lin.weight.shape
             try:
                 pat.bind(d_out, d_in)
@@ -576,9 +585,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
                 del accs
             called = {n for g in groups for n in g}
             bar.update(len(layers) - len(called))  # linears the forward never calls stay dense
-            with torch.no_grad():
-                for b in batches:
-                    b.hidden = _call_block(block, b)
+            _propagate(block, batches)
             block.to(home)
             current = None
             release_memory()  # the block's forward and solver temporaries
@@ -864,12 +871,13 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
                     eval_tokens_used={k: int(v.numel()) for k, v in evals.items()},
                     calibration_tokens=int(calib_ids.numel()), device=str(device),
                     versions=_versions())
+    size = _size(models, model)
     report = PruneReport(
         dense_perplexity=dense, perplexity=pruned,
         sparsity=sparsity(model, include_lm_head=config.prune_lm_head),
         seconds=0.0, peak_memory_bytes=0, layers=records, settings=settings, timings=timings,
-        model_size_bytes=_size(models, model),
-        memory_target_bytes=_memory_target(_size(models, model), model, calib_ids),
+        model_size_bytes=size,
+        memory_target_bytes=_memory_target(size, model, calib_ids),
         peak_device_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
     )
 
