@@ -60,8 +60,19 @@ couple the layer and get one model.
     ``sdp``: d=24 2/2 (≤ 25 s), d=32 1/2 (6.7 s; other gap 5.4%). 2:4 with ``none``: d=32 0/2
     (9–11%), d=64 gaps 24–33%; ``sdp``: d=32 2/2 (≤ 12.7 s), d=64 gaps 12–15%. On synthetic
     rows the SDP moves almost nothing (``Σδ/tr Q`` ≤ 1.3e-3) and only reshuffles SCIP's tree
-    (per-row d=48: 56% vs 45%, d=64: 37% vs 74%; 2:4 d=64 row 0: 36% vs optimal). Hence the
-    ``mask`` default ``"auto"``: the SDP diagonal where it carries weight, else ``none``.
+    (per-row d=48: 56% vs 45%, d=64: 37% vs 74%; 2:4 d=64 row 0: 36% vs optimal).
+    ``"qcr"`` (:mod:`._qcr`): the exact rewrite ``‖Fᵀp‖² + lᵀp + const`` that is convex only on
+    the budget hyperplane, with the Shor SDP's diagonal multipliers (cvxpy; SCS above
+    :data:`QCR_CLARABEL_MAX_N` inputs: on real rows it matched Clarabel's bound to 1e-6 in
+    0.1–3.5 s where Clarabel took 1–27 s at d=16–64). Its root relaxation is at least the SDP
+    bound, 3–4% below the optimum on real rows. Measured (real rows as above, 2 rows, load ≈ 3):
+    per-row d=32 ``sdp`` diagonal 1/2 optimal (30 s; 5.6% gap), ``qcr`` 2/2 (≤ 9.1 s); d=48
+    ``qcr`` 2/2 (≤ 40.5 s, was 10% gap); d=64 gaps 2.5% at 60 s (were 13%); 2:4 d=48 2/2
+    (≤ 9.3 s), d=64 2/2 (≤ 37 s, were 12–15% gaps). On a synthetic d=48 row the SDP is slow
+    (SCS ran to its limit) and no tighter, so ``qcr`` only lost time. Hence the ``mask``
+    default ``"auto"``: ``qcr`` where the mixing-method diagonal carries weight, else ``none``
+    (and the plain SDP diagonal should the SDP fail). ``qcr`` needs every budget inside one
+    block, so ``unstructured`` models fall back to ``auto``'s diagonal.
 ``reconstruct`` (perspective formulation, DESIGN.md §2)
     ``G̃ = (G̃ − Δ) + Δ`` with ``δ ≥ 0`` (option ``diag``); kept weights ``v``,
     binary kept indicators ``z``, ``s_i`` with the rotated cone ``v_i² ≤ s_i z_i``;
@@ -120,6 +131,8 @@ EIG_RTOL = 1e-12
 #: Measured shares: synthetic ``make_instance`` rows (λ_min(G̃) ≈ 1e-7…6e-4) ≤ 1.3e-3; real
 #: SmolLM2 rows cut to 16–128 inputs (λ_min(G̃) ≈ 0.15–0.46) 0.10–0.36.
 AUTO_MIN_SHARE = 0.01
+#: ``diag="qcr"``: Clarabel (accurate, O(n⁶) per iteration) for the SDP up to this size, SCS above
+QCR_CLARABEL_MAX_N = 16
 
 
 # ---------------------------------------------------------------------- linear algebra
@@ -236,6 +249,7 @@ class _ModelResult:
     bound: float
     status: str
     nodes: int = 0
+    qcr: bool = False            # the mask model used the QCR rewrite (see :mod:`._qcr`)
 
 
 def _new_model(params: Params, time_limit: float, gap: float, heuristics: str = "default"):
@@ -358,6 +372,7 @@ def _mask_model(Qs, groups, n, start, params, time_limit, gap, opts, caps):
     for idx, count in groups:
         m.addCons(quicksum(p[j] for j in idx) == count)
     obj, startvals, correction, nepi = [], [(v, q0[j]) for j, v in enumerate(p)], 0.0, 0.0
+    const, sdp, used_qcr = 0.0, 0.0, False  # QCR: objective constant, Σ of certified SDP bounds
     for b, (idx, Q) in enumerate(Qs):
         Qn = Q / scale
         if diag == "dense":
@@ -368,8 +383,16 @@ def _mask_model(Qs, groups, n, start, params, time_limit, gap, opts, caps):
             nepi += 1
             startvals.append((t, float(q0[idx] @ Qn @ q0[idx]) * (1 + 1e-9) + 1e-12))
             continue
-        delta = mask_diagonal(Qn, diag, seed=params.seed)
-        F, neg = psd_factor(Qn - np.diag(delta))
+        delta = mask_diagonal(Qn, "auto" if diag == "qcr" else diag, seed=params.seed)
+        form = None
+        if diag == "qcr" or (diag == "auto" and delta.any()):
+            form = _qcr_block(Qn, idx, groups, params, deadline, time_limit)
+        if form is not None:  # exact on the budget hyperplane: ‖Fᵀp‖² + lᵀp + const
+            F, neg, delta, const, used_qcr = form.F, form.neg, form.lin, const + form.const, True
+            sdp = None if sdp is None or form.sdp_bound is None else sdp + form.sdp_bound
+        else:
+            F, neg = psd_factor(Qn - np.diag(delta))
+            sdp = None
         correction += neg * caps[b] * scale
         ys = []
         yv = F.T @ q0[idx]
@@ -382,10 +405,36 @@ def _mask_model(Qs, groups, n, start, params, time_limit, gap, opts, caps):
         obj.extend(terms)
         nepi += k
         obj.extend(float(delta[a]) * p[idx[a]] for a in range(len(idx)) if delta[a] != 0.0)
-    m.setObjective(quicksum(obj), "minimize")
+    m.setObjective(quicksum(obj) + const, "minimize")
     _add_start(m, startvals, complete=True)
     status, bound, nodes = _run(m, scale, correction, deadline, nepi)
-    return _ModelResult(_best(m, p, start, pruned=True), bound, status, nodes)
+    if sdp is not None and status not in _PROVED:  # the SDP's own certificate may be higher
+        bound = max(bound, sdp * scale)
+    return _ModelResult(_best(m, p, start, pruned=True), bound, status, nodes, qcr=used_qcr)
+
+
+def _qcr_block(Qn, idx, groups, params, deadline, time_limit):
+    """:func:`_qcr.build` for block ``idx`` if every budget group lies inside it, else None.
+
+    The SDP may use half of the model's time limit; if it fails the caller falls back to ``auto``.
+    """
+    from . import _qcr
+
+    pos = {int(j): a for a, j in enumerate(idx)}
+    label, counts = np.full(len(idx), -1), []
+    for g, (gidx, count) in enumerate(groups):
+        inside = [pos.get(int(j)) for j in gidx]
+        if any(a is None for a in inside):
+            if any(a is not None for a in inside):
+                return None  # a budget straddles blocks (unstructured): no per-block rewrite
+            continue
+        label[inside] = len(counts)
+        counts.append(count)
+    if (label < 0).any():
+        return None
+    order = ("CLARABEL", "SCS") if len(idx) <= QCR_CLARABEL_MAX_N else ("SCS", "CLARABEL")
+    sdp_deadline = min(deadline, time.perf_counter() + 0.5 * time_limit)
+    return _qcr.build(Qn, label, np.asarray(counts), params, sdp_deadline, order)
 
 
 # ---------------------------------------------------------------------- reconstruct model
@@ -428,9 +477,11 @@ def _reconstruct_model(W, G, zmap, groups, nz, start, v0, params, time_limit, ga
         m.addCons(quicksum(z[j] for j in idx) == count)
     startvals = [(v, float(start[j])) for j, v in enumerate(z)]
     obj, const, nepi = [], 0.0, 0.0
+    box = _improving_box(G, scale)
     for r in range(R):
         w = W[r]
-        v = [m.addVar(lb=-m.infinity(), name=f"v{r}_{i}") for i in range(d)]
+        v = [m.addVar(lb=-m.infinity() if box is None else w[i] - box[i],
+                      ub=m.infinity() if box is None else w[i] + box[i], name=f"v{r}_{i}") for i in range(d)]
         s = [m.addVar(lb=0.0, name=f"s{r}_{i}") if dn[i] > 0.0 else None for i in range(d)]
         for i in range(d):
             if s[i] is not None:  # the perspective cone; where δ_i = 0 it adds nothing
@@ -459,6 +510,24 @@ def _reconstruct_model(W, G, zmap, groups, nz, start, v0, params, time_limit, ga
     return _ModelResult(_best(m, z, start, pruned=False), bound, status, nodes)
 
 
+def _improving_box(G: np.ndarray, scale: float) -> Optional[np.ndarray]:
+    """Half-widths ``b`` (d,) with ``|w_i − v_i| ≤ b_i`` for every row of every solution at
+    least as good as the warm start, or None when ``G`` is too close to singular.
+
+    Each row's ``(w − v)ᵀG(w − v)`` is at most the model's total, which an improving solution
+    keeps ``≤ scale`` (the start's value), and ``max {e_iᵀx : xᵀGx ≤ scale} = √(scale·(G⁻¹)_ii)``.
+    The box only removes solutions worse than the start, so the optimum and every dual bound
+    on it stay valid; it bounds the otherwise free ``v``, on which SCIP may branch spatially
+    through the cones (measured on a 2×4 Hypothesis instance with λ_min(G̃) = 0.014: dual bound
+    −∞ after 48k nodes without the box).
+    """
+    lam, U = np.linalg.eigh(G)
+    if lam[0] <= 1e-9 * max(float(lam[-1]), 1e-300):
+        return None
+    ginv_diag = np.einsum("ik,k,ik->i", U, 1.0 / lam, U)
+    return 1.01 * np.sqrt(scale * ginv_diag) + 1e-9
+
+
 # ---------------------------------------------------------------------- the backend
 _PROVED = ("optimal", "gaplimit")
 
@@ -469,9 +538,11 @@ class ScipSolver(Solver):
     Options
     -------
     diag : ``"none"`` | ``"sdp"`` | ``"eig"`` (| ``"dense"`` for ``mask``: plain ``t ≥ pᵀQp``;
-        | ``"auto"`` for ``mask``: ``sdp`` where it moves at least :data:`AUTO_MIN_SHARE` of
-        ``tr Q`` off the quadratic, else ``none``) diagonal moved out of the quadratic; default
-        ``"auto"`` for ``mask``, ``"eig"`` for ``reconstruct`` (module docstring: measurements).
+        | ``"qcr"`` for ``mask``: the SDP-chosen rewrite convex on the budget hyperplane;
+        | ``"auto"`` for ``mask``: ``qcr`` where the ``sdp`` diagonal moves at least
+        :data:`AUTO_MIN_SHARE` of ``tr Q`` off the quadratic, else ``none``) diagonal moved out
+        of the quadratic; default ``"auto"`` for ``mask``, ``"eig"`` for ``reconstruct``
+        (module docstring: measurements).
     epigraph : ``"split"`` (``t_k ≥ y_k²``, default for ``mask``) | ``"joint"`` (``t ≥ ‖y‖²``,
         default for ``reconstruct``)
     heuristics : ``"off"`` (default) | ``"default"`` (SCIP's primal heuristics); ``mask`` only,
@@ -503,7 +574,7 @@ class ScipSolver(Solver):
                 if time.perf_counter() < polish_until:
                     start[r] = one_swap(W[r][:, None] * G * W[r][None, :], start[r], group)
         diag = self.options.get("diag") or ("eig" if recon_kind else "auto")
-        if diag not in ("none", "sdp", "eig", "dense", "auto") or (recon_kind and diag == "auto"):
+        if diag not in ("none", "sdp", "eig", "dense", "auto", "qcr") or (recon_kind and diag in ("auto", "qcr")):
             raise SolverError(f"scip: unknown diag option {diag!r} for {problem.objective_kind}")
         # heuristics off only for mask: the reconstruct model's start is partial and needs
         # SCIP's completion heuristic to become its incumbent
@@ -515,7 +586,7 @@ class ScipSolver(Solver):
         pat = sp.pattern
         recon = sp.objective_kind == "reconstruct"
         v0 = sp.refit(torch.from_numpy(start)).numpy() if recon else None
-        info = {**opts, "rows_proved": 0, "models": 0, "nodes": 0}
+        info = {**opts, "rows_proved": 0, "models": 0, "nodes": 0, "qcr_models": 0}
         mask = start.copy()
 
         if pat.name in ("per-row", "nm"):
@@ -538,6 +609,7 @@ class ScipSolver(Solver):
                 bounds[r] = res.bound
                 statuses.append(res.status)
                 info["nodes"] += res.nodes
+                info["qcr_models"] += res.qcr
                 if callback is not None and callback({"iteration": r, "row": r, "status": res.status,
                                                      "bound": float(bounds.sum())}):
                     statuses.extend(["skipped"] * (sp.d_out - r - 1))
@@ -553,6 +625,7 @@ class ScipSolver(Solver):
                 mask = res.values.reshape(sp.d_out, sp.d_in)
                 statuses, lb = [res.status], res.bound
                 info["nodes"] += res.nodes
+                info["qcr_models"] += res.qcr
             except KeyboardInterrupt:  # Ctrl-C outside SCIP's own handler: keep the warm start
                 statuses, lb = ["userinterrupt"], 0.0
         info["models"] = len(statuses)

@@ -1,0 +1,118 @@
+r"""QCR: an exact convex rewrite of the ``mask`` row objective, chosen by the Shor SDP.
+
+For pruned indicators ``p ∈ {0,1}ⁿ`` with group budgets ``Bᵀp = c`` (``B`` (n, k) the 0/1
+group incidence, groups partitioning the entries), every ``μ ∈ ℝⁿ`` gives
+
+.. math:: pᵀQp = pᵀ(Q − \mathrm{diag}\,μ)p + μᵀp \qquad (p_i^2 = p_i).
+
+Write ``A = Q − diag μ``, ``Π = I − B(BᵀB)⁻¹Bᵀ`` (projector onto ``{x : Bᵀx = 0}``) and
+``p₀ = B(BᵀB)⁻¹c``. Every ``p`` with ``Bᵀp = c`` — binary or not — is ``Πp + p₀``, so
+
+.. math:: pᵀAp = pᵀ(ΠAΠ)p + 2(ΠAp₀)ᵀp + p₀ᵀAp₀ \quad\text{on the budget hyperplane.}
+
+The right side is convex as soon as ``ΠAΠ ⪰ 0``: ``A`` only has to be PSD on the directions
+that keep the budgets, not on all of ``ℝⁿ`` (Billionnet–Elloumi–Plateau's QCR with the
+budget equalities; the multipliers of the budget *products* ``P1_g = c_g p`` drop out on the
+hyperplane). A branch-and-bound whose every relaxation keeps ``Bᵀp = c`` (SCIP keeps linear
+equalities in each LP) therefore sees an exact, visibly convex objective
+``‖Fᵀp‖² + lᵀp + const`` with ``ΠAΠ = FFᵀ``, whatever ``μ``: the choice of ``μ`` only decides
+the strength of the continuous relaxation. The best ``μ`` is the diagonal multiplier of the
+facially reduced Shor SDP (:func:`relax_sdp.shor_dual`): then the root relaxation is at least
+the SDP bound (min over the box and the hyperplane of a function ``≥ s`` there). A solver's
+inaccurate ``μ`` is repaired by the uniform shift ``μ ← μ − λ₋`` (``λ₋ = max(0, −λ_min(ΠAΠ))``
+on the subspace), which keeps the rewrite exact and makes it convex.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+__all__ = ["QCRForm", "budget_projection", "build", "qcr_form", "qcr_multipliers"]
+
+
+@dataclass
+class QCRForm:
+    """``pᵀQp = ‖Fᵀp‖² + lᵀp + const`` on ``{Bᵀp = c}`` (up to ``neg·‖p‖²``, see ``neg``).
+
+    F : (n, r); lin : (n,); const : float
+    neg : ``FFᵀ`` may exceed ``ΠAΠ`` by this much (clipped round-off eigenvalues)
+    sdp_bound : certified Shor bound ``s`` (weak duality) or None when no SDP was solved
+    """
+
+    F: np.ndarray
+    lin: np.ndarray
+    const: float
+    neg: float
+    sdp_bound: Optional[float]
+
+
+def budget_projection(group: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(Π, p₀)``: projector (n, n) onto ``{Bᵀx = 0}`` and the point ``p₀`` (n,) with
+    ``Bᵀp₀ = c``, for groups ``group`` (n,) int and pruned counts ``count`` (k,)."""
+    sizes = np.bincount(group, minlength=len(count)).astype(float)
+    same = (group[:, None] == group[None, :]) / sizes[group][None, :]
+    return np.eye(group.size) - same, (np.asarray(count, float) / sizes)[group]
+
+
+def qcr_multipliers(Q: np.ndarray, group: np.ndarray, count: np.ndarray, params, deadline: float,
+                    order: tuple) -> Optional[tuple[np.ndarray, float]]:
+    """Shor SDP multipliers ``(μ, certified bound)`` of ``min pᵀQp`` over the budgets, or None.
+
+    Q is normalised to unit max-diagonal for the conic solver; μ and the bound are mapped back.
+    """
+    from .relax_sdp import reduction_basis, shor_certificate, shor_dual
+    from ._relax import Block
+
+    sigma = float(np.abs(np.diag(Q)).max())
+    if sigma <= 0.0:
+        return None
+    block = Block(np.array([0]), False, group.size, group, np.bincount(group) - count)
+    V = reduction_basis(block)
+    sol = shor_dual(Q / sigma, V, params, deadline, order=order)
+    if sol is None:
+        return None
+    s, mu, _ = sol
+    return sigma * mu, sigma * shor_certificate(Q / sigma, V, s, mu, 1.0 + float(np.sum(count)))
+
+
+def qcr_form(Q: np.ndarray, group: np.ndarray, count: np.ndarray, mu: np.ndarray,
+             rtol: float = 1e-12) -> tuple[np.ndarray, np.ndarray, float, float, np.ndarray]:
+    """The exact convex rewrite for multipliers ``μ`` (repaired to convexity if needed).
+
+    Parameters
+    ----------
+    Q : (n, n) symmetric; group : (n,) int; count : (k,) pruned per group; mu : (n,)
+
+    Returns
+    -------
+    F (n, r), lin (n,), const, neg — see :class:`QCRForm`; and the multipliers μ' (n,) used
+    (``μ`` after the repair shift): on the hyperplane the form equals
+    ``pᵀQp + Σ μ'_i (p_i − p_i²)`` exactly (up to ``neg``)
+    """
+    from .scip import psd_factor
+
+    Pi, p0 = budget_projection(group, count)
+    A = Q - np.diag(mu)
+    C = Pi @ A @ Pi
+    lam = float(np.linalg.eigvalsh(0.5 * (C + C.T))[0])
+    if lam < 0.0:  # shift μ uniformly: ΠAΠ gains −lam on the subspace, the rewrite stays exact
+        mu = mu + lam * (1.0 + 1e-9)
+        A = Q - np.diag(mu)
+        C = Pi @ A @ Pi
+    F, neg = psd_factor(C, rtol)
+    lin = 2.0 * (Pi @ (A @ p0)) + mu
+    return F, lin, float(p0 @ A @ p0), neg, mu
+
+
+def build(Q: np.ndarray, group: np.ndarray, count: np.ndarray, params, deadline: float,
+          order: tuple) -> Optional[QCRForm]:
+    """:func:`qcr_multipliers` then :func:`qcr_form`; None if the SDP could not be solved."""
+    got = qcr_multipliers(Q, group, count, params, deadline, order)
+    if got is None or time.perf_counter() > deadline:
+        return None
+    mu, bound = got
+    F, lin, const, neg, _ = qcr_form(Q, group, count, mu)
+    return QCRForm(F, lin, const, neg, bound)
