@@ -24,11 +24,15 @@ on the subspace), which keeps the rewrite exact and makes it convex.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+
+#: conic solver tolerance for the multipliers (SCS ``eps`` = 100× this): they need not be
+#: accurate, only good (the rewrite is exact for any μ). Measured on a real d=64 row: eps 1e-7
+#: took 6.1 s, 1e-5 2.8 s with a root bound 0.02% lower, 1e-4 1.5 s and 0.13% lower.
+SDP_TOL = 1e-7
 
 __all__ = ["QCRForm", "budget_projection", "build", "qcr_form", "qcr_multipliers"]
 
@@ -71,7 +75,7 @@ def qcr_multipliers(Q: np.ndarray, group: np.ndarray, count: np.ndarray, params,
         return None
     block = Block(np.array([0]), False, group.size, group, np.bincount(group) - count)
     V = reduction_basis(block)
-    sol = shor_dual(Q / sigma, V, params, deadline, order=order)
+    sol = shor_dual(Q / sigma, V, params, deadline, order=order, tol=SDP_TOL)
     if sol is None:
         return None
     s, mu, _ = sol
@@ -111,7 +115,7 @@ def build(Q: np.ndarray, group: np.ndarray, count: np.ndarray, params, deadline:
           order: tuple) -> Optional[QCRForm]:
     """:func:`qcr_multipliers` then :func:`qcr_form`; None if the SDP could not be solved."""
     got = qcr_multipliers(Q, group, count, params, deadline, order)
-    if got is None or time.perf_counter() > deadline:
+    if got is None:  # (a solve cut short by the deadline still gives usable multipliers)
         return None
     mu, bound = got
     F, lin, const, neg, _ = qcr_form(Q, group, count, mu)

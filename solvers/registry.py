@@ -13,6 +13,7 @@ __all__ = ["SOLVERS", "get_solver_class", "make_solver", "solver_names", "list_s
 SOLVERS: dict[str, str] = {
     "brute": "brute:BruteForce",
     "scip": "scip:ScipSolver",
+    "bnb": "bnb:BranchAndBound",
     "ortools": "ortools_mathopt:OrToolsSolver",
     "relax-qp": "relax_qp:RelaxQP",
     "relax-sdp": "relax_sdp:RelaxSDP",

@@ -86,8 +86,9 @@ def shor_certificate(Q: np.ndarray, V: np.ndarray, s: float, mu: np.ndarray, tra
 
 
 def shor_dual(Q: np.ndarray, V: np.ndarray, params: Params, deadline: float,
-              order: tuple = ("CLARABEL", "SCS")):
-    """Solve the reduced dual SDP. Returns (s, μ, p) or None; p is the primal point (n,)."""
+              order: tuple = ("CLARABEL", "SCS"), tol: float = 1e-9):
+    """Solve the reduced dual SDP (conic solver tolerance ``tol``, see :func:`solve_cvx`).
+    Returns (s, μ, p) or None; p is the primal point (n,)."""
     import cvxpy as cp
 
     n = Q.shape[0]
@@ -104,7 +105,7 @@ def shor_dual(Q: np.ndarray, V: np.ndarray, params: Params, deadline: float,
                    (m, m), order="C")
     con = 0.5 * (E + E.T) >> 0
     prob = cp.Problem(cp.Maximize(s), [con])
-    if solve_cvx(prob, params, deadline, order=order) is None or s.value is None:
+    if solve_cvx(prob, params, deadline, order=order, tol=tol) is None or s.value is None:
         return None
     p = None
     Y = con.dual_value
