@@ -152,18 +152,18 @@ class _Block:
     def relax(self, x, lo, hi, lb, thr, iters):
         """FISTA on a batch of nodes; returns (x, lb, lo, hi, fixed) with lb the best bound seen
         and entries fixed by reduced costs (the binary points cut off that way are worth at least
-        ``thr``; ``fixed`` says whether any were). Stops early once every node is pruned or
-        converged."""
+        ``thr``; ``fixed`` says whether any were). Every 10 iterations the nodes already pruned
+        (bound ≥ ``thr``) or converged leave the batch."""
+        X, LB, LO, HI = x.clone(), lb.clone(), lo.clone(), hi.clone()
+        idx = torch.arange(x.shape[0], device=x.device)
         lo3, hi3 = self.shape(lo), self.shape(hi)
-        x3, _ = project_budgets(self.shape(x), lo3, hi3, self.c)
-        x = x3.reshape(x.shape)
+        x = project_budgets(self.shape(x), lo3, hi3, self.c)[0].reshape(x.shape)
         z, t = x.clone(), torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
         fx, _ = self.f_and_grad(x)
         fixed = False
         for it in range(iters):
-            fz, gz = self.f_and_grad(z)
-            new3, _ = project_budgets(self.shape(z - self.step * gz), lo3, hi3, self.c)
-            new = new3.reshape(x.shape)
+            _, gz = self.f_and_grad(z)
+            new = project_budgets(self.shape(z - self.step * gz), lo3, hi3, self.c)[0].reshape(x.shape)
             fnew, gnew = self.f_and_grad(new)
             worse = (fnew > fx).unsqueeze(1)                          # adaptive restart
             t_next = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
@@ -179,9 +179,15 @@ class _Block:
                     fixed = True
                     lo3 = torch.where(fix, s, lo3)
                     hi3 = torch.where(fix, s, hi3)
-                if bool((lb >= thr).all()) or bool(((fx - lb) <= 1e-6 * abs(thr)).all()):
+                X[idx], LB[idx] = x, lb
+                LO[idx], HI[idx] = lo3.reshape(x.shape), hi3.reshape(x.shape)
+                keep = (lb < thr) & ((fx - lb) > 1e-6 * abs(thr))
+                if not bool(keep.any()):
                     break
-        return x, lb, lo3.reshape(lo.shape), hi3.reshape(hi.shape), fixed
+                if not bool(keep.all()):
+                    idx, x, z, t, fx, lb = idx[keep], x[keep], z[keep], t[keep], fx[keep], lb[keep]
+                    lo3, hi3 = lo3[keep], hi3[keep]
+        return X, LB, LO, HI, fixed
 
     def round(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """Binary points of the node sets nearest each row of x (largest entries per group)."""
