@@ -149,11 +149,11 @@ class _Block:
     def shape(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], self.k, self.m)
 
-    def relax(self, x, lo, hi, lb, thr, iters):
+    def relax(self, x, lo, hi, lb, thr, iters, deadline=math.inf):
         """FISTA on a batch of nodes; returns (x, lb, lo, hi, fixed) with lb the best bound seen
         and entries fixed by reduced costs (the binary points cut off that way are worth at least
         ``thr``; ``fixed`` says whether any were). Every 10 iterations the nodes already pruned
-        (bound ≥ ``thr``) or converged leave the batch."""
+        (bound ≥ ``thr``) or converged leave the batch; past ``deadline`` the batch stops there."""
         X, LB, LO, HI = x.clone(), lb.clone(), lo.clone(), hi.clone()
         idx = torch.arange(x.shape[0], device=x.device)
         lo3, hi3 = self.shape(lo), self.shape(hi)
@@ -182,7 +182,7 @@ class _Block:
                 X[idx], LB[idx] = x, lb
                 LO[idx], HI[idx] = lo3.reshape(x.shape), hi3.reshape(x.shape)
                 keep = (lb < thr) & ((fx - lb) > 1e-6 * abs(thr))
-                if not bool(keep.any()):
+                if not bool(keep.any()) or time.perf_counter() > deadline:
                     break
                 if not bool(keep.all()):
                     idx, x, z, t, fx, lb = idx[keep], x[keep], z[keep], t[keep], fx[keep], lb[keep]
@@ -261,7 +261,7 @@ def _solve_block(blk: _Block, start: np.ndarray, group: np.ndarray, deadline: fl
         hi = torch.stack([b[3] for b in batch])
         x = torch.stack([b[4] for b in batch])
         level = thr()
-        x, lb, lo, hi, fixed = blk.relax(x, lo, hi, lb, level, ITERS)
+        x, lb, lo, hi, fixed = blk.relax(x, lo, hi, lb, level, ITERS, deadline)
         if fixed:  # points removed by reduced-cost fixing are worth at least ``level``
             pruned_min = min(pruned_min, level)
         cand = blk.round(x, lo, hi).cpu().numpy() > 0.5
