@@ -7,7 +7,8 @@ columns, ``d/M`` groups for N:M) — each prune ``c`` entries.
 
 1. **Convex rewrite** (:mod:`._qcr`): ``f(p) = ‖Fᵀp‖² + lᵀp + const`` is convex on all of
    ``ℝⁿ`` and equals ``pᵀQp`` on every budget-feasible binary ``p``; the Shor SDP chooses it,
-   so the root relaxation is at least the SDP bound.
+   so the root relaxation is at least the SDP bound (where the SDP cannot help, the plain
+   diagonal form, see :func:`_relaxation`).
 2. **Node** ``S = {lo ≤ p ≤ hi, Σ_group p = c}`` (``lo = hi`` on fixed entries). Its
    relaxation ``min_S f`` is solved by accelerated projected gradient (FISTA with adaptive
    restart; the projection onto ``S`` is a per-group threshold found by bisection), batched over
@@ -300,6 +301,27 @@ def _solve_block(blk: _Block, start: np.ndarray, group: np.ndarray, deadline: fl
     return best, max(bound, 0.0), proved, nodes
 
 
+def _relaxation(Qn: np.ndarray, group: np.ndarray, count: np.ndarray, params: Params, deadline: float,
+                n: int):
+    """The convex rewrite of one block (unit max-diagonal ``Qn``): QCR (:mod:`._qcr`, its SDP
+    given at most half of the time left) where the mixing-method diagonal carries weight
+    (:func:`.scip.mask_diagonal` ``"auto"``), else — or if the SDP fails — the diagonal form
+    ``‖Fᵀp‖² + δᵀp`` with ``FFᵀ = Q − diag(δ) ⪰ 0``, exact on binaries as ``p_i² = p_i``. On the
+    near-singular synthetic rows the SDP moves almost nothing and only costs time."""
+    from . import _qcr
+    from .scip import mask_diagonal, psd_factor
+
+    delta = mask_diagonal(Qn, "auto", seed=params.seed)
+    if delta.any():
+        sdp_deadline = time.perf_counter() + 0.5 * (deadline - time.perf_counter())
+        order = ("CLARABEL", "SCS") if n <= 16 else ("SCS", "CLARABEL")
+        form = _qcr.build(Qn, group, count, params, sdp_deadline, order)
+        if form is not None:
+            return form
+    F, neg = psd_factor(Qn - np.diag(delta))
+    return _qcr.QCRForm(F, delta.copy(), 0.0, neg, None)
+
+
 class BranchAndBound(Solver):
     """Batched best-first branch-and-bound on the QCR relaxation (see the module docstring).
 
@@ -332,7 +354,6 @@ class BranchAndBound(Solver):
             torch.set_num_threads(threads)
 
     def _solve_blocks(self, problem, params, init, callback, device) -> Proposal:
-        from . import _qcr
         from .scip import _warm_start, one_swap
 
         start_time = time.perf_counter()
@@ -349,7 +370,7 @@ class BranchAndBound(Solver):
             c = m - (pat.n if pat.name == "nm" else pat.keep)
             blocks = [(r, W[r][:, None] * G * W[r][None, :], k, m, c, kept[r]) for r in range(sp.d_out)]
         mask = kept.copy()
-        bounds, proved, nodes, limit = [], [], 0, None
+        bounds, proved, nodes, limit, qcr_blocks = [], [], 0, None, 0
         for i, (r, Q, k, m, c, kr) in enumerate(blocks):
             left = deadline - time.perf_counter()
             if left <= 0.01:
@@ -368,15 +389,8 @@ class BranchAndBound(Solver):
                 proved.append(True)
                 mask[r if r is not None else slice(None)] = ~p
                 continue
-            sdp_deadline = time.perf_counter() + 0.5 * (block_deadline - time.perf_counter())
-            order = ("CLARABEL", "SCS") if k * m <= 16 else ("SCS", "CLARABEL")
-            form = _qcr.build(Q / sigma, group, np.full(k, c), params, sdp_deadline, order)
-            if form is None:
-                bounds.append(0.0)
-                proved.append(False)
-                limit = "time"
-                mask[r if r is not None else slice(None)] = ~p
-                continue
+            form = _relaxation(Q / sigma, group, np.full(k, c), params, block_deadline, k * m)
+            qcr_blocks += form.sdp_bound is not None
             form.F, form.lin, form.const = form.F * math.sqrt(sigma), form.lin * sigma, form.const * sigma
             form.neg *= sigma
             blk = _Block(Q, k, m, c, form, device, 0.0)
@@ -395,4 +409,4 @@ class BranchAndBound(Solver):
         return Proposal(mask=torch.from_numpy(np.ascontiguousarray(mask)).to(problem.device),
                         lower_bound=float(sum(bounds)), bound_source="QCR branch-and-bound (Frank–Wolfe bounds, exact rewrite)",
                         status=Status.OPTIMAL if done else Status.FEASIBLE, limit=None if done else (limit or "time"),
-                        iterations=nodes, info={"nodes": nodes, "blocks_proved": int(sum(proved))})
+                        iterations=nodes, info={"nodes": nodes, "blocks_proved": int(sum(proved)), "qcr_blocks": qcr_blocks})

@@ -88,6 +88,21 @@ def test_bnb_proves_the_brute_force_optimum(source, pattern):
     assert res.objective == pytest.approx(brute.objective, rel=REL)
     assert res.lower_bound <= brute.objective * (1 + 1e-9)
     assert res.gap <= Params().gap_tol
+    if source == "calibration-like":  # the SDP carries weight there: the QCR rewrite is used
+        assert res.info["qcr_blocks"] == (1 if pattern.startswith("columns") else 2), res.info
+
+
+def test_near_singular_rows_use_the_diagonal_form():
+    rng = np.random.default_rng(2)
+    v = rng.standard_normal((10, 2))
+    G = torch.from_numpy(v @ v.T + 1e-9 * np.eye(10))   # rank two: the SDP can move almost nothing
+    p = LayerProblem.create(torch.from_numpy(rng.standard_normal((2, 10))), G, pattern="per-row:0.5", objective="mask")
+    brute = make_solver("brute").solve(p)
+    res = make_solver("bnb").solve(p, params=Params(time_limit=60))
+    assert res.info["qcr_blocks"] == 0
+    assert res.status == Status.OPTIMAL
+    assert res.objective == pytest.approx(brute.objective, rel=REL, abs=1e-9 * p.scale)
+    assert res.lower_bound <= brute.objective + 1e-9 * p.scale
 
 
 def test_limits_are_honest_and_never_worse_than_the_start():
