@@ -309,12 +309,12 @@ def _relaxation(Qn: np.ndarray, group: np.ndarray, count: np.ndarray, params: Pa
     ``‖Fᵀp‖² + δᵀp`` with ``FFᵀ = Q − diag(δ) ⪰ 0``, exact on binaries as ``p_i² = p_i``. On the
     near-singular synthetic rows the SDP moves almost nothing and only costs time."""
     from . import _qcr
-    from .scip import mask_diagonal, psd_factor
+    from .scip import QCR_CLARABEL_MAX_N, mask_diagonal, psd_factor
 
     delta = mask_diagonal(Qn, "auto", seed=params.seed)
     if delta.any():
         sdp_deadline = time.perf_counter() + 0.5 * (deadline - time.perf_counter())
-        order = ("CLARABEL", "SCS") if n <= 16 else ("SCS", "CLARABEL")
+        order = ("CLARABEL", "SCS") if n <= QCR_CLARABEL_MAX_N else ("SCS", "CLARABEL")
         form = _qcr.build(Qn, group, count, params, sdp_deadline, order)
         if form is not None:
             return form
