@@ -132,7 +132,7 @@ def linear_bound(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, c: torch.T
 class _Block:
     """One block's data in torch: the convex rewrite, groups and the exact quadratic."""
 
-    def __init__(self, Q: np.ndarray, k: int, m: int, c: int, form, device, margin_extra: float):
+    def __init__(self, Q: np.ndarray, k: int, m: int, c: int, form, device):
         t = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)
         self.Q, self.F, self.lin, self.const = Q, t(form.F), t(form.lin), float(form.const)
         self.k, self.m, self.c = k, m, torch.full((k,), float(c), dtype=torch.float64, device=device)
@@ -140,7 +140,7 @@ class _Block:
         self.step = 1.0 / max(2.0 * lam_max, 1e-300)
         # round-off of the rewrite and of f, plus what clipping eigenvalues may have added
         self.margin = 1e-11 * (abs(self.const) + float(self.lin.abs().sum()) + lam_max * k * c) \
-            + form.neg * k * c + margin_extra
+            + form.neg * k * c
 
     def f_and_grad(self, x: torch.Tensor):
         """f and ∇f of (B, n) points."""
@@ -301,21 +301,19 @@ def _solve_block(blk: _Block, start: np.ndarray, group: np.ndarray, deadline: fl
     return best, max(bound, 0.0), proved, nodes
 
 
-def _relaxation(Qn: np.ndarray, group: np.ndarray, count: np.ndarray, params: Params, deadline: float,
-                n: int):
+def _relaxation(Qn: np.ndarray, group: np.ndarray, count: np.ndarray, params: Params, deadline: float):
     """The convex rewrite of one block (unit max-diagonal ``Qn``): QCR (:mod:`._qcr`, its SDP
     given at most half of the time left) where the mixing-method diagonal carries weight
     (:func:`.scip.mask_diagonal` ``"auto"``), else — or if the SDP fails — the diagonal form
     ``‖Fᵀp‖² + δᵀp`` with ``FFᵀ = Q − diag(δ) ⪰ 0``, exact on binaries as ``p_i² = p_i``. On the
     near-singular synthetic rows the SDP moves almost nothing and only costs time."""
     from . import _qcr
-    from .scip import QCR_CLARABEL_MAX_N, mask_diagonal, psd_factor
+    from .scip import mask_diagonal, psd_factor
 
     delta = mask_diagonal(Qn, "auto", seed=params.seed)
     if delta.any():
         sdp_deadline = time.perf_counter() + 0.5 * (deadline - time.perf_counter())
-        order = ("CLARABEL", "SCS") if n <= QCR_CLARABEL_MAX_N else ("SCS", "CLARABEL")
-        form = _qcr.build(Qn, group, count, params, sdp_deadline, order)
+        form = _qcr.build(Qn, group, count, params, sdp_deadline)
         if form is not None:
             return form
     F, neg = psd_factor(Qn - np.diag(delta))
@@ -342,8 +340,8 @@ class BranchAndBound(Solver):
     uses_init = True
 
     def _solve(self, problem: LayerProblem, params: Params, init, callback) -> Proposal:
-        # the batches are small (64 × n ≤ 128): on a CPU one thread is ~8× faster than two
-        # (measured 0.1 vs 0.8 ms per gradient on an idle 2-core machine, worse under load)
+        # the tensors are small (BATCH × n, n ≤ 128): on a CPU one thread is ~8× faster than two
+        # (measured 0.1 vs 0.8 ms per gradient of a 64 × 32 batch on 2 cores under load)
         threads = torch.get_num_threads()
         device = torch.device(params.device) if params.device else problem.device
         if device.type == "cpu":
@@ -389,11 +387,11 @@ class BranchAndBound(Solver):
                 proved.append(True)
                 mask[r if r is not None else slice(None)] = ~p
                 continue
-            form = _relaxation(Q / sigma, group, np.full(k, c), params, block_deadline, k * m)
+            form = _relaxation(Q / sigma, group, np.full(k, c), params, block_deadline)
             qcr_blocks += form.sdp_bound is not None
             form.F, form.lin, form.const = form.F * math.sqrt(sigma), form.lin * sigma, form.const * sigma
             form.neg *= sigma
-            blk = _Block(Q, k, m, c, form, device, 0.0)
+            blk = _Block(Q, k, m, c, form, device)
             best, bound, ok, cnt = _solve_block(blk, p, group, block_deadline, params.gap_tol, device,
                                                 self.options.get("max_nodes"))
             nodes += cnt

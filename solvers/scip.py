@@ -63,7 +63,7 @@ couple the layer and get one model.
     (per-row d=48: 56% vs 45%, d=64: 37% vs 74%; 2:4 d=64 row 0: 36% vs optimal).
     ``"qcr"`` (:mod:`._qcr`): the exact rewrite ``‖Fᵀp‖² + lᵀp + const`` that is convex only on
     the budget hyperplane, with the Shor SDP's diagonal multipliers (cvxpy; SCS above
-    :data:`QCR_CLARABEL_MAX_N` inputs: on real rows it matched Clarabel's bound to 1e-6 in
+    :data:`._qcr.CLARABEL_MAX_N` inputs: on real rows it matched Clarabel's bound to 1e-6 in
     0.1–3.5 s where Clarabel took 1–27 s at d=16–64). Its root relaxation is at least the SDP
     bound, 3–4% below the optimum on real rows. Measured (real rows as above, 2 rows, load ≈ 3):
     per-row d=32 ``sdp`` diagonal 1/2 optimal (30 s; 5.6% gap), ``qcr`` 2/2 (≤ 9.1 s); d=48
@@ -131,8 +131,6 @@ EIG_RTOL = 1e-12
 #: Measured shares: synthetic ``make_instance`` rows (λ_min(G̃) ≈ 1e-7…6e-4) ≤ 1.3e-3; real
 #: SmolLM2 rows cut to 16–128 inputs (λ_min(G̃) ≈ 0.15–0.46) 0.10–0.36.
 AUTO_MIN_SHARE = 0.01
-#: ``diag="qcr"``: Clarabel (accurate, O(n⁶) per iteration) for the SDP up to this size, SCS above
-QCR_CLARABEL_MAX_N = 16
 
 
 # ---------------------------------------------------------------------- linear algebra
@@ -432,9 +430,8 @@ def _qcr_block(Qn, idx, groups, params, deadline, time_limit):
         counts.append(count)
     if (label < 0).any():
         return None
-    order = ("CLARABEL", "SCS") if len(idx) <= QCR_CLARABEL_MAX_N else ("SCS", "CLARABEL")
     sdp_deadline = min(deadline, time.perf_counter() + 0.5 * time_limit)
-    return _qcr.build(Qn, label, np.asarray(counts), params, sdp_deadline, order)
+    return _qcr.build(Qn, label, np.asarray(counts), params, sdp_deadline)
 
 
 # ---------------------------------------------------------------------- reconstruct model
