@@ -11,8 +11,11 @@ columns, ``d/M`` groups for N:M) — each prune ``c`` entries.
    diagonal form, see :func:`_relaxation`).
 2. **Node** ``S = {lo ≤ p ≤ hi, Σ_group p = c}`` (``lo = hi`` on fixed entries). Its
    relaxation ``min_S f`` is solved by accelerated projected gradient (FISTA with adaptive
-   restart; the projection onto ``S`` is a per-group threshold found by bisection), batched over
-   many nodes at once.
+   restart; ``∇f = Hx + l`` is affine, so the momentum point's gradient is the same
+   combination of known gradients: one matrix product per iteration), batched over many nodes
+   at once. The projection onto ``S`` is a per-group threshold: Newton steps from the previous
+   iteration's threshold (:func:`project_warm`), sorting where they do not land
+   (:func:`project_budgets`).
 3. **Bound** (convexity): for any ``x ∈ S``,
    ``min_S f ≥ f(x) + min_{s∈S} ∇f(x)ᵀ(s − x)``, and ``S``'s vertices are binary (a box cut by
    disjoint cardinality constraints), so the minimising ``s`` picks, per group, the cheapest
@@ -45,12 +48,14 @@ from layerprune.problems import LayerProblem
 
 from .base import Params, Proposal, Solver, Status
 
-__all__ = ["BranchAndBound", "project_budgets", "linear_bound"]
+__all__ = ["BranchAndBound", "project_budgets", "project_warm", "linear_bound"]
 
 #: nodes relaxed together in one batch
 BATCH = 512
 #: FISTA iterations per node visit (then the node is branched unless pruned)
 ITERS = 60
+#: Newton steps of the warm-started projection before falling back to sorting
+NEWTON_STEPS = 3
 
 
 # ---------------------------------------------------------------------- pure steps
@@ -97,6 +102,30 @@ def project_budgets(y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, c: torc
     return x, tau
 
 
+def project_warm(y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, c: torch.Tensor, tau: torch.Tensor,
+                 steps: int = NEWTON_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projection of :func:`project_budgets`, from a threshold guess ``tau`` (B, k, 1).
+
+    ``φ(t) = Σ_group clip(y − t, lo, hi)`` is piecewise linear and decreasing with slope
+    ``−#{lo < y − t < hi}``; Newton steps ``t ← t + (φ(t) − c)/#{lo < y − t < hi}`` from the
+    previous iteration's threshold land on the crossing in one or two steps when ``y`` moved
+    little (exact once the segment is right). Nodes whose budget is still off by more than
+    ``1e-9`` after ``steps`` steps are projected by the sort-based :func:`project_budgets`.
+    """
+    r = c.view(1, -1, 1).to(y.dtype)
+    for _ in range(steps):
+        v = y - tau
+        x = torch.minimum(torch.maximum(v, lo), hi)
+        slope = ((v > lo) & (v < hi)).sum(dim=-1, keepdim=True)
+        tau = torch.where(slope > 0, tau + (x.sum(dim=-1, keepdim=True) - r) / slope.clamp(min=1), tau)
+    x = torch.minimum(torch.maximum(y - tau, lo), hi)
+    bad = ((x.sum(dim=-1, keepdim=True) - r).abs() > 1e-9).any(dim=-2).flatten()
+    if bool(bad.any()):
+        x, tau = x.clone(), tau.clone()
+        x[bad], tau[bad] = project_budgets(y[bad], lo[bad], hi[bad], c)
+    return x, tau
+
+
 def linear_bound(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, c: torch.Tensor):
     """``min_{s∈S} gᵀs`` and each free entry's reduced cost (raise of that minimum if forced
     the other way), for the node sets ``S = {lo ≤ s ≤ hi, Σ_group s = c}`` with binary lo, hi.
@@ -136,6 +165,7 @@ class _Block:
         t = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)
         self.Q, self.F, self.lin, self.const = Q, t(form.F), t(form.lin), float(form.const)
         self.k, self.m, self.c = k, m, torch.full((k,), float(c), dtype=torch.float64, device=device)
+        self.H = 2.0 * (self.F @ self.F.T)                 # the Hessian of f, for the iterations
         lam_max = float(torch.linalg.eigvalsh(self.F.T @ self.F)[-1]) if self.F.shape[1] else 0.0
         self.step = 1.0 / max(2.0 * lam_max, 1e-300)
         # round-off of the rewrite and of f, plus what clipping eigenvalues may have added
@@ -143,9 +173,13 @@ class _Block:
             + form.neg * k * c
 
     def f_and_grad(self, x: torch.Tensor):
-        """f and ∇f of (B, n) points."""
+        """f and ∇f of (B, n) points, f as ``‖Fᵀx‖² + lᵀx + const`` (convex to the last bit)."""
         y = x @ self.F
         return (y * y).sum(-1) + x @ self.lin + self.const, 2.0 * y @ self.F.T + self.lin
+
+    def grad(self, x: torch.Tensor) -> torch.Tensor:
+        """∇f = Hx + l of (B, n) points with one product (the iterations' cheap form)."""
+        return x @ self.H + self.lin
 
     def shape(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], self.k, self.m)
@@ -158,22 +192,29 @@ class _Block:
         X, LB, LO, HI = x.clone(), lb.clone(), lo.clone(), hi.clone()
         idx = torch.arange(x.shape[0], device=x.device)
         lo3, hi3 = self.shape(lo), self.shape(hi)
-        x = project_budgets(self.shape(x), lo3, hi3, self.c)[0].reshape(x.shape)
-        z, t = x.clone(), torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
-        fx, _ = self.f_and_grad(x)
+        x, tau = project_budgets(self.shape(x), lo3, hi3, self.c)
+        x = x.reshape(X.shape)
+        gx = self.grad(x)
+        fx = 0.5 * (x * (gx + self.lin)).sum(-1)             # f − const, from the gradient
+        z, gz = x, gx
+        t = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
         fixed = False
         for it in range(iters):
-            _, gz = self.f_and_grad(z)
-            new = project_budgets(self.shape(z - self.step * gz), lo3, hi3, self.c)[0].reshape(x.shape)
-            fnew, gnew = self.f_and_grad(new)
+            new, tau = project_warm(self.shape(z - self.step * gz), lo3, hi3, self.c, tau)
+            new = new.reshape(x.shape)
+            gnew = self.grad(new)
+            fnew = 0.5 * (new * (gnew + self.lin)).sum(-1)
             worse = (fnew > fx).unsqueeze(1)                          # adaptive restart
             t_next = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
-            z = torch.where(worse, new, new + ((t - 1.0) / t_next) * (new - x))
+            beta = torch.where(worse, torch.zeros_like(t), (t - 1.0) / t_next)
+            z = new + beta * (new - x)                                # ∇f is affine: carry it along
+            gz = gnew + beta * (gnew - gx)
             t = torch.where(worse, torch.ones_like(t), t_next)
-            x, fx = new, fnew
+            x, fx, gx = new, fnew, gnew
             if it % 10 == 9 or it == iters - 1:
-                val, s, red = linear_bound(self.shape(gnew), lo3, hi3, self.c)
-                bound = fx + val - (gnew * x).sum(-1) - self.margin
+                fe, ge = self.f_and_grad(x)                           # the bound from the exact form
+                val, s, red = linear_bound(self.shape(ge), lo3, hi3, self.c)
+                bound = fe + val - (ge * x).sum(-1) - self.margin
                 lb = torch.maximum(lb, bound)
                 fix = (bound.view(-1, 1, 1) + red >= thr) & (hi3 > lo3)  # reduced-cost fixing
                 if fix.any():
@@ -182,12 +223,12 @@ class _Block:
                     hi3 = torch.where(fix, s, hi3)
                 X[idx], LB[idx] = x, lb
                 LO[idx], HI[idx] = lo3.reshape(x.shape), hi3.reshape(x.shape)
-                keep = (lb < thr) & ((fx - lb) > 1e-6 * abs(thr))
+                keep = (lb < thr) & ((fe - lb) > 1e-6 * abs(thr))
                 if not bool(keep.any()) or time.perf_counter() > deadline:
                     break
                 if not bool(keep.all()):
                     idx, x, z, t, fx, lb = idx[keep], x[keep], z[keep], t[keep], fx[keep], lb[keep]
-                    lo3, hi3 = lo3[keep], hi3[keep]
+                    gx, gz, tau, lo3, hi3 = gx[keep], gz[keep], tau[keep], lo3[keep], hi3[keep]
         return X, LB, LO, HI, fixed
 
     def round(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ pytest.importorskip("cvxpy")
 
 from layerprune.problems import LayerProblem, make_instance  # noqa: E402
 from layerprune.solvers import Params, Status, make_solver  # noqa: E402
-from layerprune.solvers.bnb import linear_bound, project_budgets  # noqa: E402
+from layerprune.solvers.bnb import linear_bound, project_budgets, project_warm  # noqa: E402
 
 REL = 1e-6
 
@@ -41,6 +41,24 @@ def test_projection_is_a_threshold_with_exact_budgets(k, m):
     assert torch.allclose(x.sum(-1), torch.tensor(c).expand(40, k), atol=1e-12)
     assert (x >= lo - 1e-15).all() and (x <= hi + 1e-15).all()
     # KKT of the projection onto {lo ≤ x ≤ hi, Σ x = c}: x = clip(y − τ, lo, hi) for one τ per group
+    assert torch.allclose(x, torch.minimum(torch.maximum(y - tau, lo), hi), atol=1e-9)
+
+
+@pytest.mark.parametrize("k,m", [(1, 9), (3, 4), (1, 64)])
+@pytest.mark.parametrize("shift", [0.0, 1e-3, 5.0])
+def test_warm_projection_equals_the_sorted_one(k, m, shift):
+    """From the threshold of a nearby point (Newton lands), or a far one (some nodes fall back
+    to sorting), the warm projection is the exact projection."""
+    rng = np.random.default_rng(k + m)
+    c = torch.tensor(np.full(k, m // 2, dtype=float))
+    lo, hi = _random_node_sets(rng, 40, k, m, c.numpy())
+    y0 = torch.tensor(rng.standard_normal((40, k, m)))
+    _, tau0 = project_budgets(y0, lo, hi, c)
+    y = y0 + shift * torch.tensor(rng.standard_normal((40, k, m)))
+    x, tau = project_warm(y, lo, hi, c, tau0)
+    exact, _ = project_budgets(y, lo, hi, c)
+    assert torch.allclose(x, exact, atol=1e-9)
+    assert torch.allclose(x.sum(-1), c.expand(40, k), atol=1e-9)
     assert torch.allclose(x, torch.minimum(torch.maximum(y - tau, lo), hi), atol=1e-9)
 
 
