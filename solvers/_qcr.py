@@ -98,7 +98,7 @@ def qcr_form(Q: np.ndarray, group: np.ndarray, count: np.ndarray, mu: np.ndarray
     (``μ`` after the repair shift): on the hyperplane the form equals
     ``pᵀQp + Σ μ'_i (p_i − p_i²)`` exactly (up to ``neg``)
     """
-    from .scip import psd_factor
+    from ._quadratic import psd_factor
 
     Pi, p0 = budget_projection(group, count)
     A = Q - np.diag(mu)

@@ -26,7 +26,7 @@ columns, ``d/M`` groups for N:M) — each prune ``c`` entries.
 5. **Search**: best-first over batches of nodes; branching by pseudocosts (the average bound
    gain per unit of fractionality each entry gave so far, product rule);
    every relaxed point is rounded (largest entries per group) and scored exactly, and
-   improvements are polished by 1-swap search (:func:`.scip.one_swap`), as is the start
+   improvements are polished by 1-swap search (:func:`._quadratic.one_swap`), as is the start
    (best of Wanda and ``init``).
 
 The block is proved when every open node's bound reaches ``(1 − gap_tol/2)`` times the
@@ -46,6 +46,7 @@ import torch
 
 from layerprune.problems import LayerProblem
 
+from ._quadratic import mask_diagonal, one_swap, psd_factor, warm_start
 from .base import Params, Proposal, Solver, Status
 
 __all__ = ["BranchAndBound", "project_budgets", "project_warm", "linear_bound"]
@@ -268,8 +269,6 @@ def _solve_block(blk: _Block, start: np.ndarray, group: np.ndarray, deadline: fl
     """Best-first branch-and-bound of one block. ``start``: (n,) bool pruned indicators.
 
     Returns (pruned (n,) bool, bound, proved, nodes)."""
-    from .scip import one_swap
-
     n = start.size
     best = start.copy()
     ub = float(best @ blk.Q @ best)
@@ -345,11 +344,10 @@ def _solve_block(blk: _Block, start: np.ndarray, group: np.ndarray, deadline: fl
 def _relaxation(Qn: np.ndarray, group: np.ndarray, count: np.ndarray, params: Params, deadline: float):
     """The convex rewrite of one block (unit max-diagonal ``Qn``): QCR (:mod:`._qcr`, its SDP
     given at most half of the time left) where the mixing-method diagonal carries weight
-    (:func:`.scip.mask_diagonal` ``"auto"``), else — or if the SDP fails — the diagonal form
+    (:func:`._quadratic.mask_diagonal` ``"auto"``), else — or if the SDP fails — the diagonal form
     ``‖Fᵀp‖² + δᵀp`` with ``FFᵀ = Q − diag(δ) ⪰ 0``, exact on binaries as ``p_i² = p_i``. On the
     near-singular synthetic rows the SDP moves almost nothing and only costs time."""
     from . import _qcr
-    from .scip import mask_diagonal, psd_factor
 
     delta = mask_diagonal(Qn, "auto", seed=params.seed)
     if delta.any():
@@ -393,13 +391,11 @@ class BranchAndBound(Solver):
             torch.set_num_threads(threads)
 
     def _solve_blocks(self, problem, params, init, callback, device) -> Proposal:
-        from .scip import _warm_start, one_swap
-
         start_time = time.perf_counter()
         deadline = params.deadline(start_time)
         sp, _ = problem.to("cpu", torch.float64).scaled()
         W, G = sp.W.numpy(), sp.G.numpy()
-        kept = _warm_start(sp, None if init is None else init.cpu())
+        kept = warm_start(sp, None if init is None else init.cpu())
         pat = sp.pattern
         d = sp.d_in
         if pat.name == "columns":

@@ -10,7 +10,8 @@ the perspective ``v_i²/z_i`` (rotated cone ``v_i² ≤ σ_i z_i``) and ``z`` by
 gives a convex relaxation; ``h(z) = min_v`` of it is convex in ``z``.
 
 Choice of ``δ`` (option ``delta``): ``"sdp"`` (default) solves the small log-det-type SDP
-``max Σ_i log δ_i s.t. G − diag δ ⪰ 0`` (one per layer, ``d_in × d_in``), which spreads ``δ``
+``max Σ_i log δ_i s.t. G − diag δ ⪰ 0`` (one per layer, ``d_in × d_in``, by a barrier Newton
+method: :func:`._quadratic.logdet_diagonal`), which spreads ``δ``
 over all channels; ``"sdp-sum"`` maximises ``Σ δ_i`` instead (vertex solutions that pile ``δ`` on
 a few channels: much weaker, measured); ``"eig"`` takes ``δ = λ_min(G)·1`` (weak for
 ill-conditioned ``G``). Measured bound/optimum on make_instance(4, 16), 50% and 2:4, 3 seeds:
@@ -39,6 +40,7 @@ from layerprune.problems import LayerProblem
 
 from ._relax import (FLOAT_MARGIN, blocks_for, lmo_min, make_proposal, run_blocks, scaled_arrays,
                      scores_to_matrix, solve_cvx)
+from ._quadratic import logdet_diagonal
 from .base import Params, Proposal, Solver
 
 __all__ = ["RelaxPerspective", "choose_delta", "safe_delta", "h_and_grad"]
@@ -48,18 +50,24 @@ DELTA_FLOOR = 1e-9
 
 
 def choose_delta(G: np.ndarray, mode: str, params: Params, deadline: float) -> np.ndarray:
-    """Diagonal ``δ ≥ 0`` with ``G − diag δ ⪰ 0`` (approximately; see :func:`safe_delta`)."""
+    """Diagonal ``δ ≥ 0`` with ``G − diag δ ⪰ 0`` (approximately; see :func:`safe_delta`).
+
+    ``"sdp"``: ``max Σ log δ`` by :func:`._quadratic.logdet_diagonal` (a barrier Newton
+    method: 0.07 s at d=64 where cvxpy's exponential-cone model took 11.7 s, same optimum to
+    1e-6 in ``Σ log δ`` at d ≤ 32); ``"sdp-sum"``: ``max Σ δ`` (cvxpy); ``"eig"``: ``λ_min·1``.
+    """
     n = G.shape[0]
     lam = float(np.linalg.eigvalsh(G)[0])
     if mode == "eig" or lam < 0:
         return np.full(n, max(lam, 0.0))
+    if mode == "sdp":
+        return logdet_diagonal(G)
     import cvxpy as cp
 
     delta = cp.Variable(n)
     # Σ log δ spreads δ over every channel; Σ δ (or Σ ω δ) piles it on a few (measured: the
     # log form gives 2.7x the bound of Σ δ on make_instance(4, 16), Σ ω δ gives ~0)
-    goal = cp.sum(cp.log(delta)) if mode == "sdp" else cp.sum(delta)
-    prob = cp.Problem(cp.Maximize(goal), [G - cp.diag(delta) >> 0, delta >= 0])
+    prob = cp.Problem(cp.Maximize(cp.sum(delta)), [G - cp.diag(delta) >> 0, delta >= 0])
     if solve_cvx(prob, params, deadline) is None or delta.value is None:
         return np.full(n, max(lam, 0.0))
     return np.maximum(np.asarray(delta.value, dtype=float), 0.0)

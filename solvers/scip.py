@@ -29,10 +29,14 @@ couple the layer and get one model.
     the SDP can move almost nothing off the diagonal (``Σδ ≈ 2e-4`` against ``tr Q ≈ 1e3`` at
     d=64); without ``δ ≥ 0`` it moved mass to negative entries and the root bound fell below 0.
     SCIP's RLT separator (``separating/rlt/freq=0``) did not help either (d=48: 72% vs 65%).
-    Hence ``none`` stays the ``mask`` default. For ``reconstruct`` the default is ``eig``
-    (``δ = λ_min·1``): on 60 tiny rank-deficient rows (1×6, nm:1:2, 5 s limit) it proved all
-    60, while ``sdp`` timed out on 2 (SCIP branched on the unbounded ``v`` through the cones);
-    the perspective needs ``δ > 0`` to have strength, which these ill-conditioned ``G̃`` lack.
+    Hence ``none`` stays the ``mask`` default. For ``reconstruct`` the default is ``logdet``
+    (:func:`._quadratic.logdet_diagonal`, ``max Σ log δ``, computed once per layer): ``max Σδ``
+    (``sdp``) piles δ on a few channels, ``eig`` (``δ = λ_min·1``) is uniform but small. On real
+    SmolLM2 rows (per-row 50%, d=32, 30 s, loaded machine) ``eig`` left gaps of 31% and 12%,
+    ``logdet`` proved both rows in 15.6 s and 4.8 s (2:4: 11.9 s and 4.1 s). On 60 tiny
+    rank-deficient rows (1×6, nm:1:2, 5 s limit) ``eig`` proved all 60 while ``sdp`` timed out
+    on 2 (SCIP branched on the unbounded ``v`` through the cones); on such ``G̃`` (not positive
+    definite) ``logdet`` gives ``δ = 0``, the plain model.
 
     Issue-2 measurements (make_instance rows, per-row 50%, ``threads=1``, 60 s per row, 2
     cores shared with 2 other workers, load 3.5–6): d=48 row 1 (optimum 0.05352): joint
@@ -115,9 +119,10 @@ import torch
 
 from layerprune.problems import LayerProblem
 
+from ._quadratic import mask_diagonal, max_diagonal, one_swap, psd_factor, warm_start
 from .base import Params, Proposal, Solver, SolverError, Status
 
-__all__ = ["ScipSolver", "mask_diagonal", "max_diagonal", "one_swap", "psd_factor"]
+__all__ = ["ScipSolver"]
 
 #: SCIP's ``numerics/feastol`` (absolute, on models scaled to an O(1) objective)
 FEASTOL = 1e-7
@@ -125,117 +130,7 @@ FEASTOL = 1e-7
 SAFETY = 10 * FEASTOL
 #: a start whose value is below this fraction of the all-pruned value is optimal to round-off
 TINY = 1e-13
-#: eigenvalues below this fraction of the largest are dropped when factoring (a relaxation)
-EIG_RTOL = 1e-12
-#: ``diag="auto"`` (mask) uses the SDP diagonal when ``Σδ`` reaches this share of ``tr Q``.
-#: Measured shares: synthetic ``make_instance`` rows (λ_min(G̃) ≈ 1e-7…6e-4) ≤ 1.3e-3; real
-#: SmolLM2 rows cut to 16–128 inputs (λ_min(G̃) ≈ 0.15–0.46) 0.10–0.36.
-AUTO_MIN_SHARE = 0.01
 
-
-# ---------------------------------------------------------------------- linear algebra
-def psd_factor(A: np.ndarray, rtol: float = EIG_RTOL) -> tuple[np.ndarray, float]:
-    """``A ≈ FFᵀ`` from a clipped eigen-decomposition.
-
-    Parameters
-    ----------
-    A : (n, n) symmetric float64
-
-    Returns
-    -------
-    F : (n, r) with ``FFᵀ ⪰ A − (eigenvalues ≤ rtol·λ_max)``; dropping small positive
-        eigenvalues only lowers the model (valid for bounds)
-    neg : ``max(0, −λ_min(A))``, by which ``FFᵀ`` may exceed ``A``
-    """
-    lam, U = np.linalg.eigh(0.5 * (A + A.T))
-    top = max(float(lam[-1]), 0.0)
-    keep = lam > rtol * max(top, 1e-300)
-    return U[:, keep] * np.sqrt(lam[keep]), max(0.0, -float(lam[0]))
-
-
-def _mixing_sdp(B: np.ndarray, rank: int, sweeps: int, seed: int) -> np.ndarray:
-    """Dual diagonal of ``min ⟨B, VVᵀ⟩ s.t. ‖v_j‖ ≥ 1`` (mixing method, Wang–Chang–Kolter).
-
-    This is the dual of ``max Σδ s.t. B − diag(δ) ⪰ 0, δ ≥ 0``. Coordinate step: the best
-    ``v_j`` given the others is ``−g_j / max(B_jj, ‖g_j‖)`` with ``g_j = Σ_{k≠j} B_jk v_k``; at a
-    stationary point ``(BV)_j = δ_j v_j`` with ``δ_j = max(0, B_jj − ‖g_j‖/‖v_j‖)``.
-    Returns δ (n,) — feasible only approximately: :func:`max_diagonal` repairs it.
-    """
-    n = B.shape[0]
-    rng = np.random.default_rng(seed)
-    V = rng.standard_normal((n, rank))
-    V /= np.linalg.norm(V, axis=1, keepdims=True)
-    diag = np.diag(B).copy()
-    BV = B @ V
-    prev = math.inf
-    for _ in range(sweeps):
-        for j in range(n):
-            g = BV[j] - diag[j] * V[j]
-            ng = np.linalg.norm(g)
-            if ng <= 0.0:
-                continue
-            new = -g / max(diag[j], ng)
-            BV += np.outer(B[:, j], new - V[j])
-            V[j] = new
-        val = float(np.sum(BV * V))
-        if prev - val <= 1e-8 * max(1.0, abs(val)):
-            break
-        prev = val
-    g = BV - diag[:, None] * V
-    return np.maximum(0.0, diag - np.linalg.norm(g, axis=1) / np.linalg.norm(V, axis=1))
-
-
-def mask_diagonal(Q: np.ndarray, method: str, *, seed: int = 0) -> np.ndarray:
-    """``δ ≥ 0`` moved off the ``mask`` model's quadratic (``Q − diag(δ) ⪰ 0``).
-
-    ``method="auto"``: the SDP diagonal if ``Σδ ≥ AUTO_MIN_SHARE · tr Q``, else zeros (an SDP
-    that moves almost nothing only perturbs the model); other methods as :func:`max_diagonal`.
-    """
-    delta = max_diagonal(Q, "sdp" if method == "auto" else method, nonneg=True, seed=seed)
-    if method == "auto" and delta.sum() < AUTO_MIN_SHARE * max(float(np.trace(Q)), 0.0):
-        return np.zeros_like(delta)
-    return delta
-
-
-def max_diagonal(A: np.ndarray, method: str = "sdp", *, nonneg: bool = False, seed: int = 0) -> np.ndarray:
-    """A diagonal ``δ`` with ``A − diag(δ) ⪰ 0`` (up to round-off) and ``Σδ`` large.
-
-    Parameters
-    ----------
-    A : (n, n) symmetric PSD float64
-    method : ``"sdp"`` (mixing-method SDP for max Σδ), ``"eig"`` (``λ_min(A)·1``) or ``"none"``
-    nonneg : clamp δ ≥ 0 (the perspective formulation needs it)
-
-    Returns
-    -------
-    (n,) float64; ``A − diag(δ)`` has ``λ_min ≥ −1e-12·‖A‖`` after the final shift.
-    """
-    n = A.shape[0]
-    if method == "none" or n == 0:
-        return np.zeros(n)
-    scale = max(float(np.abs(np.diag(A)).max()), 1e-300)
-    if method == "eig":
-        delta = np.full(n, float(np.linalg.eigvalsh(A)[0]))
-    elif method == "sdp":
-        rank = max(2, min(n, int(math.ceil(math.sqrt(2 * n))) + 1))
-        delta = _mixing_sdp(A, rank, sweeps=300, seed=seed)
-    else:
-        raise ValueError(f"unknown diagonal method {method!r}")
-    floor = min(float(np.linalg.eigvalsh(A)[0]), 0.0) - 1e-13 * scale  # A's own round-off
-    if not nonneg:  # a uniform shift makes A − diag(δ) PSD to round-off
-        lam = float(np.linalg.eigvalsh(A - np.diag(delta))[0])
-        return delta - max(0.0, floor - lam + 1e-13 * scale) if lam < floor else delta
-    delta = np.maximum(delta, 0.0)  # clamp, then shrink δ ← θδ (θ by bisection) back into the cone
-    lo, hi = 0.0, 1.0
-    if float(np.linalg.eigvalsh(A - np.diag(delta))[0]) >= floor:
-        return delta
-    for _ in range(30):
-        mid = 0.5 * (lo + hi)
-        if float(np.linalg.eigvalsh(A - mid * np.diag(delta))[0]) >= floor:
-            lo = mid
-        else:
-            hi = mid
-    return lo * delta
 
 
 # ---------------------------------------------------------------------- SCIP plumbing
@@ -460,7 +355,7 @@ def _reconstruct_model(W, G, zmap, groups, nz, start, v0, params, time_limit, ga
         # the start is optimal to round-off (finalize checks the absolute gap); scaling the model
         # by it would give SCIP coefficients beyond its infinity ("error in input data")
         return _ModelResult(start.copy(), 0.0, "optimal")
-    delta = max_diagonal(G, opts["diag"], nonneg=True, seed=params.seed)
+    delta = opts["delta"]
     F, neg = psd_factor(G - np.diag(delta))
     Fn, dn = F / math.sqrt(scale), delta / scale
     m = _new_model(params, time_limit, gap, opts["heuristics"])
@@ -534,11 +429,11 @@ class ScipSolver(Solver):
 
     Options
     -------
-    diag : ``"none"`` | ``"sdp"`` | ``"eig"`` (| ``"dense"`` for ``mask``: plain ``t ≥ pᵀQp``;
+    diag : ``"none"`` | ``"sdp"`` | ``"eig"`` | ``"logdet"`` (| ``"dense"`` for ``mask``: plain ``t ≥ pᵀQp``;
         | ``"qcr"`` for ``mask``: the SDP-chosen rewrite convex on the budget hyperplane;
         | ``"auto"`` for ``mask``: ``qcr`` where the ``sdp`` diagonal moves at least
-        :data:`AUTO_MIN_SHARE` of ``tr Q`` off the quadratic, else ``none``) diagonal moved out
-        of the quadratic; default ``"auto"`` for ``mask``, ``"eig"`` for ``reconstruct``
+        :data:`._quadratic.AUTO_MIN_SHARE` of ``tr Q`` off the quadratic, else ``none``) diagonal moved out
+        of the quadratic; default ``"auto"`` for ``mask``, ``"logdet"`` for ``reconstruct``
         (module docstring: measurements).
     epigraph : ``"split"`` (``t_k ≥ y_k²``, default for ``mask``) | ``"joint"`` (``t ≥ ‖y‖²``,
         default for ``reconstruct``)
@@ -561,7 +456,7 @@ class ScipSolver(Solver):
         sp, _ = problem.to("cpu", torch.float64).scaled()  # scaled in float64, whatever the storage
         W = sp.W.numpy()
         G = sp.G.numpy()
-        start = _warm_start(sp, None if init is None else init.cpu())
+        start = warm_start(sp, None if init is None else init.cpu())
         pat_name = sp.pattern.name
         recon_kind = problem.objective_kind == "reconstruct"
         if self.options.get("polish", True) and not recon_kind and pat_name in ("per-row", "nm"):
@@ -570,8 +465,8 @@ class ScipSolver(Solver):
             for r in range(sp.d_out):  # a 1-swap optimum: SCIP's scale and first incumbent
                 if time.perf_counter() < polish_until:
                     start[r] = one_swap(W[r][:, None] * G * W[r][None, :], start[r], group)
-        diag = self.options.get("diag") or ("eig" if recon_kind else "auto")
-        if diag not in ("none", "sdp", "eig", "dense", "auto", "qcr") or (recon_kind and diag in ("auto", "qcr")):
+        diag = self.options.get("diag") or ("logdet" if recon_kind else "auto")
+        if diag not in ("none", "sdp", "eig", "logdet", "dense", "auto", "qcr") or (recon_kind and diag in ("auto", "qcr")):
             raise SolverError(f"scip: unknown diag option {diag!r} for {problem.objective_kind}")
         # heuristics off only for mask: the reconstruct model's start is partial and needs
         # SCIP's completion heuristic to become its incumbent
@@ -583,7 +478,10 @@ class ScipSolver(Solver):
         pat = sp.pattern
         recon = sp.objective_kind == "reconstruct"
         v0 = sp.refit(torch.from_numpy(start)).numpy() if recon else None
-        info = {**opts, "rows_proved": 0, "models": 0, "nodes": 0, "qcr_models": 0}
+        if recon:  # the perspective split of G̃, shared by every model of the layer
+            opts["delta"] = max_diagonal(G, "sdp" if diag == "dense" else diag, nonneg=True, seed=params.seed)
+        info = {**{k: v for k, v in opts.items() if k != "delta"}, "rows_proved": 0, "models": 0, "nodes": 0,
+                "qcr_models": 0}
         mask = start.copy()
 
         if pat.name in ("per-row", "nm"):
@@ -670,13 +568,12 @@ class ScipSolver(Solver):
         R, d = W.shape
         columns = groups[0][2] == "columns"
         if recon:
-            kopts = {**opts, "diag": "sdp" if opts["diag"] == "dense" else opts["diag"]}
             resid = float(((W - v0) ** 2).sum())
             if columns:
                 zmap, zgroups, zstart = np.broadcast_to(np.arange(d), (R, d)), [(np.arange(d), groups[0][1])], start[0]
             else:
                 zmap, zgroups, zstart = np.arange(R * d).reshape(R, d), [(i, c) for i, c, _ in groups], start.reshape(-1)
-            res = _reconstruct_model(W, G, zmap, zgroups, zstart.size, zstart, v0, params, tl, gap, kopts, resid)
+            res = _reconstruct_model(W, G, zmap, zgroups, zstart.size, zstart, v0, params, tl, gap, opts, resid)
             res.values = np.broadcast_to(res.values, (R, d)).copy() if columns else res.values.reshape(R, d)
             return res
         if columns:
@@ -720,56 +617,3 @@ def _row_groups(pattern, d_in: int, d_out: int, rows: int):
         return [(np.arange(rows * d_in), pattern.budget(d_out, d_in), "layer")]
     keep = pattern.bind(d_out, d_in).keep
     return [(np.arange(rows * d_in), keep, "columns")]
-
-
-def one_swap(Q: np.ndarray, kept: np.ndarray, group: np.ndarray, max_steps: int = 10_000) -> np.ndarray:
-    """Best-improvement 1-swap local search on ``pᵀQp`` (p = pruned = ~kept), swaps inside a group.
-
-    Pruning kept ``i`` and keeping pruned ``j`` changes the value by
-    ``Δ_ij = Q_ii + 2c_i + Q_jj − 2c_j − 2Q_ij`` with ``c = Qp``; the best ``Δ < 0`` is applied
-    until none improves by more than round-off. Monotone, so never worse than ``kept``.
-
-    Parameters
-    ----------
-    Q : (d, d) symmetric; kept : (d,) bool; group : (d,) int, the cardinality group of each entry
-
-    Returns
-    -------
-    (d,) bool kept mask with the same count per group
-    """
-    kept = kept.copy()
-    p = (~kept).astype(float)
-    c = Q @ p
-    dq = np.diag(Q)
-    same = group[:, None] == group[None, :]
-    for _ in range(max_steps):
-        a = np.where(kept, dq + 2 * c, np.inf)        # cost of pruning i
-        b = np.where(~kept, dq - 2 * c, np.inf)       # cost of keeping j
-        D = a[:, None] + b[None, :] - 2 * Q
-        D[~same] = np.inf
-        i, j = np.unravel_index(int(np.argmin(D)), D.shape)
-        if not D[i, j] < -1e-12 * max(float(p @ c), 1e-300):
-            break
-        kept[i], kept[j] = False, True
-        p[i], p[j] = 1.0, 0.0
-        c += Q[:, i] - Q[:, j]
-    return kept
-
-
-def _warm_start(sp: LayerProblem, init: Optional[torch.Tensor]) -> np.ndarray:
-    """Best of the Wanda rounding (|W̃| in the scaled problem) and ``init``, row by row where rows decouple.
-
-    Returns (d_out, d_in) bool.
-    """
-    cands = [sp.round(sp.W.abs())]
-    if init is not None:
-        cands.append(init.to(torch.bool))
-    if len(cands) == 1:
-        return cands[0].numpy().copy()
-    errs = torch.stack([sp.row_errors(c) for c in cands])  # (C, d_out)
-    if sp.pattern.name in ("per-row", "nm"):
-        best = errs.argmin(dim=0)
-        out = torch.stack(cands)[best, torch.arange(sp.d_out)]
-    else:
-        out = cands[int(errs.sum(dim=1).argmin())]
-    return out.numpy().copy()

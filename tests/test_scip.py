@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from layerprune.problems import LayerProblem, make_arrays, make_instance  # noqa: E402
 from layerprune.problems.strategies import tiny_problems  # noqa: E402
 from layerprune.solvers import Params, SolverError, Status, make_solver  # noqa: E402
-from layerprune.solvers.scip import mask_diagonal, max_diagonal, psd_factor  # noqa: E402
+from layerprune.solvers._quadratic import logdet_diagonal, mask_diagonal, max_diagonal, psd_factor  # noqa: E402
 
 REL = 1e-6  # objectives agree to this relative tolerance (both are exact re-scores)
 
@@ -82,7 +82,7 @@ def test_warm_start_accepted_and_never_worse():
 def test_max_diagonal_stays_psd():
     W, G = make_arrays(1, 24, seed=0, rank=20)
     lam0 = np.linalg.eigvalsh(G)[0]
-    for method in ("sdp", "eig"):
+    for method in ("sdp", "eig", "logdet"):
         for nonneg in (False, True):
             d = max_diagonal(G, method, nonneg=nonneg)
             lam = np.linalg.eigvalsh(G - np.diag(d))[0]
@@ -91,6 +91,25 @@ def test_max_diagonal_stays_psd():
                 assert (d >= 0).all()
     Q = np.diag(W[0]) @ G @ np.diag(W[0])
     assert max_diagonal(Q, "sdp").sum() > 0  # the SDP moves something out of the quadratic
+
+
+def test_logdet_diagonal_is_feasible_and_optimal():
+    """Strictly inside the cone, and ``Σ log δ`` equal to the optimum of the cvxpy
+    exponential-cone model (Clarabel); zeros where G is singular."""
+    cp = pytest.importorskip("cvxpy")
+    _, G = make_arrays(1, 12, seed=3)
+    G = G + 0.05 * np.eye(12)                       # positive definite
+    d = logdet_diagonal(G)
+    assert (d > 0).all()
+    assert np.linalg.eigvalsh(G - np.diag(d))[0] > 0
+    delta = cp.Variable(12)
+    prob = cp.Problem(cp.Maximize(cp.sum(cp.log(delta))), [G - cp.diag(delta) >> 0])
+    prob.solve(solver="CLARABEL")
+    assert np.log(d).sum() >= prob.value - 1e-5
+    assert np.log(d).sum() <= prob.value + 1e-5     # the cvxpy optimum is (near) optimal too
+    # singular (rank-deficient) G: no δ > 0 fits, the plain model
+    _, Gs = make_arrays(1, 12, seed=3, rank=6)
+    assert not logdet_diagonal(Gs).any()
 
 
 def test_psd_factor_reports_clipping():
@@ -130,7 +149,7 @@ def test_float32_storage_bound_valid():
 
 
 def test_one_swap_is_monotone_and_locally_optimal():
-    from layerprune.solvers.scip import one_swap
+    from layerprune.solvers._quadratic import one_swap
 
     rng = np.random.default_rng(0)
     for group in (np.zeros(12, int), np.arange(12) // 4):
