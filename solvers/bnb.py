@@ -1,4 +1,8 @@
-r"""``bnb``: branch-and-bound on the QCR convex relaxation of the ``mask`` objective (torch).
+r"""``bnb``: branch-and-bound on convex relaxations, batched in torch (both objectives).
+
+``mask``: the QCR relaxation below. ``reconstruct``: the same search on the perspective
+relaxation of the refit error (:mod:`._bnb_perspective`, which supplies the node relaxation,
+exact scoring and polishing; steps 3–5 are shared).
 
 Rows decouple for ``per-row`` and ``nm``; ``columns`` is one block with
 ``Q = G̃ ⊙ W̃ᵀW̃``. Each block is ``min pᵀQp`` over pruned indicators ``p ∈ {0,1}ⁿ`` whose
@@ -46,10 +50,11 @@ import torch
 
 from layerprune.problems import LayerProblem
 
-from ._quadratic import mask_diagonal, one_swap, psd_factor, warm_start
+from . import _qcr
+from ._quadratic import logdet_diagonal, mask_diagonal, one_swap, psd_factor, warm_start
 from .base import Params, Proposal, Solver, Status
 
-__all__ = ["BranchAndBound", "project_budgets", "project_warm", "linear_bound"]
+__all__ = ["BranchAndBound", "project_budgets", "project_warm", "linear_bound", "checkpoint"]
 
 #: nodes relaxed together in one batch
 BATCH = 512
@@ -159,6 +164,27 @@ def linear_bound(g: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, c: torch.T
     return value, s, torch.where(free, reduced, torch.zeros_like(reduced))
 
 
+def checkpoint(f: torch.Tensor, g: torch.Tensor, x: torch.Tensor, lo3: torch.Tensor, hi3: torch.Tensor,
+               c: torch.Tensor, margin: float, lb: torch.Tensor, thr: float):
+    """The node bounds at points ``x`` (B, n) of convex ``f`` with gradients ``g`` (B, n), and
+    reduced-cost fixing against the threshold ``thr``.
+
+    ``bound = f(x) + min_{s∈S} ∇f(x)ᵀ(s − x) − margin`` (valid at any x by convexity); a free
+    entry whose reduced cost lifts the bound to ``thr`` is fixed to its value in the minimising
+    vertex (the points cut off that way are worth at least ``thr``).
+
+    Returns (lb (B,) the best bound so far, lo3, hi3 (B, k, m) after fixing, whether any entry
+    was fixed).
+    """
+    val, s, red = linear_bound(g.view(lo3.shape), lo3, hi3, c)
+    bound = f + val - (g * x).sum(-1) - margin
+    lb = torch.maximum(lb, bound)
+    fix = (bound.view(-1, 1, 1) + red >= thr) & (hi3 > lo3)
+    if not bool(fix.any()):
+        return lb, lo3, hi3, False
+    return lb, torch.where(fix, s, lo3), torch.where(fix, s, hi3), True
+
+
 class _Block:
     """One block's data in torch: the convex rewrite, groups and the exact quadratic."""
 
@@ -167,6 +193,7 @@ class _Block:
         self.Q, self.F, self.lin, self.const = Q, t(form.F), t(form.lin), float(form.const)
         self.k, self.m, self.c = k, m, torch.full((k,), float(c), dtype=torch.float64, device=device)
         self.H = 2.0 * (self.F @ self.F.T)                 # the Hessian of f, for the iterations
+        self.scale = max(float(Q.sum()), 0.0)              # the all-pruned value
         lam_max = float(torch.linalg.eigvalsh(self.F.T @ self.F)[-1]) if self.F.shape[1] else 0.0
         self.step = 1.0 / max(2.0 * lam_max, 1e-300)
         # round-off of the rewrite and of f, plus what clipping eigenvalues may have added
@@ -214,14 +241,8 @@ class _Block:
             x, fx, gx = new, fnew, gnew
             if it % 10 == 9 or it == iters - 1:
                 fe, ge = self.f_and_grad(x)                           # the bound from the exact form
-                val, s, red = linear_bound(self.shape(ge), lo3, hi3, self.c)
-                bound = fe + val - (ge * x).sum(-1) - self.margin
-                lb = torch.maximum(lb, bound)
-                fix = (bound.view(-1, 1, 1) + red >= thr) & (hi3 > lo3)  # reduced-cost fixing
-                if fix.any():
-                    fixed = True
-                    lo3 = torch.where(fix, s, lo3)
-                    hi3 = torch.where(fix, s, hi3)
+                lb, lo3, hi3, fx_any = checkpoint(fe, ge, x, lo3, hi3, self.c, self.margin, lb, thr)
+                fixed |= fx_any
                 X[idx], LB[idx] = x, lb
                 LO[idx], HI[idx] = lo3.reshape(x.shape), hi3.reshape(x.shape)
                 keep = (lb < thr) & ((fe - lb) > 1e-6 * abs(thr))
@@ -236,6 +257,14 @@ class _Block:
         """Binary points of the node sets nearest each row of x (largest entries per group)."""
         _, s, _ = linear_bound(-self.shape(x), self.shape(lo), self.shape(hi), self.c)
         return s.reshape(x.shape)
+
+    def value(self, P: np.ndarray) -> np.ndarray:
+        """Exact objective ``pᵀQp`` of binary points P (B, n) bool."""
+        return np.einsum("bi,ij,bj->b", P, self.Q, P)
+
+    def polish(self, p: np.ndarray, group: np.ndarray) -> np.ndarray:
+        """1-swap local search from the pruned indicators p (n,) bool."""
+        return ~one_swap(self.Q, ~p, group)
 
 
 class _Pseudocosts:
@@ -271,7 +300,7 @@ def _solve_block(blk: _Block, start: np.ndarray, group: np.ndarray, deadline: fl
     Returns (pruned (n,) bool, bound, proved, nodes)."""
     n = start.size
     best = start.copy()
-    ub = float(best @ blk.Q @ best)
+    ub = float(blk.value(best[None])[0])
     relgap = 0.5 * gap_tol
     counter = itertools.count()
     pc = _Pseudocosts(n)
@@ -306,11 +335,11 @@ def _solve_block(blk: _Block, start: np.ndarray, group: np.ndarray, deadline: fl
         if fixed:  # points removed by reduced-cost fixing are worth at least ``level``
             pruned_min = min(pruned_min, level)
         cand = blk.round(x, lo, hi).cpu().numpy() > 0.5
-        vals = np.einsum("bi,ij,bj->b", cand, blk.Q, cand)
+        vals = blk.value(cand)
         i = int(np.argmin(vals))
         if vals[i] < ub * (1 - 1e-12):
-            p = ~one_swap(blk.Q, ~cand[i], group)
-            best, ub = p, float(p @ blk.Q @ p)
+            p = blk.polish(cand[i], group)
+            best, ub = p, float(blk.value(p[None])[0])
         lbs = lb.cpu().tolist()
         xs, free = x.cpu().numpy(), (hi > lo).cpu().numpy()
         for j, bound in enumerate(lbs):
@@ -322,7 +351,7 @@ def _solve_block(blk: _Block, start: np.ndarray, group: np.ndarray, deadline: fl
                 continue
             if not free[j].any():  # every entry fixed: a leaf, scored exactly
                 p = lo[j].cpu().numpy() > 0.5
-                v = float(p @ blk.Q @ p)
+                v = float(blk.value(p[None])[0])
                 if v < ub:
                     best, ub = p, v
                 pruned_min = min(pruned_min, v)
@@ -347,8 +376,6 @@ def _relaxation(Qn: np.ndarray, group: np.ndarray, count: np.ndarray, params: Pa
     (:func:`._quadratic.mask_diagonal` ``"auto"``), else — or if the SDP fails — the diagonal form
     ``‖Fᵀp‖² + δᵀp`` with ``FFᵀ = Q − diag(δ) ⪰ 0``, exact on binaries as ``p_i² = p_i``. On the
     near-singular synthetic rows the SDP moves almost nothing and only costs time."""
-    from . import _qcr
-
     delta = mask_diagonal(Qn, "auto", seed=params.seed)
     if delta.any():
         sdp_deadline = time.perf_counter() + 0.5 * (deadline - time.perf_counter())
@@ -360,19 +387,21 @@ def _relaxation(Qn: np.ndarray, group: np.ndarray, count: np.ndarray, params: Pa
 
 
 class BranchAndBound(Solver):
-    """Batched best-first branch-and-bound on the QCR relaxation (see the module docstring).
+    """Batched best-first branch-and-bound on the QCR (``mask``) or perspective
+    (``reconstruct``) relaxation (see the module docstring).
 
     Options
     -------
     max_nodes : int, node limit per block (default: none; the time limit governs)
-    polish : bool, default True: 1-swap local search on the start
+    polish : bool, default True: 1-swap local search on the start (on the exact objective)
     """
 
     name = "bnb"
-    description = "branch-and-bound on the SDP-chosen (QCR) convex relaxation, batched in torch; certified"
+    description = ("branch-and-bound in torch on the SDP-chosen (QCR) relaxation (mask) or the perspective "
+                   "relaxation (reconstruct); certified")
     requires = ("cvxpy",)
     patterns = frozenset({"per-row", "nm", "columns"})
-    objectives = frozenset({"mask"})
+    objectives = frozenset({"mask", "reconstruct"})
     options_taken = ("max_nodes", "polish")
     certifies = True
     exact = True
@@ -396,17 +425,20 @@ class BranchAndBound(Solver):
         sp, _ = problem.to("cpu", torch.float64).scaled()
         W, G = sp.W.numpy(), sp.G.numpy()
         kept = warm_start(sp, None if init is None else init.cpu())
+        recon = sp.objective_kind == "reconstruct"
         pat = sp.pattern
         d = sp.d_in
+        delta = logdet_diagonal(G) if recon else None     # zeros if G̃ is singular (monotone bound)
         if pat.name == "columns":
-            blocks = [(None, G * (W.T @ W), 1, d, d - pat.bind(sp.d_out, d).keep, kept[0])]
+            blocks = [(None, W if recon else G * (W.T @ W), 1, d, d - pat.bind(sp.d_out, d).keep, kept[0])]
         else:
             k, m = (d // pat.m, pat.m) if pat.name == "nm" else (1, d)
             c = m - (pat.n if pat.name == "nm" else pat.keep)
-            blocks = [(r, W[r][:, None] * G * W[r][None, :], k, m, c, kept[r]) for r in range(sp.d_out)]
+            blocks = [(r, W[r:r + 1] if recon else W[r][:, None] * G * W[r][None, :], k, m, c, kept[r])
+                      for r in range(sp.d_out)]
         mask = kept.copy()
         bounds, proved, nodes, limit, qcr_blocks = [], [], 0, None, 0
-        for i, (r, Q, k, m, c, kr) in enumerate(blocks):
+        for i, (r, data, k, m, c, kr) in enumerate(blocks):
             left = deadline - time.perf_counter()
             if left <= 0.01:
                 limit = "time"
@@ -415,20 +447,22 @@ class BranchAndBound(Solver):
                 continue
             block_deadline = time.perf_counter() + (left / (len(blocks) - i) if math.isfinite(left) else math.inf)
             group = np.arange(k * m) // m
+            if recon:
+                from ._bnb_perspective import PerspectiveBlock
+
+                blk, qcr = PerspectiveBlock(data, G, delta, k, m, c, device), False
+            else:
+                blk, qcr = self._mask_block(data, k, m, c, group, params, block_deadline, device)
             p = ~kr
             if self.options.get("polish", True):
-                p = ~one_swap(Q, kr, group)
-            sigma = float(np.abs(np.diag(Q)).max())
-            if sigma <= 0.0 or float(p @ Q @ p) <= 1e-13 * max(float(Q.sum()), 0.0):
-                bounds.append(float(p @ Q @ p) if sigma > 0 else 0.0)   # nothing to gain: optimal
+                p = blk.polish(p, group)
+            value = float(blk.value(p[None])[0])
+            if value <= 1e-13 * blk.scale:
+                bounds.append(value)                                  # nothing to gain: optimal
                 proved.append(True)
                 mask[r if r is not None else slice(None)] = ~p
                 continue
-            form = _relaxation(Q / sigma, group, np.full(k, c), params, block_deadline)
-            qcr_blocks += form.sdp_bound is not None
-            form.F, form.lin, form.const = form.F * math.sqrt(sigma), form.lin * sigma, form.const * sigma
-            form.neg *= sigma
-            blk = _Block(Q, k, m, c, form, device)
+            qcr_blocks += qcr
             best, bound, ok, cnt = _solve_block(blk, p, group, block_deadline, params.gap_tol, device,
                                                 self.options.get("max_nodes"))
             nodes += cnt
@@ -441,7 +475,23 @@ class BranchAndBound(Solver):
                 limit = "interrupted"
                 break
         done = len(bounds) == len(blocks) and all(proved)
+        source = "QCR branch-and-bound (Frank–Wolfe bounds, exact rewrite)"
+        if recon:
+            source = ("perspective branch-and-bound (logdet diagonal, Frank–Wolfe bounds)" if delta.any()
+                      else "monotone branch-and-bound (G singular: no perspective split)")
         return Proposal(mask=torch.from_numpy(np.ascontiguousarray(mask)).to(problem.device),
-                        lower_bound=float(sum(bounds)), bound_source="QCR branch-and-bound (Frank–Wolfe bounds, exact rewrite)",
+                        lower_bound=float(sum(bounds)), bound_source=source,
                         status=Status.OPTIMAL if done else Status.FEASIBLE, limit=None if done else (limit or "time"),
                         iterations=nodes, info={"nodes": nodes, "blocks_proved": int(sum(proved)), "qcr_blocks": qcr_blocks})
+
+    @staticmethod
+    def _mask_block(Q, k, m, c, group, params, deadline, device):
+        """The ``mask`` block of ``pᵀQp`` and whether it uses QCR (else the diagonal form)."""
+        sigma = float(np.abs(np.diag(Q)).max())
+        if sigma <= 0.0:
+            return _Block(Q, k, m, c, _qcr.QCRForm(np.zeros((Q.shape[0], 0)), np.zeros(Q.shape[0]), 0.0, 0.0, None),
+                          device), False
+        form = _relaxation(Q / sigma, group, np.full(k, c), params, deadline)
+        form.F, form.lin, form.const = form.F * math.sqrt(sigma), form.lin * sigma, form.const * sigma
+        form.neg *= sigma
+        return _Block(Q, k, m, c, form, device), form.sdp_bound is not None

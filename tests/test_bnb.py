@@ -133,3 +133,70 @@ def test_limits_are_honest_and_never_worse_than_the_start():
     res = make_solver("bnb").solve(p, params=Params(time_limit=1e-3))
     assert res.status == Status.FEASIBLE and res.limit == "time"
     assert res.lower_bound <= res.objective <= wanda.objective * (1 + 1e-12)
+
+
+# ---------------------------------------------------------------------- reconstruct
+def _perspective_block(W, G, pattern="per-row"):
+    from layerprune.solvers._bnb_perspective import PerspectiveBlock
+    from layerprune.solvers._quadratic import logdet_diagonal
+
+    d = G.shape[0]
+    k, m, c = (d // 4, 4, 2) if pattern == "nm" else (1, d, d // 2)
+    return PerspectiveBlock(W, G, logdet_diagonal(G), k, m, c, torch.device("cpu"))
+
+
+def test_perspective_h_and_value_match_the_problem():
+    """h and ∇h equal :func:`relax_perspective.h_and_grad` (the cvxpy backend's certified
+    formula); h equals the exact refit objective at binary points and is below it elsewhere
+    on the budget set; ``value`` equals :meth:`LayerProblem.row_errors`."""
+    from layerprune.solvers.relax_perspective import h_and_grad
+
+    W, G = _well_conditioned(1, 8, seed=5)
+    Wn, Gn = W.numpy(), G.numpy()
+    blk = _perspective_block(Wn, Gn)
+    p = LayerProblem.create(W, G, pattern="per-row:4", objective="reconstruct")
+    rng = np.random.default_rng(0)
+    pts = np.array([rng.permutation(8) < 4 for _ in range(6)])        # pruned indicators
+    frac = rng.uniform(0, 1, (6, 8))
+    h, g = blk.h_and_grad(torch.from_numpy(frac))
+    for b in range(6):
+        want, want_g, _ = h_and_grad(Wn[0], Gn, blk.delta.numpy(), 1.0 - frac[b])
+        assert float(h[b]) == pytest.approx(want, rel=1e-10)
+        assert np.allclose(g[b].numpy(), -want_g, rtol=1e-8, atol=1e-12)
+    exact = blk.value(pts)
+    hb, _ = blk.h_and_grad(torch.from_numpy(pts.astype(float)))
+    for b in range(6):
+        assert exact[b] == pytest.approx(float(p.row_errors(torch.from_numpy(~pts[b])[None])[0]), rel=1e-10)
+        assert float(hb[b]) == pytest.approx(exact[b], rel=1e-9)
+    mid = 0.5 * (pts[0] + pts[1]).astype(float)                            # on the budget, fractional
+    assert float(blk.h_and_grad(torch.from_numpy(mid[None]))[0][0]) <= 0.5 * (exact[0] + exact[1]) + 1e-12
+
+
+@pytest.mark.parametrize("source", ["calibration-like", "synthetic", "singular"])
+@pytest.mark.parametrize("pattern", ["per-row:0.5", "nm:2:4", "columns:0.5"])
+def test_bnb_reconstruct_proves_the_brute_force_optimum(source, pattern):
+    if source == "synthetic":
+        p = make_instance(2, 12, pattern=pattern, objective="reconstruct", seed=7)
+    else:
+        W, G = _well_conditioned(2, 12, seed=1)
+        if source == "singular":  # rank 8 of 12: no perspective split, the monotone bound
+            X = np.random.default_rng(3).standard_normal((8, 12))
+            G = torch.from_numpy(X.T @ X / 8)
+        p = LayerProblem.create(W, G, pattern=pattern, objective="reconstruct")
+    brute = make_solver("brute").solve(p)
+    res = make_solver("bnb").solve(p, params=Params(time_limit=60))
+    assert res.status == Status.OPTIMAL, res.info
+    assert res.objective == pytest.approx(brute.objective, rel=REL, abs=1e-9 * p.scale)
+    assert res.lower_bound <= brute.objective + 1e-9 * p.scale
+    assert res.bound_source.startswith("monotone" if source == "singular" else "perspective"), res.bound_source
+
+
+def test_bnb_reconstruct_limits_are_honest():
+    W, G = _well_conditioned(1, 40, seed=4)
+    p = LayerProblem.create(W, G, pattern="per-row:0.5", objective="reconstruct")
+    res = make_solver("bnb", max_nodes=1).solve(p, params=Params(time_limit=60))
+    assert res.status == Status.FEASIBLE and res.limit == "node", (res.status, res.limit, res.info)
+    assert 0.0 < res.lower_bound <= res.objective
+    res = make_solver("bnb").solve(p, params=Params(time_limit=1e-3))
+    assert res.status == Status.FEASIBLE and res.limit == "time"
+    assert res.lower_bound <= res.objective

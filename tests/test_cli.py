@@ -8,7 +8,7 @@ import pytest
 
 from layerprune.cli import main
 from layerprune.problems import make_arrays, save_instance
-from layerprune.solvers import SOLVERS, get_solver_class, solver_names
+from layerprune.solvers import get_solver_class, solver_names
 
 KEYS = {"solver", "status", "limit", "objective", "lower_bound", "gap", "seconds", "iterations"}
 
