@@ -32,7 +32,8 @@ from .bnb import checkpoint, linear_bound, project_budgets, project_warm
 
 __all__ = ["PerspectiveBlock"]
 
-#: relative round-off allowance on h, its linearisation and the constant
+#: relative round-off allowance on h, its linearisation and the constant (plus a term in the
+#: condition of K, see :class:`PerspectiveBlock`)
 FLOAT_MARGIN = 1e-11
 #: swap-polish passes on an improved incumbent (each scores every in-group swap at once)
 POLISH_STEPS = 25
@@ -52,6 +53,12 @@ class PerspectiveBlock:
         self.k, self.m, self.c = k, m, torch.full((k,), float(c), dtype=torch.float64, device=device)
         self.eye = torch.eye(G.shape[0], dtype=torch.float64, device=device)
         self.L0 = 1e-3 * max(self.const, 1e-300)               # first step-size guess (adapted)
+        # round-off of h through the Cholesky of K grows with K's condition (≤ (‖A‖ + max δ)/min δ)
+        if bool((self.delta > 0).all()):
+            cond = (float(torch.linalg.eigvalsh(self.A)[-1]) + float(self.delta.max())) / float(self.delta.min())
+        else:
+            cond = 1.0
+        self.rel_margin = FLOAT_MARGIN + G.shape[0] * float(np.finfo(np.float64).eps) * cond
 
     def shape(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], self.k, self.m)
@@ -75,7 +82,7 @@ class PerspectiveBlock:
         if not bool((self.delta > 0).any()):
             x = project_budgets(self.shape(x), self.shape(lo), self.shape(hi), self.c)[0].reshape(x.shape)
             bound = torch.as_tensor(self.value(lo.cpu().numpy() > 0.5), dtype=x.dtype, device=x.device)
-            return x, torch.maximum(lb, bound - FLOAT_MARGIN * abs(self.const)), lo, hi, False
+            return x, torch.maximum(lb, bound - self.rel_margin * abs(self.const)), lo, hi, False
         return self.relax_perspective(x, lo, hi, lb, thr, iters, deadline)
 
     def relax_perspective(self, x, lo, hi, lb, thr, iters, deadline=math.inf):
@@ -118,7 +125,7 @@ class PerspectiveBlock:
                 fz[momentum], gz[momentum] = self.h_and_grad(z[momentum].clamp(0.0, 1.0))
                 z = torch.where(momentum.unsqueeze(1), z.clamp(0.0, 1.0), z)
             if it % 10 == 9 or it == iters - 1:
-                margin = FLOAT_MARGIN * (abs(self.const) + fx.abs() + (gx * x).abs().sum(-1) + gx.abs().sum(-1))
+                margin = self.rel_margin * (abs(self.const) + fx.abs() + (gx * x).abs().sum(-1) + gx.abs().sum(-1))
                 lb, lo3, hi3, fx_any = checkpoint(fx, gx, x, lo3, hi3, self.c, margin, lb, thr)
                 fixed |= fx_any
                 X[idx], LB[idx] = x, lb
