@@ -37,6 +37,8 @@ __all__ = ["PerspectiveBlock"]
 FLOAT_MARGIN = 1e-11
 #: swap-polish passes on an improved incumbent (each scores every in-group swap at once)
 POLISH_STEPS = 25
+#: swaps scored per batched refit (bounds the memory: chunk × n² floats)
+POLISH_CHUNK = 256
 
 
 class PerspectiveBlock:
@@ -160,21 +162,29 @@ class PerspectiveBlock:
             y = U @ (inv[:, :, None] * (U.transpose(-1, -2) @ bt))
         return (self.const - (bt * y).sum(dim=(-2, -1))).cpu().numpy()
 
-    def polish(self, p: np.ndarray, group: np.ndarray) -> np.ndarray:
+    def polish(self, p: np.ndarray, group: np.ndarray, deadline: float = math.inf) -> np.ndarray:
         """Best-improvement 1-swap search on the exact objective from pruned indicators p (n,):
-        each pass scores every swap of a pruned and a kept entry of the same group at once."""
+        each pass scores every swap of a pruned and a kept entry of the same group, in chunks of
+        :data:`POLISH_CHUNK`; stops at ``deadline`` with the best point so far."""
+        import time
+
         p = p.copy()
         best = float(self.value(p[None])[0])
         for _ in range(POLISH_STEPS):
             i_idx, j_idx = np.nonzero(p[:, None] & ~p[None, :] & (group[:, None] == group[None, :]))
-            if i_idx.size == 0:
+            top, arg = best, None
+            for lo in range(0, i_idx.size, POLISH_CHUNK):
+                if time.perf_counter() > deadline:
+                    break
+                ii, jj = i_idx[lo:lo + POLISH_CHUNK], j_idx[lo:lo + POLISH_CHUNK]
+                cand = np.repeat(p[None], ii.size, axis=0)
+                cand[np.arange(ii.size), ii] = False
+                cand[np.arange(ii.size), jj] = True
+                vals = self.value(cand)
+                a = int(np.argmin(vals))
+                if vals[a] < top:
+                    top, arg = float(vals[a]), cand[a]
+            if arg is None or not top < best * (1 - 1e-12):
                 break
-            cand = np.repeat(p[None], i_idx.size, axis=0)
-            cand[np.arange(i_idx.size), i_idx] = False
-            cand[np.arange(i_idx.size), j_idx] = True
-            vals = self.value(cand)
-            a = int(np.argmin(vals))
-            if not vals[a] < best * (1 - 1e-12):
-                break
-            p, best = cand[a], float(vals[a])
+            p, best = arg, top
         return p
