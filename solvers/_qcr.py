@@ -126,3 +126,25 @@ def build(Q: np.ndarray, group: np.ndarray, count: np.ndarray, params, deadline:
     mu, bound = got
     F, lin, const, neg, _ = qcr_form(Q, group, count, mu)
     return QCRForm(F, lin, const, neg, bound)
+
+
+def convex_form(Qn: np.ndarray, group: Optional[np.ndarray], count: Optional[np.ndarray], diag: str, params,
+                sdp_deadline: float) -> QCRForm:
+    """The exact convex rewrite of ``pᵀQ_n p`` a ``mask`` model uses, by option ``diag``.
+
+    ``"qcr"``, or ``"auto"`` where the mixing-method diagonal carries weight
+    (:func:`._quadratic.mask_diagonal`): :func:`build` (the SDP until ``sdp_deadline``), if the
+    budgets ``group``/``count`` are given and the SDP succeeds. Otherwise the diagonal form
+    ``‖Fᵀp‖² + δᵀp`` with ``FFᵀ = Q_n − diag δ ⪰ 0`` (δ by ``diag``: ``auto``/``qcr`` → the SDP
+    diagonal or zeros, ``none``, ``sdp``, ``eig``, ``logdet``), exact on binaries as ``p² = p``.
+    On the near-singular synthetic rows the SDP moves almost nothing and only costs time.
+    """
+    from ._quadratic import mask_diagonal, psd_factor
+
+    delta = mask_diagonal(Qn, "auto" if diag == "qcr" else diag, seed=params.seed)
+    if group is not None and (diag == "qcr" or (diag == "auto" and delta.any())):
+        form = build(Qn, group, count, params, sdp_deadline)
+        if form is not None:
+            return form
+    F, neg = psd_factor(Qn - np.diag(delta))
+    return QCRForm(F, delta.copy(), 0.0, neg, None)

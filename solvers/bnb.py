@@ -12,7 +12,7 @@ columns, ``d/M`` groups for N:M) — each prune ``c`` entries.
 1. **Convex rewrite** (:mod:`._qcr`): ``f(p) = ‖Fᵀp‖² + lᵀp + const`` is convex on all of
    ``ℝⁿ`` and equals ``pᵀQp`` on every budget-feasible binary ``p``; the Shor SDP chooses it,
    so the root relaxation is at least the SDP bound (where the SDP cannot help, the plain
-   diagonal form, see :func:`_relaxation`).
+   diagonal form, see :func:`._qcr.convex_form`).
 2. **Node** ``S = {lo ≤ p ≤ hi, Σ_group p = c}`` (``lo = hi`` on fixed entries). Its
    relaxation ``min_S f`` is solved by accelerated projected gradient (FISTA with adaptive
    restart; ``∇f = Hx + l`` is affine, so the momentum point's gradient is the same
@@ -51,7 +51,7 @@ import torch
 from layerprune.problems import LayerProblem
 
 from . import _qcr
-from ._quadratic import logdet_diagonal, mask_diagonal, one_swap, psd_factor, warm_start
+from ._quadratic import logdet_diagonal, one_swap, warm_start
 from .base import Params, Proposal, Solver, Status
 
 __all__ = ["BranchAndBound", "project_budgets", "project_warm", "linear_bound", "checkpoint"]
@@ -370,22 +370,6 @@ def _solve_block(blk: _Block, start: np.ndarray, group: np.ndarray, deadline: fl
     return best, max(bound, 0.0), proved, nodes
 
 
-def _relaxation(Qn: np.ndarray, group: np.ndarray, count: np.ndarray, params: Params, deadline: float):
-    """The convex rewrite of one block (unit max-diagonal ``Qn``): QCR (:mod:`._qcr`, its SDP
-    given at most half of the time left) where the mixing-method diagonal carries weight
-    (:func:`._quadratic.mask_diagonal` ``"auto"``), else — or if the SDP fails — the diagonal form
-    ``‖Fᵀp‖² + δᵀp`` with ``FFᵀ = Q − diag(δ) ⪰ 0``, exact on binaries as ``p_i² = p_i``. On the
-    near-singular synthetic rows the SDP moves almost nothing and only costs time."""
-    delta = mask_diagonal(Qn, "auto", seed=params.seed)
-    if delta.any():
-        sdp_deadline = time.perf_counter() + 0.5 * (deadline - time.perf_counter())
-        form = _qcr.build(Qn, group, count, params, sdp_deadline)
-        if form is not None:
-            return form
-    F, neg = psd_factor(Qn - np.diag(delta))
-    return _qcr.QCRForm(F, delta.copy(), 0.0, neg, None)
-
-
 class BranchAndBound(Solver):
     """Batched best-first branch-and-bound on the QCR (``mask``) or perspective
     (``reconstruct``) relaxation (see the module docstring).
@@ -491,7 +475,8 @@ class BranchAndBound(Solver):
         if sigma <= 0.0:
             return _Block(Q, k, m, c, _qcr.QCRForm(np.zeros((Q.shape[0], 0)), np.zeros(Q.shape[0]), 0.0, 0.0, None),
                           device), False
-        form = _relaxation(Q / sigma, group, np.full(k, c), params, deadline)
+        sdp_deadline = time.perf_counter() + 0.5 * (deadline - time.perf_counter())   # half the time left
+        form = _qcr.convex_form(Q / sigma, group, np.full(k, c), "auto", params, sdp_deadline)
         form.F, form.lin, form.const = form.F * math.sqrt(sigma), form.lin * sigma, form.const * sigma
         form.neg *= sigma
         return _Block(Q, k, m, c, form, device), form.sdp_bound is not None

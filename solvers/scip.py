@@ -119,7 +119,8 @@ import torch
 
 from layerprune.problems import LayerProblem
 
-from ._quadratic import mask_diagonal, max_diagonal, one_swap, psd_factor, warm_start
+from . import _qcr
+from ._quadratic import max_diagonal, one_swap, psd_factor, warm_start
 from .base import Params, Proposal, Solver, SolverError, Status
 
 __all__ = ["ScipSolver"]
@@ -276,16 +277,12 @@ def _mask_model(Qs, groups, n, start, params, time_limit, gap, opts, caps):
             nepi += 1
             startvals.append((t, float(q0[idx] @ Qn @ q0[idx]) * (1 + 1e-9) + 1e-12))
             continue
-        delta = mask_diagonal(Qn, "auto" if diag == "qcr" else diag, seed=params.seed)
-        form = None
-        if diag == "qcr" or (diag == "auto" and delta.any()):
-            form = _qcr_block(Qn, idx, groups, params, deadline, time_limit)
-        if form is not None:  # exact on the budget hyperplane: ‖Fᵀp‖² + lᵀp + const
-            F, neg, delta, const, used_qcr = form.F, form.neg, form.lin, const + form.const, True
-            sdp = None if sdp is None or form.sdp_bound is None else sdp + form.sdp_bound
-        else:
-            F, neg = psd_factor(Qn - np.diag(delta))
-            sdp = None
+        label, counts = _block_budgets(idx, groups)
+        form = _qcr.convex_form(Qn, label, counts, diag, params, min(deadline, time.perf_counter() + 0.5 * time_limit))
+        # QCR: exact on the budget hyperplane, ‖Fᵀp‖² + lᵀp + const; else ‖Fᵀp‖² + δᵀp
+        F, neg, delta, const = form.F, form.neg, form.lin, const + form.const
+        used_qcr |= form.sdp_bound is not None
+        sdp = None if sdp is None or form.sdp_bound is None else sdp + form.sdp_bound
         correction += neg * caps[b] * scale
         ys = []
         yv = F.T @ q0[idx]
@@ -306,27 +303,22 @@ def _mask_model(Qs, groups, n, start, params, time_limit, gap, opts, caps):
     return _ModelResult(_best(m, p, start, pruned=True), bound, status, nodes, qcr=used_qcr)
 
 
-def _qcr_block(Qn, idx, groups, params, deadline, time_limit):
-    """:func:`_qcr.build` for block ``idx`` if every budget group lies inside it, else None.
-
-    The SDP may use half of the model's time limit; if it fails the caller falls back to ``auto``.
-    """
-    from . import _qcr
-
+def _block_budgets(idx, groups):
+    """The budgets of block ``idx`` as (label (k,) group of each entry, counts), or (None, None)
+    if a budget straddles blocks (unstructured: no per-block QCR rewrite)."""
     pos = {int(j): a for a, j in enumerate(idx)}
     label, counts = np.full(len(idx), -1), []
-    for g, (gidx, count) in enumerate(groups):
+    for gidx, count in groups:
         inside = [pos.get(int(j)) for j in gidx]
         if any(a is None for a in inside):
             if any(a is not None for a in inside):
-                return None  # a budget straddles blocks (unstructured): no per-block rewrite
+                return None, None
             continue
         label[inside] = len(counts)
         counts.append(count)
     if (label < 0).any():
-        return None
-    sdp_deadline = min(deadline, time.perf_counter() + 0.5 * time_limit)
-    return _qcr.build(Qn, label, np.asarray(counts), params, sdp_deadline)
+        return None, None
+    return label, np.asarray(counts)
 
 
 # ---------------------------------------------------------------------- reconstruct model
