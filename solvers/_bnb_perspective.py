@@ -41,6 +41,20 @@ POLISH_STEPS = 25
 POLISH_CHUNK = 256
 
 
+def _solve_psd(K: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``K⁺b`` for a batch of symmetric PSD K (B, n, n), b (B, n, R): Cholesky, or where that
+    fails (singular K) the eigen-decomposition with eigenvalues below 1e-12·λ_max dropped (the
+    minimum-norm solution: exact refits on a singular G_SS, exact h where round-off broke
+    Cholesky)."""
+    L, info = torch.linalg.cholesky_ex(K)
+    if bool((info == 0).all()):
+        return torch.cholesky_solve(b, L)
+    lam, U = torch.linalg.eigh(K)
+    cut = 1e-12 * lam.abs().amax(dim=-1, keepdim=True).clamp(min=1e-300)
+    inv = torch.where(lam > cut, 1.0 / torch.where(lam > cut, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+    return U @ (inv[:, :, None] * (U.transpose(-1, -2) @ b))
+
+
 class PerspectiveBlock:
     """One block of the ``reconstruct`` search: rows ``W`` (R, n) sharing ``G`` (n, n),
     ``k`` groups of ``m`` entries with ``c`` pruned per group; ``delta`` (n,) > 0."""
@@ -53,7 +67,6 @@ class PerspectiveBlock:
         self.const = float(np.einsum("ri,ij,rj->", W, G, W))
         self.scale = self.const                                # the all-pruned value
         self.k, self.m, self.c = k, m, torch.full((k,), float(c), dtype=torch.float64, device=device)
-        self.eye = torch.eye(G.shape[0], dtype=torch.float64, device=device)
         self.L0 = 1e-3 * max(self.const, 1e-300)               # first step-size guess (adapted)
         # round-off of h through the Cholesky of K grows with K's condition (≤ (‖A‖ + max δ)/min δ)
         if bool((self.delta > 0).all()):
@@ -69,9 +82,8 @@ class PerspectiveBlock:
         """``h`` and ``∇_p h`` at pruned fractions p (B, n) in [0, 1]."""
         sq = (1.0 - p).clamp(0.0, 1.0).sqrt()                  # (B, n)
         K = sq[:, :, None] * self.A * sq[:, None, :] + torch.diag(self.delta)
-        L = torch.linalg.cholesky(K)
         bt = sq[:, :, None] * self.B                            # (B, n, R)
-        y = torch.cholesky_solve(bt, L)
+        y = _solve_psd(K, bt)
         v = sq[:, :, None] * y
         h = self.const - (bt * y).sum(dim=(-2, -1))
         u = (self.B - self.A @ v) / self.delta[:, None]
@@ -126,13 +138,12 @@ class PerspectiveBlock:
             if bool(momentum.any()):
                 fz[momentum], gz[momentum] = self.h_and_grad(z[momentum].clamp(0.0, 1.0))
                 z = torch.where(momentum.unsqueeze(1), z.clamp(0.0, 1.0), z)
-            if it % 10 == 9 or it == iters - 1:
+            if it % 10 == 9 or it == iters - 1 or time.perf_counter() > deadline:
                 margin = self.rel_margin * (abs(self.const) + fx.abs() + (gx * x).abs().sum(-1) + gx.abs().sum(-1))
-                lb, lo3, hi3, fx_any = checkpoint(fx, gx, x, lo3, hi3, self.c, margin, lb, thr)
+                lb, lo3, hi3, fx_any, keep = checkpoint(fx, gx, x, lo3, hi3, self.c, margin, lb, thr)
                 fixed |= fx_any
                 X[idx], LB[idx] = x, lb
                 LO[idx], HI[idx] = lo3.reshape(x.shape), hi3.reshape(x.shape)
-                keep = (lb < thr) & ((fx - lb) > 1e-6 * abs(thr))
                 if not bool(keep.any()) or time.perf_counter() > deadline:
                     break
                 if not bool(keep.all()):
@@ -152,15 +163,7 @@ class PerspectiveBlock:
         keep = torch.as_tensor(~P, dtype=torch.float64, device=self.G.device)
         K = keep[:, :, None] * self.G * keep[:, None, :] + torch.diag_embed(1.0 - keep)
         bt = keep[:, :, None] * self.B
-        L, info = torch.linalg.cholesky_ex(K)
-        if bool((info == 0).all()):
-            y = torch.cholesky_solve(bt, L)
-        else:  # singular G_SS: the minimum-norm refit, eigenvalues below 1e-12·λ_max dropped
-            lam, U = torch.linalg.eigh(K)
-            cut = 1e-12 * lam.abs().amax(dim=-1, keepdim=True).clamp(min=1e-300)
-            inv = torch.where(lam > cut, 1.0 / torch.where(lam > cut, lam, torch.ones_like(lam)), torch.zeros_like(lam))
-            y = U @ (inv[:, :, None] * (U.transpose(-1, -2) @ bt))
-        return (self.const - (bt * y).sum(dim=(-2, -1))).cpu().numpy()
+        return (self.const - (bt * _solve_psd(K, bt)).sum(dim=(-2, -1))).cpu().numpy()
 
     def polish(self, p: np.ndarray, group: np.ndarray, deadline: float = math.inf) -> np.ndarray:
         """Best-improvement 1-swap search on the exact objective from pruned indicators p (n,):

@@ -174,15 +174,16 @@ def checkpoint(f: torch.Tensor, g: torch.Tensor, x: torch.Tensor, lo3: torch.Ten
     vertex (the points cut off that way are worth at least ``thr``).
 
     Returns (lb (B,) the best bound so far, lo3, hi3 (B, k, m) after fixing, whether any entry
-    was fixed).
+    was fixed, keep (B,) bool: the nodes neither pruned (``lb ≥ thr``) nor converged).
     """
     val, s, red = linear_bound(g.view(lo3.shape), lo3, hi3, c)
     bound = f + val - (g * x).sum(-1) - margin
     lb = torch.maximum(lb, bound)
+    keep = (lb < thr) & ((f - lb) > 1e-6 * abs(thr))
     fix = (bound.view(-1, 1, 1) + red >= thr) & (hi3 > lo3)
     if not bool(fix.any()):
-        return lb, lo3, hi3, False
-    return lb, torch.where(fix, s, lo3), torch.where(fix, s, hi3), True
+        return lb, lo3, hi3, False, keep
+    return lb, torch.where(fix, s, lo3), torch.where(fix, s, hi3), True, keep
 
 
 class _Block:
@@ -239,13 +240,12 @@ class _Block:
             gz = gnew + beta * (gnew - gx)
             t = torch.where(worse, torch.ones_like(t), t_next)
             x, fx, gx = new, fnew, gnew
-            if it % 10 == 9 or it == iters - 1:
+            if it % 10 == 9 or it == iters - 1 or time.perf_counter() > deadline:
                 fe, ge = self.f_and_grad(x)                           # the bound from the exact form
-                lb, lo3, hi3, fx_any = checkpoint(fe, ge, x, lo3, hi3, self.c, self.margin, lb, thr)
+                lb, lo3, hi3, fx_any, keep = checkpoint(fe, ge, x, lo3, hi3, self.c, self.margin, lb, thr)
                 fixed |= fx_any
                 X[idx], LB[idx] = x, lb
                 LO[idx], HI[idx] = lo3.reshape(x.shape), hi3.reshape(x.shape)
-                keep = (lb < thr) & ((fe - lb) > 1e-6 * abs(thr))
                 if not bool(keep.any()) or time.perf_counter() > deadline:
                     break
                 if not bool(keep.all()):
