@@ -24,11 +24,12 @@ on the exact objective.
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import torch
 
-from .bnb import checkpoint, linear_bound, project_budgets, project_warm
+from .bnb import NodeSets, checkpoint, compact, project_budgets, project_warm
 
 __all__ = ["PerspectiveBlock"]
 
@@ -55,7 +56,7 @@ def _solve_psd(K: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return U @ (inv[:, :, None] * (U.transpose(-1, -2) @ b))
 
 
-class PerspectiveBlock:
+class PerspectiveBlock(NodeSets):
     """One block of the ``reconstruct`` search: rows ``W`` (R, n) sharing ``G`` (n, n),
     ``k`` groups of ``m`` entries with ``c`` pruned per group; ``delta`` (n,) > 0."""
 
@@ -65,7 +66,6 @@ class PerspectiveBlock:
         self.A = self.G - torch.diag(self.delta)
         self.B = t(G @ W.T)                                    # (n, R): b_r = G w_r
         self.const = float(np.einsum("ri,ij,rj->", W, G, W))
-        self.scale = self.const                                # the all-pruned value
         self.k, self.m, self.c = k, m, torch.full((k,), float(c), dtype=torch.float64, device=device)
         self.L0 = 1e-3 * max(self.const, 1e-300)               # first step-size guess (adapted)
         # round-off of h through the Cholesky of K grows with K's condition (≤ (‖A‖ + max δ)/min δ)
@@ -75,8 +75,10 @@ class PerspectiveBlock:
             cond = 1.0
         self.rel_margin = FLOAT_MARGIN + G.shape[0] * float(np.finfo(np.float64).eps) * cond
 
-    def shape(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(x.shape[0], self.k, self.m)
+    @property
+    def scale(self) -> float:
+        """The all-pruned value."""
+        return self.const
 
     def h_and_grad(self, p: torch.Tensor):
         """``h`` and ``∇_p h`` at pruned fractions p (B, n) in [0, 1]."""
@@ -103,8 +105,6 @@ class PerspectiveBlock:
         """FISTA with backtracking (per node: a step ``1/L`` is taken when
         ``h(new) ≤ h(z) + ∇h(z)ᵀ(new − z) + L/2‖new − z‖²``, else L doubles) and adaptive
         restart, on a batch of nodes; returns and compacts as :meth:`.bnb._Block.relax`."""
-        import time
-
         X, LB, LO, HI = x.clone(), lb.clone(), lo.clone(), hi.clone()
         idx = torch.arange(x.shape[0], device=x.device)
         lo3, hi3 = self.shape(lo), self.shape(hi)
@@ -135,9 +135,9 @@ class PerspectiveBlock:
             x, fx, gx = xn, fxn, gxn
             momentum = (beta > 0).squeeze(1)
             fz, gz = fx.clone(), gx.clone()
-            if bool(momentum.any()):
-                fz[momentum], gz[momentum] = self.h_and_grad(z[momentum].clamp(0.0, 1.0))
+            if bool(momentum.any()):  # the extrapolated point, kept inside h's domain [0, 1]ⁿ
                 z = torch.where(momentum.unsqueeze(1), z.clamp(0.0, 1.0), z)
+                fz[momentum], gz[momentum] = self.h_and_grad(z[momentum])
             if it % 10 == 9 or it == iters - 1 or time.perf_counter() > deadline:
                 margin = self.rel_margin * (abs(self.const) + fx.abs() + (gx * x).abs().sum(-1) + gx.abs().sum(-1))
                 lb, lo3, hi3, fx_any, keep = checkpoint(fx, gx, x, lo3, hi3, self.c, margin, lb, thr)
@@ -147,14 +147,9 @@ class PerspectiveBlock:
                 if not bool(keep.any()) or time.perf_counter() > deadline:
                     break
                 if not bool(keep.all()):
-                    idx, x, z, t, fx, lb, L = idx[keep], x[keep], z[keep], t[keep], fx[keep], lb[keep], L[keep]
-                    gx, gz, fz, tau, lo3, hi3 = gx[keep], gz[keep], fz[keep], tau[keep], lo3[keep], hi3[keep]
+                    idx, x, z, t, fx, lb, L, gx, gz, fz, tau, lo3, hi3 = compact(
+                        keep, idx, x, z, t, fx, lb, L, gx, gz, fz, tau, lo3, hi3)
         return X, LB, LO, HI, fixed
-
-    def round(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        """Binary points of the node sets nearest each row of x (largest entries per group)."""
-        _, s, _ = linear_bound(-self.shape(x), self.shape(lo), self.shape(hi), self.c)
-        return s.reshape(x.shape)
 
     def value(self, P: np.ndarray) -> np.ndarray:
         """Exact objective of binary pruned points P (B, n) bool: the refit
@@ -169,8 +164,6 @@ class PerspectiveBlock:
         """Best-improvement 1-swap search on the exact objective from pruned indicators p (n,):
         each pass scores every swap of a pruned and a kept entry of the same group, in chunks of
         :data:`POLISH_CHUNK`; stops at ``deadline`` with the best point so far."""
-        import time
-
         p = p.copy()
         best = float(self.value(p[None])[0])
         for _ in range(POLISH_STEPS):

@@ -54,7 +54,8 @@ from . import _qcr
 from ._quadratic import logdet_diagonal, one_swap, warm_start
 from .base import Params, Proposal, Solver, Status
 
-__all__ = ["BranchAndBound", "project_budgets", "project_warm", "linear_bound", "checkpoint"]
+__all__ = ["BranchAndBound", "NodeSets", "project_budgets", "project_warm", "linear_bound", "checkpoint",
+           "compact"]
 
 #: nodes relaxed together in one batch
 BATCH = 512
@@ -186,7 +187,29 @@ def checkpoint(f: torch.Tensor, g: torch.Tensor, x: torch.Tensor, lo3: torch.Ten
     return lb, torch.where(fix, s, lo3), torch.where(fix, s, hi3), True, keep
 
 
-class _Block:
+def compact(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple:
+    """Each tensor's rows where ``keep`` (B,) holds: the nodes that stay in a relaxation batch."""
+    return tuple(t[keep] for t in tensors)
+
+
+class NodeSets:
+    """What both blocks share: ``k`` groups of ``m`` entries with ``c`` (a (k,) tensor) pruned
+    per group; node points are (B, n) with ``n = k·m``."""
+
+    k: int
+    m: int
+    c: torch.Tensor
+
+    def shape(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], self.k, self.m)
+
+    def round(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """Binary points of the node sets nearest each row of x (largest entries per group)."""
+        _, s, _ = linear_bound(-self.shape(x), self.shape(lo), self.shape(hi), self.c)
+        return s.reshape(x.shape)
+
+
+class _Block(NodeSets):
     """One block's data in torch: the convex rewrite, groups and the exact quadratic."""
 
     def __init__(self, Q: np.ndarray, k: int, m: int, c: int, form, device):
@@ -209,9 +232,6 @@ class _Block:
     def grad(self, x: torch.Tensor) -> torch.Tensor:
         """∇f = Hx + l of (B, n) points with one product (the iterations' cheap form)."""
         return x @ self.H + self.lin
-
-    def shape(self, x: torch.Tensor) -> torch.Tensor:
-        return x.view(x.shape[0], self.k, self.m)
 
     def relax(self, x, lo, hi, lb, thr, iters, deadline=math.inf):
         """FISTA on a batch of nodes; returns (x, lb, lo, hi, fixed) with lb the best bound seen
@@ -249,14 +269,9 @@ class _Block:
                 if not bool(keep.any()) or time.perf_counter() > deadline:
                     break
                 if not bool(keep.all()):
-                    idx, x, z, t, fx, lb = idx[keep], x[keep], z[keep], t[keep], fx[keep], lb[keep]
-                    gx, gz, tau, lo3, hi3 = gx[keep], gz[keep], tau[keep], lo3[keep], hi3[keep]
+                    idx, x, z, t, fx, lb, gx, gz, tau, lo3, hi3 = compact(keep, idx, x, z, t, fx, lb, gx, gz, tau,
+                                                                          lo3, hi3)
         return X, LB, LO, HI, fixed
-
-    def round(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        """Binary points of the node sets nearest each row of x (largest entries per group)."""
-        _, s, _ = linear_bound(-self.shape(x), self.shape(lo), self.shape(hi), self.c)
-        return s.reshape(x.shape)
 
     def value(self, P: np.ndarray) -> np.ndarray:
         """Exact objective ``pᵀQp`` of binary points P (B, n) bool."""
