@@ -9,10 +9,16 @@ Rows decouple for ``per-row`` and ``nm``; ``columns`` is one block with
 groups — ``k`` consecutive runs of ``m`` entries, ``n = k·m`` (one group for per-row and
 columns, ``d/M`` groups for N:M) — each prune ``c`` entries.
 
-1. **Convex rewrite** (:mod:`._qcr`): ``f(p) = ‖Fᵀp‖² + lᵀp + const`` is convex on all of
-   ``ℝⁿ`` and equals ``pᵀQp`` on every budget-feasible binary ``p``; the Shor SDP chooses it,
-   so the root relaxation is at least the SDP bound (where the SDP cannot help, the plain
-   diagonal form, see :func:`._qcr.convex_form`).
+0. **Probing** (:func:`probe_kept`): with the plain exact form ``‖Fᵀp‖²`` (``FFᵀ = Q``), one
+   batch relaxes every child ``{p_i = 1}``; entries whose child cannot beat the start are kept
+   for good and leave ``Q``. Outlier channels (activations 10–100× the rest) are such entries:
+   they set ``Q``'s scale — the SDP's accuracy and the gradient steps — while the optimum lives
+   orders of magnitude below it; without them the rest is solved at its own scale.
+1. **Convex rewrite** (:mod:`._qcr`) of the remaining principal block: ``f(p) = ‖Fᵀp‖² + lᵀp +
+   const`` is convex on all of ``ℝⁿ`` and equals ``pᵀQp`` on every budget-feasible binary ``p``
+   keeping the probed entries; the Shor SDP chooses it, so the root relaxation is at least the
+   SDP bound (where the SDP cannot help, the plain diagonal form, see
+   :func:`._qcr.convex_form`).
 2. **Node** ``S = {lo ≤ p ≤ hi, Σ_group p = c}`` (``lo = hi`` on fixed entries). Its
    relaxation ``min_S f`` is solved by accelerated projected gradient (FISTA with adaptive
    restart; ``∇f = Hx + l`` is affine, so the momentum point's gradient is the same
@@ -54,7 +60,7 @@ from . import _qcr
 from ._quadratic import logdet_diagonal, one_swap, warm_start
 from .base import Params, Proposal, Solver, Status
 
-__all__ = ["BranchAndBound", "NodeSets", "project_budgets", "project_warm", "linear_bound", "checkpoint",
+__all__ = ["BranchAndBound", "NodeSets", "probe_kept", "project_budgets", "project_warm", "linear_bound", "checkpoint",
            "compact"]
 
 #: nodes relaxed together in one batch
@@ -63,6 +69,8 @@ BATCH = 512
 ITERS = 60
 #: Newton steps of the warm-started projection before falling back to sorting
 NEWTON_STEPS = 3
+#: FISTA iterations of the probing batch at the root (:func:`probe_kept`)
+PROBE_ITERS = 200
 
 
 # ---------------------------------------------------------------------- pure steps
@@ -308,9 +316,39 @@ class _Pseudocosts:
         return int(np.argmax(score))
 
 
+def probe_kept(blk: "_Block", start: np.ndarray, thr: float, deadline: float = math.inf) -> tuple[np.ndarray, float]:
+    """Entries that every point worth less than ``thr`` keeps (probing, one batch).
+
+    For each entry ``i`` the start (n,) bool keeps, the child node ``{p_i = 1}`` (pruned) is
+    relaxed; where its bound reaches ``thr``, pruning ``i`` cannot beat ``thr`` and ``i`` is
+    kept for good: it leaves the quadratic (``p_i = 0`` zeroes its row and column of ``Q``).
+    The entries the start prunes are never probed, so the start stays feasible.
+
+    Returns (kept (n,) bool, floor): floor is the least bound of the probed-out children
+    (inf if none), a bound on every point removed.
+    """
+    n = start.size
+    cand = np.flatnonzero(~start)
+    kept = np.zeros(n, dtype=bool)
+    if cand.size == 0 or not math.isfinite(thr):
+        return kept, math.inf
+    dev = blk.lin.device
+    lo = torch.zeros(cand.size, n, dtype=torch.float64, device=dev)
+    lo[torch.arange(cand.size), torch.as_tensor(cand, device=dev)] = 1.0
+    hi = torch.ones_like(lo)
+    x = torch.as_tensor(start, dtype=torch.float64, device=dev).expand(cand.size, n).clone()
+    lb = torch.full((cand.size,), -math.inf, dtype=torch.float64, device=dev)
+    _, lb, _, _, _ = blk.relax(x, lo, hi, lb, thr, PROBE_ITERS, deadline)
+    out = (lb >= thr).cpu().numpy()
+    kept[cand[out]] = True
+    return kept, float(lb[torch.as_tensor(out, device=dev)].min()) if out.any() else math.inf
+
+
 def _solve_block(blk: _Block, start: np.ndarray, group: np.ndarray, deadline: float, gap_tol: float,
-                 device, max_nodes: Optional[int]):
-    """Best-first branch-and-bound of one block. ``start``: (n,) bool pruned indicators.
+                 device, max_nodes: Optional[int], kept: Optional[np.ndarray] = None, floor: float = math.inf):
+    """Best-first branch-and-bound of one block. ``start``: (n,) bool pruned indicators;
+    ``kept`` (n,) bool: entries fixed kept at the root, every point with one of them pruned
+    being worth at least ``floor``.
 
     Returns (pruned (n,) bool, bound, proved, nodes)."""
     n = start.size
@@ -321,10 +359,12 @@ def _solve_block(blk: _Block, start: np.ndarray, group: np.ndarray, deadline: fl
     pc = _Pseudocosts(n)
     zeros = torch.zeros(n, dtype=torch.float64, device=device)
     ones = torch.ones(n, dtype=torch.float64, device=device)
+    if kept is not None:
+        ones[torch.as_tensor(kept, device=device)] = 0.0
     x0 = torch.as_tensor(best, dtype=torch.float64, device=device)
     # heap items: (bound, tie, lo, hi, x, (branched entry, direction, distance) or None)
     heap = [(-math.inf, next(counter), zeros, ones, x0, None)]
-    pruned_min, nodes = math.inf, 0
+    pruned_min, nodes = floor, 0
 
     def thr():
         return ub * (1.0 - relgap)
@@ -436,7 +476,7 @@ class BranchAndBound(Solver):
             blocks = [(r, W[r:r + 1] if recon else W[r][:, None] * G * W[r][None, :], k, m, c, kept[r])
                       for r in range(sp.d_out)]
         mask = kept.copy()
-        bounds, proved, nodes, limit, qcr_blocks = [], [], 0, None, 0
+        bounds, proved, nodes, limit, qcr_blocks, probed = [], [], 0, None, 0, 0
         for i, (r, data, k, m, c, kr) in enumerate(blocks):
             left = deadline - time.perf_counter()
             if left <= 0.01:
@@ -450,8 +490,8 @@ class BranchAndBound(Solver):
                 from ._bnb_perspective import PerspectiveBlock
 
                 blk, qcr = PerspectiveBlock(data, G, delta, k, m, c, device), False
-            else:
-                blk, qcr = self._mask_block(data, k, m, c, group, params, block_deadline, device)
+            else:  # the exact form of Q itself first: enough to polish and probe
+                blk, qcr = self._mask_block(data, k, m, c, group, params, block_deadline, device, None)
             p = ~kr
             if self.options.get("polish", True):  # at most a fifth of the block's time
                 p = blk.polish(p, group, time.perf_counter() + 0.2 * (block_deadline - time.perf_counter()))
@@ -461,9 +501,14 @@ class BranchAndBound(Solver):
                 proved.append(True)
                 mask[r if r is not None else slice(None)] = ~p
                 continue
+            fixed_kept, floor = None, math.inf
+            if not recon:  # probing: entries too costly to prune leave Q, then the SDP-chosen form
+                fixed_kept, floor = probe_kept(blk, p, value * (1.0 - 0.5 * params.gap_tol), block_deadline)
+                blk, qcr = self._mask_block(data, k, m, c, group, params, block_deadline, device, fixed_kept)
+                probed += int(fixed_kept.sum())
             qcr_blocks += qcr
             best, bound, ok, cnt = _solve_block(blk, p, group, block_deadline, params.gap_tol, device,
-                                                self.options.get("max_nodes"))
+                                                self.options.get("max_nodes"), fixed_kept, floor)
             nodes += cnt
             mask[r if r is not None else slice(None)] = ~best
             bounds.append(bound)
@@ -481,17 +526,35 @@ class BranchAndBound(Solver):
         return Proposal(mask=torch.from_numpy(np.ascontiguousarray(mask)).to(problem.device),
                         lower_bound=float(sum(bounds)), bound_source=source,
                         status=Status.OPTIMAL if done else Status.FEASIBLE, limit=None if done else (limit or "time"),
-                        iterations=nodes, info={"nodes": nodes, "blocks_proved": int(sum(proved)), "qcr_blocks": qcr_blocks})
+                        iterations=nodes, info={"nodes": nodes, "blocks_proved": int(sum(proved)), "qcr_blocks": qcr_blocks,
+                              "probed_kept": probed})
 
     @staticmethod
-    def _mask_block(Q, k, m, c, group, params, deadline, device):
-        """The ``mask`` block of ``pᵀQp`` and whether it uses QCR (else the diagonal form)."""
-        sigma = float(np.abs(np.diag(Q)).max())
+    def _mask_block(Q, k, m, c, group, params, deadline, device, kept):
+        """The ``mask`` block of ``pᵀQp`` and whether it uses QCR (else a diagonal form).
+
+        ``kept`` None: the plain exact form ``‖Fᵀp‖²``, ``FFᵀ = Q`` (no SDP). Else (n,) bool,
+        entries fixed kept: the form of :func:`._qcr.convex_form` on the others' principal
+        block ``Q_R``, padded with zeros — exact wherever the kept entries are 0, which every
+        node keeps them at (the SDP sees only the entries still in play, at their own scale).
+        """
+        from ._quadratic import psd_factor
+
+        n = Q.shape[0]
+        R = np.arange(n) if kept is None else np.flatnonzero(~kept)
+        QR = Q[np.ix_(R, R)]
+        sigma = float(np.abs(np.diag(QR)).max()) if R.size else 0.0
         if sigma <= 0.0:
-            return _Block(Q, k, m, c, _qcr.QCRForm(np.zeros((Q.shape[0], 0)), np.zeros(Q.shape[0]), 0.0, 0.0, None),
-                          device), False
-        sdp_deadline = time.perf_counter() + 0.5 * (deadline - time.perf_counter())   # half the time left
-        form = _qcr.convex_form(Q / sigma, group, np.full(k, c), "auto", params, sdp_deadline)
-        form.F, form.lin, form.const = form.F * math.sqrt(sigma), form.lin * sigma, form.const * sigma
-        form.neg *= sigma
-        return _Block(Q, k, m, c, form, device), form.sdp_bound is not None
+            form = _qcr.QCRForm(np.zeros((R.size, 0)), np.zeros(R.size), 0.0, 0.0, None)
+        elif kept is None:
+            F, neg = psd_factor(QR / sigma)
+            form = _qcr.QCRForm(F, np.zeros(R.size), 0.0, neg, None)
+        else:
+            sdp_deadline = time.perf_counter() + 0.5 * (deadline - time.perf_counter())   # half the time left
+            form = _qcr.convex_form(QR / sigma, group[R], np.full(k, c), "auto", params, sdp_deadline)
+        F = np.zeros((n, form.F.shape[1]))
+        F[R] = form.F * math.sqrt(max(sigma, 0.0))
+        lin = np.zeros(n)
+        lin[R] = form.lin * sigma
+        padded = _qcr.QCRForm(F, lin, form.const * sigma, form.neg * sigma, form.sdp_bound)
+        return _Block(Q, k, m, c, padded, device), form.sdp_bound is not None

@@ -12,7 +12,7 @@ pytest.importorskip("cvxpy")
 
 from layerprune.problems import LayerProblem, make_instance  # noqa: E402
 from layerprune.solvers import Params, Status, make_solver  # noqa: E402
-from layerprune.solvers.bnb import linear_bound, project_budgets, project_warm  # noqa: E402
+from layerprune.solvers.bnb import BranchAndBound, linear_bound, probe_kept, project_budgets, project_warm  # noqa: E402
 
 REL = 1e-6
 
@@ -121,6 +121,41 @@ def test_near_singular_rows_use_the_diagonal_form():
     assert res.status == Status.OPTIMAL
     assert res.objective == pytest.approx(brute.objective, rel=REL, abs=1e-9 * p.scale)
     assert res.lower_bound <= brute.objective + 1e-9 * p.scale
+
+
+def _outlier_row(seed=3, d=12):
+    """One row whose Gram matrix has two outlier channels (activations 50× the rest)."""
+    return make_instance(1, d, pattern="per-row:0.5", objective="mask", seed=seed, n_outliers=2, outlier_scale=50.0)
+
+
+def test_probing_keeps_only_entries_no_better_point_prunes():
+    p = _outlier_row()
+    w, G = p.W[0].double().numpy(), p.G.double().numpy()
+    Q = w[:, None] * G * w[None, :]
+    n, c = Q.shape[0], Q.shape[0] // 2
+    group = np.zeros(n, dtype=int)
+    blk, _ = BranchAndBound._mask_block(Q, 1, n, c, group, Params(), math.inf, torch.device("cpu"), None)
+    start = np.zeros(n, dtype=bool)
+    start[np.argsort(np.diag(Q))[:c]] = True                  # prune the c smallest diagonals
+    thr = float(start @ Q @ start)
+    kept, floor = probe_kept(blk, start, thr)
+    assert kept.any() and not (kept & start).any()
+    assert floor >= thr
+    for i in np.flatnonzero(kept):                           # every point pruning i is worth ≥ thr
+        best = min(float(np.array(s) @ Q @ np.array(s)) for s in itertools.product((0.0, 1.0), repeat=n)
+                   if sum(s) == c and s[i] == 1.0)
+        assert best >= thr * (1 - 1e-9)
+
+
+def test_bnb_proves_the_optimum_after_probing_outliers():
+    for seed in (3, 5):
+        p = _outlier_row(seed)
+        brute = make_solver("brute").solve(p)
+        res = make_solver("bnb").solve(p, params=Params(time_limit=60))
+        assert res.info["probed_kept"] > 0, res.info
+        assert res.status == Status.OPTIMAL
+        assert res.objective == pytest.approx(brute.objective, rel=REL)
+        assert res.lower_bound <= brute.objective * (1 + 1e-9)
 
 
 def test_limits_are_honest_and_never_worse_than_the_start():
