@@ -332,7 +332,7 @@ def probe_kept(blk: "_Block", start: np.ndarray, thr: float, deadline: float = m
     kept = np.zeros(n, dtype=bool)
     if cand.size == 0 or not math.isfinite(thr):
         return kept, math.inf
-    dev = blk.lin.device
+    dev = blk.c.device
     lo = torch.zeros(cand.size, n, dtype=torch.float64, device=dev)
     lo[torch.arange(cand.size), torch.as_tensor(cand, device=dev)] = 1.0
     hi = torch.ones_like(lo)
