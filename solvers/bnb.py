@@ -526,8 +526,8 @@ class BranchAndBound(Solver):
         return Proposal(mask=torch.from_numpy(np.ascontiguousarray(mask)).to(problem.device),
                         lower_bound=float(sum(bounds)), bound_source=source,
                         status=Status.OPTIMAL if done else Status.FEASIBLE, limit=None if done else (limit or "time"),
-                        iterations=nodes, info={"nodes": nodes, "blocks_proved": int(sum(proved)), "qcr_blocks": qcr_blocks,
-                              "probed_kept": probed})
+                        iterations=nodes, info={"nodes": nodes, "blocks_proved": int(sum(proved)),
+                                                "qcr_blocks": qcr_blocks, "probed_kept": probed})
 
     @staticmethod
     def _mask_block(Q, k, m, c, group, params, deadline, device, kept):
