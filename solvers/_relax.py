@@ -154,7 +154,9 @@ def solve_cvx(prob, params: Params, deadline: float, *, tol: float = 1e-9,
             if math.isfinite(left):
                 opts["time_limit"] = float(left)
         else:
-            opts = dict(eps_abs=max(tol * 100, 1e-7), eps_rel=max(tol * 100, 1e-7), max_iters=20000)
+            # indirect (CG) linear solves: the Shor duals' few dense columns make SCS's direct
+            # KKT factorisation the slow part (QCR SDP at n = 128: 4.7/3.6 s vs 6.5/6.3 s, same bounds)
+            opts = dict(eps_abs=max(tol * 100, 1e-7), eps_rel=max(tol * 100, 1e-7), max_iters=20000, use_indirect=True)
             if math.isfinite(left):
                 opts["time_limit_secs"] = float(left)
         try:

@@ -128,13 +128,15 @@ def project_warm(y: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, c: torch.T
     ``1e-9`` after ``steps`` steps are projected by the sort-based :func:`project_budgets`.
     """
     r = c.view(1, -1, 1).to(y.dtype)
-    for _ in range(steps):
+    for step in range(steps + 1):
         v = y - tau
         x = torch.minimum(torch.maximum(v, lo), hi)
+        off = x.sum(dim=-1, keepdim=True) - r
+        if step == steps or not bool((off.abs() > 1e-9).any()):   # every budget met: done
+            break
         slope = ((v > lo) & (v < hi)).sum(dim=-1, keepdim=True)
-        tau = torch.where(slope > 0, tau + (x.sum(dim=-1, keepdim=True) - r) / slope.clamp(min=1), tau)
-    x = torch.minimum(torch.maximum(y - tau, lo), hi)
-    bad = ((x.sum(dim=-1, keepdim=True) - r).abs() > 1e-9).any(dim=-2).flatten()
+        tau = torch.where(slope > 0, tau + off / slope.clamp(min=1), tau)
+    bad = (off.abs() > 1e-9).any(dim=-2).flatten()
     if bool(bad.any()):
         x, tau = x.clone(), tau.clone()
         x[bad], tau[bad] = project_budgets(y[bad], lo[bad], hi[bad], c)
@@ -283,7 +285,8 @@ class _Block(NodeSets):
 
     def value(self, P: np.ndarray) -> np.ndarray:
         """Exact objective ``pᵀQp`` of binary points P (B, n) bool."""
-        return np.einsum("bi,ij,bj->b", P, self.Q, P)
+        P = P.astype(np.float64)
+        return ((P @ self.Q) * P).sum(axis=1)
 
     def polish(self, p: np.ndarray, group: np.ndarray, deadline: float = math.inf) -> np.ndarray:
         """1-swap local search from the pruned indicators p (n,) bool (fast: no deadline needed)."""
@@ -297,23 +300,27 @@ class _Pseudocosts:
         self.sum = np.zeros((2, n))
         self.cnt = np.zeros((2, n))
 
-    def record(self, i: int, up: int, gain: float, dist: float) -> None:
-        if dist > 1e-9 and math.isfinite(gain):
-            self.sum[up, i] += max(gain, 0.0) / dist
-            self.cnt[up, i] += 1
+    def record(self, entry: np.ndarray, up: np.ndarray, gain: np.ndarray, dist: np.ndarray) -> None:
+        """Record branchings (arrays of one length): entry, direction (0 down, 1 up), the bound
+        gain over the parent and the distance the branched entry moved."""
+        ok = (dist > 1e-9) & np.isfinite(gain)
+        np.add.at(self.sum, (up[ok], entry[ok]), np.maximum(gain[ok], 0.0) / dist[ok])
+        np.add.at(self.cnt, (up[ok], entry[ok]), 1.0)
 
-    def choose(self, x: np.ndarray, free: np.ndarray) -> int:
-        """The free entry maximising ``max(ψ⁻·x, ε)·max(ψ⁺·(1 − x), ε)`` (product rule);
-        entries never branched on take the average pseudocost."""
+    def choose(self, x: np.ndarray, free: np.ndarray) -> np.ndarray:
+        """Per node (rows of x, free (B, n)): the free entry maximising
+        ``max(ψ⁻·x, ε)·max(ψ⁺·(1 − x), ε)`` (product rule), entries never branched on taking the
+        average pseudocost; where nothing is fractional, the first free entry. Returns (B,) int."""
         seen = self.cnt > 0
         avg = np.array([self.sum[u][seen[u]].sum() / max(seen[u].sum(), 1) for u in (0, 1)])
         psi = np.where(seen, self.sum / np.maximum(self.cnt, 1), np.where(avg > 0, avg, 1.0)[:, None])
         eps = 1e-6 * max(float(avg.max()), 1e-300)
         score = np.maximum(psi[0] * x, eps) * np.maximum(psi[1] * (1.0 - x), eps)
-        score = np.where(free & (x > 1e-9) & (x < 1 - 1e-9), score, -1.0)
-        if score.max() < 0:  # nothing fractional: split on any free entry
-            return int(np.flatnonzero(free)[0])
-        return int(np.argmax(score))
+        frac = free & (x > 1e-9) & (x < 1 - 1e-9)
+        entry = np.where(frac, score, -1.0).argmax(axis=1)
+        none = ~frac.any(axis=1)
+        entry[none] = free[none].argmax(axis=1)
+        return entry
 
 
 def probe_kept(blk: "_Block", start: np.ndarray, thr: float, deadline: float = math.inf) -> tuple[np.ndarray, float]:
@@ -395,30 +402,42 @@ def _solve_block(blk: _Block, start: np.ndarray, group: np.ndarray, deadline: fl
         if vals[i] < ub * (1 - 1e-12):
             p = blk.polish(cand[i], group, time.perf_counter() + 0.1 * max(deadline - time.perf_counter(), 0.0))
             best, ub = p, float(blk.value(p[None])[0])
-        lbs = lb.cpu().tolist()
+        lbs = lb.cpu().numpy()
         xs, free = x.cpu().numpy(), (hi > lo).cpu().numpy()
-        for j, bound in enumerate(lbs):
-            if batch[j][5] is not None and math.isfinite(parent_lb[j]):
-                e, up, dist = batch[j][5]
-                pc.record(e, up, min(bound, ub) - parent_lb[j], dist)
-            if bound >= thr():
-                pruned_min = min(pruned_min, bound)
-                continue
-            if not free[j].any():  # every entry fixed: a leaf, scored exactly
-                p = lo[j].cpu().numpy() > 0.5
-                v = float(blk.value(p[None])[0])
-                if v < ub:
-                    best, ub = p, v
-                pruned_min = min(pruned_min, v)
-                continue
-            e = pc.choose(xs[j], free[j])
-            for up in (0, 1):
-                clo, chi = lo[j].clone(), hi[j].clone()
-                clo[e] = chi[e] = float(up)
-                gsum = lambda v: v.view(blk.k, blk.m).sum(-1)
-                if bool((gsum(clo) <= blk.c + 0.5).all()) and bool((gsum(chi) >= blk.c - 0.5).all()):
-                    dist = (1.0 - xs[j][e]) if up else xs[j][e]
-                    heapq.heappush(heap, (bound, next(counter), clo, chi, x[j], (e, up, dist)))
+        branched = [(j, b[5]) for j, b in enumerate(batch) if b[5] is not None and math.isfinite(parent_lb[j])]
+        if branched:
+            j, (e, up, dist) = np.array([j for j, _ in branched]), (np.array(v) for v in zip(*(b for _, b in branched)))
+            pc.record(e.astype(int), up.astype(int), np.minimum(lbs[j], ub) - np.asarray(parent_lb)[j], dist)
+        level = thr()
+        pruned = lbs >= level
+        if pruned.any():
+            pruned_min = min(pruned_min, float(lbs[pruned].min()))
+        for j in np.flatnonzero(~pruned & ~free.any(axis=1)):  # every entry fixed: a leaf, scored exactly
+            p = lo[j].cpu().numpy() > 0.5
+            v = float(blk.value(p[None])[0])
+            if v < ub:
+                best, ub = p, v
+            pruned_min = min(pruned_min, v)
+        go = np.flatnonzero(~pruned & free.any(axis=1))
+        if go.size:
+            entry = pc.choose(xs[go], free[go])
+            rows, at = torch.arange(go.size, device=device), torch.as_tensor(entry, device=device)
+            keep_lo, keep_hi = lo[go], hi[go]                          # the down children (kept)
+            prune_lo, prune_hi = keep_lo.clone(), keep_hi
+            prune_lo[rows, at] = 1.0
+            keep_hi = keep_hi.clone()
+            keep_hi[rows, at] = 0.0
+            gsum = lambda v: v.view(go.size, blk.k, blk.m).sum(-1)
+            fits = ((gsum(keep_hi) >= blk.c - 0.5).all(-1).cpu().numpy(),
+                    (gsum(prune_lo) <= blk.c + 0.5).all(-1).cpu().numpy())
+            children = ((keep_lo, keep_hi), (prune_lo, prune_hi))
+            for a, j in enumerate(go):
+                e = int(entry[a])
+                for up in (0, 1):
+                    if fits[up][a]:
+                        dist = (1.0 - xs[j][e]) if up else xs[j][e]
+                        clo, chi = children[up]
+                        heapq.heappush(heap, (float(lbs[j]), next(counter), clo[a], chi[a], x[j], (e, up, dist)))
     open_min = min((item[0] for item in heap), default=math.inf)
     bound = min(open_min, pruned_min, ub)
     proved = not heap or open_min >= thr()
