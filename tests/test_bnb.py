@@ -12,7 +12,8 @@ pytest.importorskip("cvxpy")
 
 from layerprune.problems import LayerProblem, make_instance  # noqa: E402
 from layerprune.solvers import Params, Status, make_solver  # noqa: E402
-from layerprune.solvers.bnb import BranchAndBound, linear_bound, probe_kept, project_budgets, project_warm  # noqa: E402
+from layerprune.solvers.bnb import (BranchAndBound, _Pseudocosts, linear_bound, probe_kept,  # noqa: E402
+                                    project_budgets, project_warm)
 
 REL = 1e-6
 
@@ -84,6 +85,19 @@ def test_linear_bound_and_reduced_costs_match_enumeration():
             other = [val for val, v in zip(vals, pts) if v[gi, i] != float(s[b, gi, i])]
             want = (min(other) - vals.min()) if other else math.inf
             assert float(reduced[b, gi, i]) == pytest.approx(want, abs=1e-12)
+
+
+def test_pseudocosts_product_rule_per_node():
+    pc = _Pseudocosts(4)
+    # entry 1 gained 2.0 per unit both ways, entry 2 0.5 up / 8.0 down; 0 and 3 never branched
+    pc.record(np.array([1, 1, 2, 2, 3]), np.array([0, 1, 0, 1, 0]), np.array([1.0, 1.0, 4.0, 0.25, np.inf]),
+              np.array([0.5, 0.5, 0.5, 0.5, 0.5]))
+    assert pc.cnt[:, 3].sum() == 0                      # an infinite gain is not recorded
+    x = np.array([[0.5, 0.5, 0.2, 0.0],                 # 1: (2·0.5)(2·0.5) = 1 beats 2: (8·0.2)(0.5·0.8) = 0.64
+                  [0.5, 0.9, 0.5, 1.0],                 # 1: (2·0.9)(2·0.1) = 0.36 < 2: (8·0.5)(0.5·0.5) = 1
+                  [0.0, 1.0, 0.0, 1.0]])                # nothing fractional: the first free entry
+    free = np.array([[False, True, True, True], [False, True, True, True], [False, False, True, True]])
+    assert pc.choose(x, free).tolist() == [1, 2, 2]
 
 
 def _well_conditioned(d_out, d_in, seed):
