@@ -404,10 +404,10 @@ def _solve_block(blk: _Block, start: np.ndarray, group: np.ndarray, deadline: fl
             best, ub = p, float(blk.value(p[None])[0])
         lbs = lb.cpu().numpy()
         xs, free = x.cpu().numpy(), (hi > lo).cpu().numpy()
-        branched = [(j, b[5]) for j, b in enumerate(batch) if b[5] is not None and math.isfinite(parent_lb[j])]
-        if branched:
-            j, (e, up, dist) = np.array([j for j, _ in branched]), (np.array(v) for v in zip(*(b for _, b in branched)))
-            pc.record(e.astype(int), up.astype(int), np.minimum(lbs[j], ub) - np.asarray(parent_lb)[j], dist)
+        child = [j for j, b in enumerate(batch) if b[5] is not None and math.isfinite(parent_lb[j])]
+        if child:  # the bound gains of the branchings that made these nodes
+            e, up, dist = (np.array(v) for v in zip(*(batch[j][5] for j in child)))
+            pc.record(e.astype(int), up.astype(int), np.minimum(lbs[child], ub) - np.asarray(parent_lb)[child], dist)
         level = thr()
         pruned = lbs >= level
         if pruned.any():
