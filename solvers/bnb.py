@@ -60,8 +60,8 @@ from . import _qcr
 from ._quadratic import logdet_diagonal, one_swap, warm_start
 from .base import Params, Proposal, Solver, Status
 
-__all__ = ["BranchAndBound", "NodeSets", "probe_kept", "project_budgets", "project_warm", "linear_bound", "checkpoint",
-           "compact"]
+__all__ = ["BranchAndBound", "NodeSets", "probe_kept", "prune_level", "project_budgets", "project_warm",
+           "linear_bound", "checkpoint", "compact"]
 
 #: nodes relaxed together in one batch
 BATCH = 512
@@ -323,6 +323,12 @@ class _Pseudocosts:
         return entry
 
 
+def prune_level(ub: float, gap_tol: float) -> float:
+    """The bound at which a node is pruned: within half the gap tolerance of the incumbent ``ub``
+    (so the block is proved at a relative gap below ``gap_tol``)."""
+    return ub * (1.0 - 0.5 * gap_tol)
+
+
 def probe_kept(blk: "_Block", start: np.ndarray, thr: float, deadline: float = math.inf) -> tuple[np.ndarray, float]:
     """Entries that every point worth less than ``thr`` keeps (probing, one batch).
 
@@ -361,7 +367,6 @@ def _solve_block(blk: _Block, start: np.ndarray, group: np.ndarray, deadline: fl
     n = start.size
     best = start.copy()
     ub = float(blk.value(best[None])[0])
-    relgap = 0.5 * gap_tol
     counter = itertools.count()
     pc = _Pseudocosts(n)
     zeros = torch.zeros(n, dtype=torch.float64, device=device)
@@ -374,7 +379,7 @@ def _solve_block(blk: _Block, start: np.ndarray, group: np.ndarray, deadline: fl
     pruned_min, nodes = floor, 0
 
     def thr():
-        return ub * (1.0 - relgap)
+        return prune_level(ub, gap_tol)
 
     while heap and time.perf_counter() < deadline and (max_nodes is None or nodes < max_nodes):
         batch = []
@@ -422,15 +427,15 @@ def _solve_block(blk: _Block, start: np.ndarray, group: np.ndarray, deadline: fl
         if go.size:
             entry = pc.choose(xs[go], free[go])
             rows, at = torch.arange(go.size, device=device), torch.as_tensor(entry, device=device)
-            keep_lo, keep_hi = lo[go], hi[go]                          # the down children (kept)
-            prune_lo, prune_hi = keep_lo.clone(), keep_hi
-            prune_lo[rows, at] = 1.0
-            keep_hi = keep_hi.clone()
+            lo_go, hi_go = lo[go], hi[go]
+            keep_hi = hi_go.clone()                                   # down child: the entry kept
             keep_hi[rows, at] = 0.0
+            prune_lo = lo_go.clone()                                  # up child: the entry pruned
+            prune_lo[rows, at] = 1.0
             gsum = lambda v: v.view(go.size, blk.k, blk.m).sum(-1)
             fits = ((gsum(keep_hi) >= blk.c - 0.5).all(-1).cpu().numpy(),
                     (gsum(prune_lo) <= blk.c + 0.5).all(-1).cpu().numpy())
-            children = ((keep_lo, keep_hi), (prune_lo, prune_hi))
+            children = ((lo_go, keep_hi), (prune_lo, hi_go))
             for a, j in enumerate(go):
                 e = int(entry[a])
                 for up in (0, 1):
@@ -522,7 +527,7 @@ class BranchAndBound(Solver):
                 continue
             fixed_kept, floor = None, math.inf
             if not recon:  # probing: entries too costly to prune leave Q, then the SDP-chosen form
-                fixed_kept, floor = probe_kept(blk, p, value * (1.0 - 0.5 * params.gap_tol), block_deadline)
+                fixed_kept, floor = probe_kept(blk, p, prune_level(value, params.gap_tol), block_deadline)
                 blk, qcr = self._mask_block(data, k, m, c, group, params, block_deadline, device, fixed_kept)
                 probed += int(fixed_kept.sum())
             qcr_blocks += qcr
@@ -557,20 +562,16 @@ class BranchAndBound(Solver):
         block ``Q_R``, padded with zeros — exact wherever the kept entries are 0, which every
         node keeps them at (the SDP sees only the entries still in play, at their own scale).
         """
-        from ._quadratic import psd_factor
-
         n = Q.shape[0]
         R = np.arange(n) if kept is None else np.flatnonzero(~kept)
         QR = Q[np.ix_(R, R)]
         sigma = float(np.abs(np.diag(QR)).max()) if R.size else 0.0
         if sigma <= 0.0:
             form = _qcr.QCRForm(np.zeros((R.size, 0)), np.zeros(R.size), 0.0, 0.0, None)
-        elif kept is None:
-            F, neg = psd_factor(QR / sigma)
-            form = _qcr.QCRForm(F, np.zeros(R.size), 0.0, neg, None)
         else:
             sdp_deadline = time.perf_counter() + 0.5 * (deadline - time.perf_counter())   # half the time left
-            form = _qcr.convex_form(QR / sigma, group[R], np.full(k, c), "auto", params, sdp_deadline)
+            form = _qcr.convex_form(QR / sigma, None if kept is None else group[R], np.full(k, c),
+                                    "none" if kept is None else "auto", params, sdp_deadline)
         F = np.zeros((n, form.F.shape[1]))
         F[R] = form.F * math.sqrt(max(sigma, 0.0))
         lin = np.zeros(n)
