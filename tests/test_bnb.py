@@ -12,8 +12,9 @@ pytest.importorskip("cvxpy")
 
 from layerprune.problems import LayerProblem, make_instance  # noqa: E402
 from layerprune.solvers import Params, Status, make_solver  # noqa: E402
-from layerprune.solvers.bnb import (BranchAndBound, _Pseudocosts, linear_bound, probe_kept,  # noqa: E402
-                                    project_budgets, project_warm)
+from layerprune.solvers import bnb  # noqa: E402
+from layerprune.solvers.bnb import (BranchAndBound, _Pseudocosts, linear_bound, node_convexity,  # noqa: E402
+                                    probe_kept, project_budgets, project_warm, root_pseudocosts)
 
 REL = 1e-6
 
@@ -170,6 +171,103 @@ def test_bnb_proves_the_optimum_after_probing_outliers():
         assert res.status == Status.OPTIMAL
         assert res.objective == pytest.approx(brute.objective, rel=REL)
         assert res.lower_bound <= brute.objective * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("k,m", [(1, 12), (3, 4), (6, 2)])
+def test_node_convexity_is_the_least_eigenvalue_on_the_node_directions(k, m):
+    rng = np.random.default_rng(k)
+    n = k * m
+    A = rng.standard_normal((n, n))
+    H2 = torch.from_numpy(A @ A.T / n)
+    free = torch.from_numpy(rng.random((30, n)) < 0.7)
+    s = 1.5 * float(torch.linalg.eigvalsh(H2)[-1])
+    got = node_convexity(H2, free, k, m, s)
+    for b in range(free.shape[0]):  # an explicit basis of {d : d_fixed = 0, Σ_group d = 0}
+        basis = []
+        for g in range(k):
+            idx = [i for i in range(g * m, (g + 1) * m) if free[b, i]]
+            for j in idx[1:]:
+                v = np.zeros(n)
+                v[idx[0]], v[j] = 1.0, -1.0
+                basis.append(v)
+        want = s
+        if basis:
+            V = np.linalg.qr(np.array(basis).T)[0]
+            want = min(s, float(np.linalg.eigvalsh(V.T @ H2.numpy() @ V)[0]))
+        assert got[b] <= max(want, 0.0) and got[b] >= max(want, 0.0) - 1e-8 * s
+
+
+def _binary_points(n):
+    return np.array(list(itertools.product((0.0, 1.0), repeat=n)))
+
+
+@pytest.mark.parametrize("pattern", ["per-row:0.5", "nm:2:4"])
+def test_shifted_node_bounds_stay_below_every_binary_point_of_the_node(pattern):
+    """The node relaxation of ``f + δ Σ_free (p − p²)`` bounds the node's binaries from below,
+    and is tighter than the unshifted one (δ > 0 once entries are fixed)."""
+    W, G = _well_conditioned(1, 12, seed=4)
+    w, G = W[0].numpy(), G.numpy()
+    Q = w[:, None] * G * w[None, :]
+    n = 12
+    k, m = (1, n) if pattern.startswith("per-row") else (n // 4, 4)
+    c = m // 2
+    group = np.arange(n) // m
+    blk, qcr = BranchAndBound._mask_block(Q, k, m, c, group, Params(), math.inf, torch.device("cpu"),
+                                          np.zeros(n, dtype=bool))
+    assert qcr
+    lo, hi = _random_node_sets(np.random.default_rng(5), 40, k, m, np.full(k, c, dtype=float))
+    lo, hi = lo.reshape(40, n), hi.reshape(40, n)
+    shift = blk.node_shift(lo, hi)
+    assert (shift >= 0).all() and (shift > 0).any()
+    P = _binary_points(n)
+    P = P[(P.reshape(-1, k, m).sum(-1) == c).all(-1)]
+    vals = ((P @ Q) * P).sum(1)
+    thr = 2.0 * float(vals.max())                         # above every node: relaxed to convergence
+    x = torch.full((40, n), 0.5, dtype=torch.float64)
+    lb = torch.full((40,), -math.inf, dtype=torch.float64)
+    _, plain, _, _, _ = blk.relax(x, lo, hi, lb, thr, 3000)
+    _, shifted, _, _, _ = blk.relax(x, lo, hi, lb, thr, 3000, shift=shift)
+    for b in range(40):
+        inside = ((P >= lo[b].numpy()) & (P <= hi[b].numpy())).all(1)
+        assert shifted[b] <= vals[inside].min() * (1 + 1e-9) + 1e-12
+    assert (shifted >= plain - 1e-5 * thr).all()
+    assert float((shifted - plain).max()) > 1e-3 * float(vals.min())
+
+
+@pytest.mark.parametrize("pattern", ["per-row:0.5", "nm:2:4"])
+def test_bnb_with_a_shift_at_every_node_proves_the_brute_force_optimum(pattern, monkeypatch):
+    monkeypatch.setattr(bnb, "SHIFT_EVERY", 1)
+    for seed in (1, 2):
+        W, G = _well_conditioned(2, 12, seed=seed)
+        p = LayerProblem.create(W, G, pattern=pattern, objective="mask")
+        brute = make_solver("brute").solve(p)
+        res = make_solver("bnb").solve(p, params=Params(time_limit=60))
+        assert res.status == Status.OPTIMAL
+        assert res.objective == pytest.approx(brute.objective, rel=REL)
+        assert res.lower_bound <= brute.objective * (1 + 1e-9)
+
+
+def test_root_strong_branching_measures_both_children_of_every_free_entry():
+    W, G = _well_conditioned(1, 12, seed=3)
+    w, G = W[0].numpy(), G.numpy()
+    Q = w[:, None] * G * w[None, :]
+    n, c = 12, 6
+    blk, _ = BranchAndBound._mask_block(Q, 1, n, c, np.zeros(n, dtype=int), Params(), math.inf,
+                                        torch.device("cpu"), np.zeros(n, dtype=bool))
+    pc = _Pseudocosts(n)
+    zeros, ones = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+    start = torch.zeros(n, dtype=torch.float64)
+    start[:c] = 1.0
+    P = _binary_points(n)
+    P = P[P.sum(1) == c]
+    vals = ((P @ Q) * P).sum(1)
+    thr = float(start @ torch.from_numpy(Q) @ start)                 # the start's value, as the search uses
+    (x, lb, lo, hi, _), children = root_pseudocosts(blk, pc, start, zeros, ones, thr, math.inf)
+    free = (hi[0] > lo[0]).numpy()
+    assert children == 2 * free.sum()
+    frac = free & (x[0].numpy() > 1e-9) & (x[0].numpy() < 1 - 1e-9)   # entries that moved when branched
+    assert (pc.cnt[:, frac] == 1).all() and (pc.sum >= 0).all() and pc.sum[:, frac].sum() > 0
+    assert float(lb[0]) <= vals.min() * (1 + 1e-9)
 
 
 def test_limits_are_honest_and_never_worse_than_the_start():
