@@ -29,7 +29,7 @@ import time
 import numpy as np
 import torch
 
-from .bnb import NodeSets, checkpoint, compact, project_budgets, project_warm
+from .bnb import BatchOutcome, NodeSets, checkpoint, compact, project_budgets, project_warm
 
 __all__ = ["PerspectiveBlock"]
 
@@ -105,16 +105,15 @@ class PerspectiveBlock(NodeSets):
         """FISTA with backtracking (per node: a step ``1/L`` is taken when
         ``h(new) ≤ h(z) + ∇h(z)ᵀ(new − z) + L/2‖new − z‖²``, else L doubles) and adaptive
         restart, on a batch of nodes; returns and compacts as :meth:`.bnb._Block.relax`."""
-        X, LB, LO, HI = x.clone(), lb.clone(), lo.clone(), hi.clone()
+        out = BatchOutcome(x, lb, lo, hi)
         idx = torch.arange(x.shape[0], device=x.device)
         lo3, hi3 = self.shape(lo), self.shape(hi)
         x, tau = project_budgets(self.shape(x), lo3, hi3, self.c)
-        x = x.reshape(X.shape)
+        x = x.reshape(out.x.shape)
         fx, gx = self.h_and_grad(x)
         z, fz, gz = x, fx, gx
         t = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
         L = torch.full_like(t, self.L0)
-        fixed = False
         for it in range(iters):
             new, tau_new = project_warm(self.shape(z - gz / L), lo3, hi3, self.c, tau)
             new = new.reshape(x.shape)
@@ -141,15 +140,13 @@ class PerspectiveBlock(NodeSets):
             if it % 10 == 9 or it == iters - 1 or time.perf_counter() > deadline:
                 margin = self.rel_margin * (abs(self.const) + fx.abs() + (gx * x).abs().sum(-1) + gx.abs().sum(-1))
                 lb, lo3, hi3, fx_any, keep = checkpoint(fx, gx, x, lo3, hi3, self.c, margin, lb, thr)
-                fixed |= fx_any
-                X[idx], LB[idx] = x, lb
-                LO[idx], HI[idx] = lo3.reshape(x.shape), hi3.reshape(x.shape)
+                out.store(idx, x, lb, lo3, hi3, fx_any)
                 if not bool(keep.any()) or time.perf_counter() > deadline:
                     break
                 if not bool(keep.all()):
                     idx, x, z, t, fx, lb, L, gx, gz, fz, tau, lo3, hi3 = compact(
                         keep, idx, x, z, t, fx, lb, L, gx, gz, fz, tau, lo3, hi3)
-        return X, LB, LO, HI, fixed
+        return out.result()
 
     def value(self, P: np.ndarray) -> np.ndarray:
         """Exact objective of binary pruned points P (B, n) bool: the refit

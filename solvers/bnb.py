@@ -69,7 +69,7 @@ from ._quadratic import logdet_diagonal, one_swap, warm_start
 from .base import Params, Proposal, Solver, Status
 
 __all__ = ["BranchAndBound", "NodeSets", "probe_kept", "prune_level", "project_budgets", "project_warm",
-           "linear_bound", "checkpoint", "compact", "node_convexity", "branch", "root_pseudocosts"]
+           "linear_bound", "checkpoint", "BatchOutcome", "compact", "node_convexity", "branch", "root_pseudocosts"]
 
 #: nodes relaxed together in one batch
 BATCH = 512
@@ -237,6 +237,24 @@ def node_convexity(H2: torch.Tensor, free: torch.Tensor, k: int, m: int, s: floa
     return (lam - 1e-9 * s).clamp(min=0.0)
 
 
+class BatchOutcome:
+    """A relaxation batch's results as nodes leave it: points, bounds and node sets of the whole
+    batch, and whether reduced-cost fixing fixed anything (what :meth:`_Block.relax` returns)."""
+
+    def __init__(self, x: torch.Tensor, lb: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+        self.x, self.lb, self.lo, self.hi, self.fixed = x.clone(), lb.clone(), lo.clone(), hi.clone(), False
+
+    def store(self, idx: torch.Tensor, x: torch.Tensor, lb: torch.Tensor, lo3: torch.Tensor, hi3: torch.Tensor,
+              fixed: bool) -> None:
+        """Record the nodes ``idx`` (rows of the batch) at a checkpoint."""
+        self.x[idx], self.lb[idx] = x, lb
+        self.lo[idx], self.hi[idx] = lo3.reshape(x.shape), hi3.reshape(x.shape)
+        self.fixed |= fixed
+
+    def result(self) -> tuple:
+        return self.x, self.lb, self.lo, self.hi, self.fixed
+
+
 def compact(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple:
     """Each tensor's rows where ``keep`` (B,) holds: the nodes that stay in a relaxation batch."""
     return tuple(t[keep] for t in tensors)
@@ -298,11 +316,11 @@ class _Block(NodeSets):
         (bound ≥ ``thr``) or converged leave the batch; past ``deadline`` the batch stops there.
         ``shift`` (B,): per-node ``δ`` of :meth:`node_shift`: the node minimises
         ``f + δ Σ_free (p − p²)`` (equal to f on binaries, convex on the node, above f on [0, 1])."""
-        X, LB, LO, HI = x.clone(), lb.clone(), lo.clone(), hi.clone()
+        out = BatchOutcome(x, lb, lo, hi)
         idx = torch.arange(x.shape[0], device=x.device)
         lo3, hi3 = self.shape(lo), self.shape(hi)
         x, tau = project_budgets(self.shape(x), lo3, hi3, self.c)
-        x = x.reshape(X.shape)
+        x = x.reshape(out.x.shape)
         ds = torch.zeros_like(x) if shift is None else shift[:, None] * (hi > lo).to(x.dtype)
         lin = self.lin + ds                                                # (B, n) per-node linear term
         grad = lambda v: v @ self.H - 2.0 * ds * v + lin
@@ -310,7 +328,6 @@ class _Block(NodeSets):
         fx = 0.5 * (x * (gx + lin)).sum(-1)             # f − const, from the gradient
         z, gz = x, gx
         t = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
-        fixed = False
         for it in range(iters):
             new, tau = project_warm(self.shape(z - self.step * gz), lo3, hi3, self.c, tau)
             new = new.reshape(x.shape)
@@ -327,15 +344,13 @@ class _Block(NodeSets):
                 fe, ge = self.f_and_grad(x)                           # the bound from the exact form
                 fe, ge = fe + (ds * (x - x * x)).sum(-1), ge + ds * (1.0 - 2.0 * x)
                 lb, lo3, hi3, fx_any, keep = checkpoint(fe, ge, x, lo3, hi3, self.c, self.margin, lb, thr)
-                fixed |= fx_any
-                X[idx], LB[idx] = x, lb
-                LO[idx], HI[idx] = lo3.reshape(x.shape), hi3.reshape(x.shape)
+                out.store(idx, x, lb, lo3, hi3, fx_any)
                 if not bool(keep.any()) or time.perf_counter() > deadline:
                     break
                 if not bool(keep.all()):
                     idx, x, z, t, fx, lb, gx, gz, tau, lo3, hi3, ds, lin = compact(
                         keep, idx, x, z, t, fx, lb, gx, gz, tau, lo3, hi3, ds, lin)
-        return X, LB, LO, HI, fixed
+        return out.result()
 
     def value(self, P: np.ndarray) -> np.ndarray:
         """Exact objective ``pᵀQp`` of binary points P (B, n) bool."""
@@ -459,16 +474,15 @@ def root_pseudocosts(blk, pc: "_Pseudocosts", x: torch.Tensor, lo: torch.Tensor,
     return root, int(ok.sum())
 
 
-def _solve_block(blk: _Block, start: np.ndarray, group: np.ndarray, deadline: float, gap_tol: float,
+def _solve_block(blk: _Block, start: np.ndarray, ub: float, group: np.ndarray, deadline: float, gap_tol: float,
                  device, max_nodes: Optional[int], kept: Optional[np.ndarray] = None, floor: float = math.inf):
-    """Best-first branch-and-bound of one block. ``start``: (n,) bool pruned indicators;
+    """Best-first branch-and-bound of one block. ``start``: (n,) bool pruned indicators, worth ``ub``;
     ``kept`` (n,) bool: entries fixed kept at the root, every point with one of them pruned
     being worth at least ``floor``.
 
     Returns (pruned (n,) bool, bound, proved, nodes)."""
     n = start.size
     best = start.copy()
-    ub = float(blk.value(best[None])[0])
     counter = itertools.count()
     pc = _Pseudocosts(n)
     zeros = torch.zeros(n, dtype=torch.float64, device=device)
@@ -644,7 +658,7 @@ class BranchAndBound(Solver):
                 blk, qcr = self._mask_block(data, k, m, c, group, params, block_deadline, device, fixed_kept)
                 probed += int(fixed_kept.sum())
             qcr_blocks += qcr
-            best, bound, ok, cnt = _solve_block(blk, p, group, block_deadline, params.gap_tol, device,
+            best, bound, ok, cnt = _solve_block(blk, p, value, group, block_deadline, params.gap_tol, device,
                                                 self.options.get("max_nodes"), fixed_kept, floor)
             nodes += cnt
             mask[r if r is not None else slice(None)] = ~best
