@@ -80,9 +80,9 @@ NEWTON_STEPS = 3
 #: FISTA iterations of the probing batch at the root (:func:`probe_kept`)
 PROBE_ITERS = 200
 #: recompute a node's convexity shift (:meth:`_Block.node_shift`) once this many entries were
-#: fixed since its last computation (0: never). On real d_in = 128 per-row rows: every 1 / 5 /
-#: 16 / 36 entries left gaps of 1.25 / 0.53 / 0.49 / 0.55% after 60 s (0: 0.63%, before the
-#: cached eigenvalue chunks); with root strong branching, 8 and 12 both proved 3 of rows 0–3.
+#: fixed since its last computation (0: never). Real d_in = 128 per-row row 0, 60 s, before
+#: root strong branching and the 64-node chunks: every 1 / 4 / 16 / 36 entries left gaps of
+#: 1.25 / 0.73 / 0.49 / 0.55% (never: 0.63%); with both, every 8 and every 12 proved 3 of rows 0–3.
 SHIFT_EVERY = 10
 
 
