@@ -234,7 +234,7 @@ def test_shifted_node_bounds_stay_below_every_binary_point_of_the_node(pattern):
     assert float((shifted - plain).max()) > 1e-3 * float(vals.min())
 
 
-@pytest.mark.parametrize("pattern", ["per-row:0.5", "nm:2:4"])
+@pytest.mark.parametrize("pattern", ["per-row:0.5", "nm:2:4", "columns:0.5"])
 def test_bnb_with_a_shift_at_every_node_proves_the_brute_force_optimum(pattern, monkeypatch):
     monkeypatch.setattr(bnb, "SHIFT_EVERY", 1)
     for seed in (1, 2):
