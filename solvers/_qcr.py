@@ -24,6 +24,7 @@ on the subspace), which keeps the rewrite exact and makes it convex.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,8 +39,12 @@ import numpy as np
 SDP_TOL = 3e-6
 #: Clarabel (accurate, O(n⁶) per iteration) first for the SDP up to this size, SCS first above
 CLARABEL_MAX_N = 16
+#: seconds the SDP (cvxpy canonicalisation + SCS) takes at n = 128 and the growth exponent, on
+#: the reference 2-core machine, one thread: measured 1.8 / 6.7 / 20.8 / ~35 s at n = 64 / 128 /
+#: 192 / 256 (at 256, 23 s of it canonicalisation, which no solver time limit interrupts)
+SDP_SECONDS_128, SDP_GROWTH = 6.7, 2.6
 
-__all__ = ["QCRForm", "budget_projection", "build", "qcr_form", "qcr_multipliers"]
+__all__ = ["QCRForm", "budget_projection", "build", "predicted_sdp_seconds", "qcr_form", "qcr_multipliers"]
 
 
 @dataclass
@@ -116,9 +121,18 @@ def qcr_form(Q: np.ndarray, group: np.ndarray, count: np.ndarray, mu: np.ndarray
     return F, lin, float(p0 @ A @ p0), neg, mu
 
 
+def predicted_sdp_seconds(n: int) -> float:
+    """What :func:`build` is expected to take for ``n`` entries (:data:`SDP_SECONDS_128`)."""
+    return SDP_SECONDS_128 * (n / 128.0) ** SDP_GROWTH
+
+
 def build(Q: np.ndarray, group: np.ndarray, count: np.ndarray, params, deadline: float) -> Optional[QCRForm]:
     """:func:`qcr_multipliers` (Clarabel first up to :data:`CLARABEL_MAX_N` entries, SCS first
-    above) then :func:`qcr_form`; None if the SDP could not be solved."""
+    above) then :func:`qcr_form`; None if the SDP could not be solved, or is not expected to
+    finish before ``deadline`` (:func:`predicted_sdp_seconds`: the canonicalisation cannot be
+    cut short, so a wide SDP would overrun the caller's time limit)."""
+    if predicted_sdp_seconds(group.size) > deadline - time.perf_counter():
+        return None
     order = ("CLARABEL", "SCS") if group.size <= CLARABEL_MAX_N else ("SCS", "CLARABEL")
     got = qcr_multipliers(Q, group, count, params, deadline, order)
     if got is None:  # (a solve cut short by the deadline still gives usable multipliers)

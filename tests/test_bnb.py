@@ -347,3 +347,21 @@ def test_bnb_reconstruct_limits_are_honest():
     res = make_solver("bnb").solve(p, params=Params(time_limit=1e-3))
     assert res.status == Status.FEASIBLE and res.limit == "time"
     assert res.lower_bound <= res.objective
+
+
+def test_an_sdp_that_cannot_finish_in_time_is_not_started():
+    """The SDP's canonicalisation cannot be interrupted: when its predicted time exceeds what is
+    left, the QCR form is declined at once (callers fall back to the diagonal form)."""
+    import time
+
+    from layerprune.solvers import _qcr
+
+    n = 128
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, n))
+    Q = X.T @ X / 300
+    Q /= np.abs(np.diag(Q)).max()
+    t = time.perf_counter()
+    assert _qcr.build(Q, np.zeros(n, dtype=int), np.array([n // 2]), Params(), t + 0.5) is None
+    assert time.perf_counter() - t < 0.5
+    assert _qcr.predicted_sdp_seconds(2 * n) > 5 * _qcr.predicted_sdp_seconds(n)
