@@ -300,10 +300,6 @@ class _Block(NodeSets):
         y = x @ self.F
         return (y * y).sum(-1) + x @ self.lin + self.const, 2.0 * y @ self.F.T + self.lin
 
-    def grad(self, x: torch.Tensor) -> torch.Tensor:
-        """∇f = Hx + l of (B, n) points with one product (the iterations' cheap form)."""
-        return x @ self.H + self.lin
-
     def node_shift(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         """Per node (B,): the largest ``δ ≥ 0`` keeping ``f − δ Σ_free p²`` convex on the node
         (:func:`node_convexity` of ``H/2``)."""
@@ -326,7 +322,7 @@ class _Block(NodeSets):
         x = x.reshape(out.x.shape)
         ds = torch.zeros_like(x) if shift is None else shift[:, None] * (hi > lo).to(x.dtype)
         lin = self.lin + ds                                                # (B, n) per-node linear term
-        grad = lambda v: v @ self.H - 2.0 * ds * v + lin
+        grad = lambda v: v @ self.H - 2.0 * ds * v + lin                  # ∇ of the shifted f: one product
         gx = grad(x)
         fx = 0.5 * (x * (gx + lin)).sum(-1)             # f − const, from the gradient
         z, gz = x, gx
