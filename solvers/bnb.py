@@ -41,8 +41,10 @@ columns, ``d/M`` groups for N:M) — each prune ``c`` entries.
    recomputed (one batched eigenvalue problem) once :data:`SHIFT_EVERY` more entries are
    fixed, and inherited in between (a child's ``V`` is inside its parent's).
 6. **Search**: best-first over batches of nodes; branching by pseudocosts (the average bound
-   gain per unit of fractionality each entry gave so far, product rule), started by strong
-   branching at the root (:func:`root_pseudocosts`: both children of every free entry, one batch);
+   gain per unit of fractionality each entry gave so far, product rule), for ``mask`` started by
+   strong branching at the root (:func:`root_pseudocosts`: both children of every free entry,
+   one batch; for ``reconstruct`` the measured effect was mixed, and a batch of 2n Cholesky
+   factorisations of wide rows outlasts any time limit);
    every relaxed point is rounded (largest entries per group) and scored exactly, and
    improvements are polished by 1-swap search (:func:`._quadratic.one_swap`), as is the start
    (best of Wanda and ``init``).
@@ -270,6 +272,8 @@ class NodeSets:
     k: int
     m: int
     c: torch.Tensor
+    #: whether the search starts with root strong branching (:func:`root_pseudocosts`)
+    strong_root: bool = False
 
     def shape(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], self.k, self.m)
@@ -282,6 +286,8 @@ class NodeSets:
 
 class _Block(NodeSets):
     """One block's data in torch: the convex rewrite, groups and the exact quadratic."""
+
+    strong_root = True
 
     def __init__(self, Q: np.ndarray, k: int, m: int, c: int, form, device):
         t = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)
@@ -489,16 +495,18 @@ def _solve_block(blk: _Block, start: np.ndarray, ub: float, group: np.ndarray, d
     if kept is not None:
         ones[torch.as_tensor(kept, device=device)] = 0.0
     x0 = torch.as_tensor(best, dtype=torch.float64, device=device)
-    pruned_min = floor
-    root_deadline = time.perf_counter() + ROOT_SHARE * (deadline - time.perf_counter())
-    (x0, lb0, lo0, hi0, fixed), nodes = root_pseudocosts(blk, pc, x0, zeros, ones, prune_level(ub, gap_tol),
-                                                         root_deadline)
-    if fixed:
-        pruned_min = min(pruned_min, prune_level(ub, gap_tol))
-    nodes += 1
+    pruned_min, nodes, root = floor, 0, (-math.inf, zeros, ones, x0)
+    if blk.strong_root:
+        root_deadline = time.perf_counter() + ROOT_SHARE * (deadline - time.perf_counter())
+        (x0, lb0, lo0, hi0, fixed), nodes = root_pseudocosts(blk, pc, x0, zeros, ones, prune_level(ub, gap_tol),
+                                                             root_deadline)
+        if fixed:
+            pruned_min = min(pruned_min, prune_level(ub, gap_tol))
+        nodes += 1
+        root = (float(lb0[0]), lo0[0], hi0[0], x0[0])
     # heap items: (bound, tie, lo, hi, x, (branched entry, direction, distance) or None,
     #              convexity shift δ, fixed entries when δ was computed)
-    heap = [(float(lb0[0]), next(counter), lo0[0], hi0[0], x0[0], None, 0.0, 0)]
+    heap = [(root[0], next(counter), *root[1:], None, 0.0, 0)]
     shifts = hasattr(blk, "node_shift") and SHIFT_EVERY > 0
 
     def thr():
