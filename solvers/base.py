@@ -23,7 +23,9 @@ import torch
 
 from layerprune.problems import LayerProblem
 
-__all__ = ["Status", "Params", "Proposal", "Result", "Solver", "SolverError", "Callback"]
+from .options import Option, OptionError
+
+__all__ = ["Status", "Limit", "Params", "Proposal", "Result", "Solver", "SolverError", "Callback", "Option"]
 
 #: an absolute gap below ABS_GAP_TOL × problem.scale is float64 round-off, i.e. closed
 ABS_GAP_TOL = 1e-12
@@ -42,6 +44,47 @@ class Status(str, enum.Enum):
     NO_SOLUTION = "no_solution"  # stopped (limit) before finding any feasible mask
     INFEASIBLE = "infeasible"
     ERROR = "error"
+
+
+class Limit(str, enum.Enum):
+    """Why a run stopped before it finished: a closed set of words (details go to ``limit_detail``)."""
+
+    TIME = "time"                # the time limit
+    ITERATIONS = "iterations"    # an iteration cap (``Params.max_iter`` or an option)
+    NODES = "nodes"              # a node cap of a branch-and-bound
+    TOLERANCE = "tolerance"      # the backend stopped at its own tolerance, which the exact re-score does not confirm
+    MEMORY = "memory"            # a memory limit of the backend
+    INTERRUPTED = "interrupted"  # a callback, Ctrl-C or the backend's own interruption
+
+    @classmethod
+    def of(cls, raw: Optional[str]) -> tuple[Optional["Limit"], Optional[str]]:
+        """``(word, detail)`` for a backend's raw reason (``"timelimit"``, ``"node"``, …).
+
+        Unknown raw reasons become ``interrupted`` with the raw text as detail.
+        """
+        if raw is None:
+            return None, None
+        if isinstance(raw, Limit):
+            return raw, None
+        text = str(raw).strip().lower()
+        for word in cls:
+            if text == word.value:
+                return word, None
+        for word, keys in _LIMIT_WORDS.items():
+            if any(k in text for k in keys):
+                return word, str(raw)
+        return cls.INTERRUPTED, str(raw)
+
+
+#: raw reasons of backends (SCIP statuses, MathOpt limits) → the word they mean
+_LIMIT_WORDS = {
+    Limit.TIME: ("time",),
+    Limit.NODES: ("node",),
+    Limit.ITERATIONS: ("iteration",),
+    Limit.TOLERANCE: ("gap", "tolerance"),
+    Limit.MEMORY: ("mem",),
+    Limit.INTERRUPTED: ("interrupt", "user"),
+}
 
 
 @dataclass(frozen=True)
@@ -80,7 +123,9 @@ class Proposal:
     lower_bound : a bound valid for the problem's *exact, undamped* objective, or None
     bound_source : how the bound was obtained (e.g. "scip dual bound", "SDP dual")
     status : OPTIMAL only if the backend proved it; else FEASIBLE / NO_SOLUTION / …
-    limit : why it stopped early: "time", "iterations", "interrupted", "node", … or None
+    limit : why it stopped early: a :class:`Limit` word (or a backend's raw reason, which
+        :func:`finalize` maps to one) or None
+    limit_detail : free text about the limit (e.g. the backend's own status)
     """
 
     mask: Optional[torch.Tensor]
@@ -89,6 +134,7 @@ class Proposal:
     bound_source: Optional[str] = None
     status: Status = Status.FEASIBLE
     limit: Optional[str] = None
+    limit_detail: Optional[str] = None
     iterations: int = 0
     history: list = field(default_factory=list)
     info: dict = field(default_factory=dict)
@@ -104,7 +150,9 @@ class Result:
         ``info["own_weights_objective"]`` when it returned any)
     objective : the problem's own exact score of ``mask``
     lower_bound, bound_source : certified bound on the optimum and how it was obtained
-    status, limit : see :class:`Status`
+    status : see :class:`Status`
+    limit : why it stopped early, a :class:`Limit` word (a ``str``) or None; ``limit_detail``
+        says more where the backend did
     seconds, iterations, history, info
     """
 
@@ -116,6 +164,7 @@ class Result:
     lower_bound: Optional[float] = None
     bound_source: Optional[str] = None
     limit: Optional[str] = None
+    limit_detail: Optional[str] = None
     seconds: float = 0.0
     iterations: int = 0
     history: list = field(default_factory=list)
@@ -157,10 +206,10 @@ class Solver:
     certifies : it returns a lower bound (and may prove optimality)
     exact : it proves optimality when given enough time
     uses_init : it warm-starts from an initial mask
-    options_taken : names of the constructor options it reads (others are an error)
+    option_specs : its constructor options, each an :class:`Option` (type, default, range or
+        words, help); a value outside its declaration, or a name not declared, is an error
     default_init : registry name of the solver whose mask it starts from when given no ``init``
         (option ``init_solver`` overrides; ``"none"`` = its own cold start)
-    max_size : largest ``d_in`` (or total variables) it is meant for, None = any
     """
 
     name: ClassVar[str] = "base"
@@ -172,21 +221,62 @@ class Solver:
     exact: ClassVar[bool] = False
     uses_init: ClassVar[bool] = False
     default_init: ClassVar[Optional[str]] = None
-    options_taken: ClassVar[tuple[str, ...]] = ()
+    option_specs: ClassVar[tuple[Option, ...]] = ()
 
     def __init__(self, **options: Any):
-        taken = set(self.options_taken) | ({"init_solver"} if self.uses_init else set())
-        unknown = sorted(set(options) - taken)
+        specs = self.declared_options()
+        unknown = sorted(set(options) - set(specs))
         if unknown:
             raise SolverError(f"solver {self.name!r} takes no option {', '.join(map(repr, unknown))} "
-                              f"(takes {', '.join(sorted(taken)) or 'none'})")
-        self.options = options
+                              f"(takes {', '.join(sorted(specs)) or 'none'})")
+        checked = {}
+        for key, value in options.items():
+            try:
+                checked[key] = specs[key].parse(value)
+            except OptionError as exc:
+                raise SolverError(f"solver {self.name!r} option {key!r}: {exc}") from None
+        self.options = checked  # the given options only, converted
+
+    @classmethod
+    def declared_options(cls) -> dict[str, Option]:
+        """Every option the constructor takes, by name (``init_solver`` for warm-starting solvers)."""
+        specs = {o.name: o for o in cls.option_specs}
+        if cls.uses_init:
+            specs["init_solver"] = Option(
+                "init_solver", str, cls.default_init or "none",
+                "solver whose mask warm-starts a solve given no init ('none': the backend's own start)",
+                check=_known_solver)
+        return specs
+
+    @classmethod
+    def options_taken(cls) -> tuple[str, ...]:
+        """Names of the constructor options."""
+        return tuple(sorted(cls.declared_options()))
+
+    def option(self, name: str) -> Any:
+        """The value of option ``name``: as given (converted), else its declared default."""
+        if name in self.options:
+            return self.options[name]
+        return self.declared_options()[name].default
 
     @property
     def init_solver(self) -> Optional[str]:
         """The solver whose mask warm-starts a solve given no ``init`` (None: cold start)."""
         name = self.options.get("init_solver", self.default_init) if self.uses_init else None
         return None if name in (None, "none") else name
+
+    def start_mask(self, problem: LayerProblem, params: Params) -> Optional[torch.Tensor]:
+        """The warm start of a solve given no ``init``: the raw mask of :attr:`init_solver`, or
+        None (cold start, or that solver cannot take the problem)."""
+        name = self.init_solver
+        if name is None:
+            return None
+        from .registry import make_solver
+
+        starter = make_solver(name)
+        if starter.why_not(problem) is not None:
+            return None
+        return starter.propose(problem, params).mask
 
     # ------------------------------------------------------------------ capabilities
     @classmethod
@@ -199,14 +289,31 @@ class Solver:
 
     def why_not(self, problem: LayerProblem) -> Optional[str]:
         """None if this solver can take the problem, else one line saying why not."""
-        missing = self.missing_packages()
+        why = self.can_take(problem.pattern.name, problem.objective_kind, str(problem.pattern))
+        return why or self._size_limit(problem)
+
+    def can_take(self, pattern_kind: str, objective: str, pattern: Optional[str] = None) -> Optional[str]:
+        """None if this solver, with its options, takes the pattern kind and objective, else one
+        line saying why not: the check to make before any work starts."""
+        return self.why_not_kind(pattern_kind, objective, pattern) or self._options_conflict(objective)
+
+    def _options_conflict(self, objective: str) -> Optional[str]:
+        """Override: a line if the given options do not fit the objective."""
+        return None
+
+    @classmethod
+    def why_not_kind(cls, pattern_kind: str, objective: str, pattern: Optional[str] = None) -> Optional[str]:
+        """None if this solver takes the pattern kind and the objective, else one line saying
+        why not (packages first). ``pattern`` is the pattern as the user wrote it, for the message."""
+        missing = cls.missing_packages()
         if missing:
-            return f"solver {self.name!r} needs the package(s) {', '.join(missing)} (pip install {' '.join(missing)})"
-        if problem.pattern.name not in self.patterns:
-            return f"solver {self.name!r} cannot take pattern {problem.pattern} (takes {', '.join(sorted(self.patterns))})"
-        if problem.objective_kind not in self.objectives:
-            return f"solver {self.name!r} cannot take objective {problem.objective_kind!r}"
-        return self._size_limit(problem)
+            return f"solver {cls.name!r} needs the package(s) {', '.join(missing)} (pip install {' '.join(missing)})"
+        if pattern_kind not in cls.patterns:
+            return (f"solver {cls.name!r} cannot take pattern {pattern or pattern_kind} "
+                    f"(takes {', '.join(sorted(cls.patterns))})")
+        if objective not in cls.objectives:
+            return f"solver {cls.name!r} cannot take objective {objective!r}"
+        return None
 
     def _size_limit(self, problem: LayerProblem) -> Optional[str]:
         """Override: a line if the instance is too large for this backend."""
@@ -223,6 +330,7 @@ class Solver:
             "exact": cls.exact,
             "uses_init": cls.uses_init,
             "description": cls.description,
+            "options": [o.describe() for o in cls.declared_options().values()],
         }
 
     # ------------------------------------------------------------------ running
@@ -259,9 +367,21 @@ class Solver:
         raise NotImplementedError
 
 
+def _known_solver(name: str) -> Optional[str]:
+    """None if ``name`` is a registered solver or ``none``, else why not."""
+    if name == "none":
+        return None
+    from .registry import solver_names
+
+    known = solver_names()
+    return None if name in known else f"no solver of that name (known: none, {', '.join(known)})"
+
+
 def finalize(name: str, problem: LayerProblem, p: Proposal, seconds: float, params: Params) -> Result:
     """Re-score a proposal with the problem's own objective and keep its status honest."""
-    res = Result(solver=name, status=p.status, limit=p.limit, seconds=seconds,
+    word, detail = Limit.of(p.limit)
+    res = Result(solver=name, status=p.status, limit=None if word is None else word.value,
+                 limit_detail=p.limit_detail or detail, seconds=seconds,
                  iterations=p.iterations, history=p.history, info=dict(p.info),
                  bound_source=p.bound_source)
     lb = p.lower_bound
@@ -298,6 +418,8 @@ def finalize(name: str, problem: LayerProblem, p: Proposal, seconds: float, para
                                      or res.objective - lb <= ABS_GAP_TOL * problem.scale)
         if not closed:
             res.status = Status.FEASIBLE
-            res.limit = res.limit or "tolerance"
+            if res.limit is None:
+                res.limit = Limit.TOLERANCE.value
+                res.limit_detail = "claimed optimal; the exact re-score leaves a gap above gap_tol"
             res.info["claimed_optimal"] = True
     return res

@@ -68,7 +68,7 @@ from layerprune.problems import LayerProblem
 
 from . import _qcr
 from ._quadratic import logdet_diagonal, one_swap, warm_start
-from .base import Params, Proposal, Solver, Status
+from .base import Option, Params, Proposal, Solver, Status
 
 __all__ = ["BranchAndBound", "NodeSets", "probe_kept", "prune_level", "project_budgets", "project_warm",
            "linear_bound", "checkpoint", "BatchOutcome", "compact", "node_convexity", "branch", "root_pseudocosts"]
@@ -601,7 +601,10 @@ class BranchAndBound(Solver):
     requires = ("cvxpy",)
     patterns = frozenset({"per-row", "nm", "columns"})
     objectives = frozenset({"mask", "reconstruct"})
-    options_taken = ("max_nodes", "polish")
+    option_specs = (
+        Option("max_nodes", int, None, "node limit per block (default: none; the time limit governs)", low=1),
+        Option("polish", bool, True, "1-swap local search on the start (on the exact objective)"),
+    )
     certifies = True
     exact = True
     uses_init = True
@@ -653,7 +656,7 @@ class BranchAndBound(Solver):
             else:  # the exact form of Q itself first: enough to polish and probe
                 blk, qcr = self._mask_block(data, k, m, c, group, params, block_deadline, device, None)
             p = ~kr
-            if self.options.get("polish", True):  # at most a fifth of the block's time
+            if self.option("polish"):  # at most a fifth of the block's time
                 p = blk.polish(p, group, time.perf_counter() + 0.2 * (block_deadline - time.perf_counter()))
             value = float(blk.value(p[None])[0])
             if value <= 1e-13 * blk.scale:
@@ -668,7 +671,7 @@ class BranchAndBound(Solver):
                 probed += int(fixed_kept.sum())
             qcr_blocks += qcr
             best, bound, ok, cnt = _solve_block(blk, p, value, group, block_deadline, params.gap_tol, device,
-                                                self.options.get("max_nodes"), fixed_kept, floor)
+                                                self.option("max_nodes"), fixed_kept, floor)
             nodes += cnt
             mask[r if r is not None else slice(None)] = ~best
             bounds.append(bound)

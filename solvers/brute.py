@@ -20,7 +20,7 @@ import torch
 
 from layerprune.problems import LayerProblem, PerRow
 
-from .base import Params, Proposal, Solver, Status
+from .base import Option, Params, Proposal, Solver, Status
 
 __all__ = ["BruteForce"]
 
@@ -82,13 +82,13 @@ class BruteForce(Solver):
     """Enumerate every admissible support (tiny layers only: ≤ 65,536 supports per row)."""
 
     name = "brute"
-    options_taken = ('max_supports',)
+    option_specs = (Option("max_supports", int, MAX_SUPPORTS, "largest number of supports per row it enumerates", low=1),)
     description = "exhaustive enumeration (reference optimum, tiny layers)"
     certifies = True
     exact = True
 
     def _size_limit(self, problem: LayerProblem) -> Optional[str]:
-        limit = int(self.options.get("max_supports", MAX_SUPPORTS))
+        limit = self.option("max_supports")
         n = _count_supports(problem)
         if n > limit:
             return f"brute force would enumerate {n} supports per row (limit {limit}); use scip or ortools"

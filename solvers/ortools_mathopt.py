@@ -82,7 +82,7 @@ import torch
 from layerprune.problems import LayerProblem
 
 from . import ortools_worker as worker
-from .base import Params, Proposal, Solver, SolverError, Status
+from .base import Option, Params, Proposal, Solver, SolverError, Status
 
 __all__ = ["OrToolsSolver"]
 
@@ -195,7 +195,7 @@ class OrToolsSolver(Solver):
     """
 
     name = "ortools"
-    options_taken = ('isolate',)
+    option_specs = (Option("isolate", bool, True, "solve in a child process (needed where highspy/cvxpy is loaded)"),)
     description = "OR-Tools MathOpt/GSCIP factored convexified binary QP (mask objective, exact)"
     requires = ("ortools",)
     objectives = frozenset({"mask"})
@@ -231,7 +231,7 @@ class OrToolsSolver(Solver):
                 results[-1] = dict(results[-1], stopped=True)
             return stop
 
-        if self.options.get("isolate", True):
+        if self.option("isolate"):
             _run_isolated(job, on_result)
         else:
             def emit(res: dict) -> None:

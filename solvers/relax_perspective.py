@@ -41,7 +41,7 @@ from layerprune.problems import LayerProblem
 from ._relax import (FLOAT_MARGIN, blocks_for, lmo_min, make_proposal, run_blocks, scaled_arrays,
                      scores_to_matrix, solve_cvx)
 from ._quadratic import logdet_diagonal
-from .base import Params, Proposal, Solver
+from .base import Option, Params, Proposal, Solver
 
 __all__ = ["RelaxPerspective", "choose_delta", "safe_delta", "h_and_grad"]
 
@@ -145,7 +145,11 @@ class RelaxPerspective(Solver):
     """Perspective relaxation of the ``reconstruct`` objective (certified convexity bound)."""
 
     name = "relax-perspective"
-    options_taken = ('delta', 'max_work')
+    option_specs = (
+        Option("delta", str, "sdp", "perspective diagonal: max Σ log δ (sdp), max Σ δ (sdp-sum) or λ_min·1 (eig)",
+               choices=("sdp", "sdp-sum", "eig")),
+        Option("max_work", int, MAX_WORK, "largest d_out·d_in² it builds a dense cvxpy model for", low=1),
+    )
     description = "perspective relaxation of the reconstruct objective, SDP-chosen diagonal (cvxpy)"
     requires = ("cvxpy",)
     objectives = frozenset({"reconstruct"})
@@ -154,14 +158,12 @@ class RelaxPerspective(Solver):
 
     def _size_limit(self, problem: LayerProblem) -> Optional[str]:
         work = problem.d_out * problem.d_in ** 2
-        if work > int(self.options.get("max_work", MAX_WORK)):
+        if work > self.option("max_work"):
             return f"relax-perspective: d_out·d_in² = {work} too large for dense cvxpy models (limit {MAX_WORK})"
         return None
 
     def _solve(self, problem: LayerProblem, params: Params, init, callback) -> Proposal:
-        mode = self.options.get("delta", "sdp")
-        if mode not in ("sdp", "sdp-sum", "eig"):
-            raise ValueError(f"relax-perspective: delta must be sdp, sdp-sum or eig, got {mode!r}")
+        mode = self.option("delta")
         start = time.perf_counter()
         deadline = params.deadline(start)
         W, G = scaled_arrays(problem)

@@ -42,7 +42,7 @@ from layerprune.problems import LayerProblem
 
 from ._relax import (FLOAT_MARGIN, Block, blocks_for, lmo_min, make_proposal, null_basis,
                      project_affine, run_blocks, scaled_arrays, scores_to_matrix, solve_cvx)
-from .base import Params, Proposal, Solver
+from .base import Option, Params, Proposal, Solver
 
 __all__ = ["RelaxQP", "shift_mu", "qp_certificate"]
 
@@ -141,7 +141,11 @@ class RelaxQP(Solver):
     """Convexified continuous QP relaxation of the ``mask`` objective (certified bound)."""
 
     name = "relax-qp"
-    options_taken = ('max_work', 'mu')
+    option_specs = (
+        Option("mu", str, "scaled", "convexifying diagonal: on the scaled problem, λ_min·1, or none",
+               choices=("scaled", "eig", "none")),
+        Option("max_work", int, MAX_WORK, "largest d_out·d_in² it builds a dense cvxpy model for", low=1),
+    )
     description = "continuous QP relaxation of the mask objective, diagonal convexification (cvxpy)"
     requires = ("cvxpy",)
     objectives = frozenset({"mask"})
@@ -150,14 +154,12 @@ class RelaxQP(Solver):
 
     def _size_limit(self, problem: LayerProblem) -> Optional[str]:
         work = problem.d_out * problem.d_in ** 2
-        if work > int(self.options.get("max_work", MAX_WORK)):
+        if work > self.option("max_work"):
             return f"relax-qp: d_out·d_in² = {work} too large for dense cvxpy models (limit {MAX_WORK})"
         return None
 
     def _solve(self, problem: LayerProblem, params: Params, init, callback) -> Proposal:
-        mode = self.options.get("mu", "scaled")
-        if mode not in ("scaled", "eig", "none"):
-            raise ValueError(f"relax-qp: mu must be scaled, eig or none, got {mode!r}")
+        mode = self.option("mu")
         start = time.perf_counter()
         deadline = params.deadline(start)
         W, G = scaled_arrays(problem)

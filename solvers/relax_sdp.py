@@ -38,7 +38,7 @@ from layerprune.problems import LayerProblem
 
 from ._relax import (FLOAT_MARGIN, Block, blocks_for, make_proposal, scaled_arrays,
                      run_blocks, scores_to_matrix, solve_cvx)
-from .base import Params, Proposal, Solver
+from .base import Option, Params, Proposal, Solver
 
 __all__ = ["RelaxSDP", "block_Q", "shor_dual", "shor_certificate", "reduction_basis"]
 
@@ -138,7 +138,10 @@ class RelaxSDP(Solver):
     """Shor SDP relaxation of the ``mask`` objective (facially reduced, certified dual bound)."""
 
     name = "relax-sdp"
-    options_taken = ('clarabel_max_n', 'max_n')
+    option_specs = (
+        Option("max_n", int, MAX_N, "largest lifted dimension n it builds an SDP for", low=1),
+        Option("clarabel_max_n", int, CLARABEL_MAX_N, "largest block solved by Clarabel first (SCS above)", low=0),
+    )
     description = "Shor SDP relaxation of the mask objective with squared budget constraints (cvxpy)"
     requires = ("cvxpy",)
     objectives = frozenset({"mask"})
@@ -146,7 +149,7 @@ class RelaxSDP(Solver):
     exact = False
 
     def _size_limit(self, problem: LayerProblem) -> Optional[str]:
-        limit = int(self.options.get("max_n", MAX_N))
+        limit = self.option("max_n")
         n = problem.d_out * problem.d_in if problem.pattern.name == "unstructured" else problem.d_in
         if n > limit:
             return f"relax-sdp: lifted matrix of size {n + 1} exceeds the limit (max_n={limit})"
@@ -157,7 +160,7 @@ class RelaxSDP(Solver):
         deadline = params.deadline(start)
         W, G = scaled_arrays(problem)
         blocks = blocks_for(problem)
-        order_for = lambda n: ("SCS", "CLARABEL") if n > int(self.options.get("clarabel_max_n", CLARABEL_MAX_N)) \
+        order_for = lambda n: ("SCS", "CLARABEL") if n > self.option("clarabel_max_n") \
             else ("CLARABEL", "SCS")
         bound, ps, limit = run_blocks(blocks, lambda b: _solve_block(b, W, G, params, deadline, order_for),
                                       deadline, callback)

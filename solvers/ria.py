@@ -16,8 +16,8 @@ import torch
 
 from layerprune.problems import LayerProblem
 
-from .base import Params, Proposal, Solver, SolverError
-from .magnitude import accumulator, input_norms, score_proposal, working
+from .base import Option, Params, Proposal, Solver
+from ._baseline import accumulator, input_norms, score_proposal, working
 
 __all__ = ["RIA", "ria_scores"]
 
@@ -52,13 +52,11 @@ class RIA(Solver):
     """Keep the largest relative-importance scores times ``‖X_j‖^a`` (option ``a``, default 0.5)."""
 
     name = "ria"
-    options_taken = ('a',)
+    option_specs = (Option("a", float, 0.5, "exponent of the input-activation norm", low=0.0),)
     description = "RIA: (|W|/colsum + |W|/rowsum)·‖X_j‖^a (Zhang et al. 2024)"
 
     def _solve(self, problem: LayerProblem, params: Params, init, callback) -> Proposal:
-        a = float(self.options.get("a", 0.5))
-        if not a >= 0.0:
-            raise SolverError(f"ria: option a must be a non-negative number, got {a}")
+        a = self.option("a")
         device, dtype = working(problem, params)
         W = problem.W.to(device=device, dtype=dtype)
         return score_proposal(problem, ria_scores(W, input_norms(problem, device, dtype), a), a=a)

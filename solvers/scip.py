@@ -121,7 +121,7 @@ from layerprune.problems import LayerProblem
 
 from . import _qcr
 from ._quadratic import max_diagonal, one_swap, psd_factor, warm_start
-from .base import Params, Proposal, Solver, SolverError, Status
+from .base import Option, Params, Proposal, Solver, Status
 
 __all__ = ["ScipSolver"]
 
@@ -435,12 +435,26 @@ class ScipSolver(Solver):
     """
 
     name = "scip"
-    options_taken = ('diag', 'epigraph', 'heuristics', 'polish')
+    option_specs = (
+        Option("diag", str, None, "diagonal moved out of the quadratic (default: auto for mask, logdet for "
+               "reconstruct; auto and qcr are mask only)",
+               choices=("none", "sdp", "eig", "logdet", "dense", "auto", "qcr")),
+        Option("epigraph", str, None, "t_k ≥ y_k² (split, default for mask) or t ≥ ‖y‖² (joint, default for "
+               "reconstruct)", choices=("split", "joint")),
+        Option("heuristics", str, "off", "SCIP's primal heuristics for mask (reconstruct always keeps them on)",
+               choices=("off", "default")),
+        Option("polish", bool, True, "1-swap local search on the mask warm start (per-row, nm)"),
+    )
     description = "SCIP MIQCP: convexified epigraph (mask), perspective (reconstruct); certified"
     requires = ("pyscipopt",)
     certifies = True
     exact = True
     uses_init = True
+
+    def _options_conflict(self, objective: str) -> Optional[str]:
+        if objective == "reconstruct" and self.option("diag") in ("auto", "qcr"):
+            return f"solver 'scip' option 'diag': {self.option('diag')!r} is for the mask objective only"
+        return None
 
     def _solve(self, problem: LayerProblem, params: Params, init, callback) -> Proposal:
         start_time = time.perf_counter()
@@ -451,21 +465,17 @@ class ScipSolver(Solver):
         start = warm_start(sp, None if init is None else init.cpu())
         pat_name = sp.pattern.name
         recon_kind = problem.objective_kind == "reconstruct"
-        if self.options.get("polish", True) and not recon_kind and pat_name in ("per-row", "nm"):
+        if self.option("polish") and not recon_kind and pat_name in ("per-row", "nm"):
             group = np.arange(sp.d_in) // (sp.pattern.m if pat_name == "nm" else sp.d_in)
             polish_until = start_time + 0.2 * (deadline - start_time)  # at most 1/5 of the limit
             for r in range(sp.d_out):  # a 1-swap optimum: SCIP's scale and first incumbent
                 if time.perf_counter() < polish_until:
                     start[r] = one_swap(W[r][:, None] * G * W[r][None, :], start[r], group)
-        diag = self.options.get("diag") or ("logdet" if recon_kind else "auto")
-        if diag not in ("none", "sdp", "eig", "logdet", "dense", "auto", "qcr") or (recon_kind and diag in ("auto", "qcr")):
-            raise SolverError(f"scip: unknown diag option {diag!r} for {problem.objective_kind}")
+        diag = self.option("diag") or ("logdet" if recon_kind else "auto")
         # heuristics off only for mask: the reconstruct model's start is partial and needs
         # SCIP's completion heuristic to become its incumbent
-        opts = {"diag": diag, "epigraph": self.options.get("epigraph", "joint" if recon_kind else "split"),
-                "heuristics": "default" if recon_kind else self.options.get("heuristics", "off")}
-        if opts["epigraph"] not in ("split", "joint"):
-            raise ValueError(f"unknown epigraph option {opts['epigraph']!r}")
+        opts = {"diag": diag, "epigraph": self.option("epigraph") or ("joint" if recon_kind else "split"),
+                "heuristics": "default" if recon_kind else self.option("heuristics")}
         gap = max(params.gap_tol / 2, 1e-9)
         pat = sp.pattern
         recon = sp.objective_kind == "reconstruct"

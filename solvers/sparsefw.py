@@ -30,9 +30,8 @@ import torch
 
 from layerprune.problems import LayerProblem
 
-from .base import Params, Proposal, Solver, SolverError, Status
-from .magnitude import input_norms, working
-from .wanda import wanda_scores
+from .base import Option, Params, Proposal, Solver, SolverError, Status
+from ._baseline import input_norms, wanda_scores, working
 
 __all__ = ["SparseFW", "fw_certificate", "line_search"]
 
@@ -89,7 +88,12 @@ class SparseFW(Solver):
     """
 
     name = "sparsefw"
-    options_taken = ('alpha', 'check_every', 'refresh')
+    option_specs = (
+        Option("alpha", float, 0.9, "fraction of each group's budget fixed to Wanda's best", low=0.0, high=1.0,
+               high_open=True),
+        Option("refresh", int, 50, "iterations between exact recomputations of UG", low=1),
+        Option("check_every", int, 100, "iterations between float64 certificate and rounding checks", low=1),
+    )
     description = "SparseFW: Frank-Wolfe on the pattern hull, exact line search, rounding, FW-gap bound"
     objectives = frozenset({"mask"})
     certifies = True
@@ -97,12 +101,12 @@ class SparseFW(Solver):
 
     def _solve(self, problem: LayerProblem, params: Params, init, callback) -> Proposal:
         deadline = params.deadline(time.perf_counter())
-        alpha = float(self.options.get("alpha", 0.9))
-        refresh = int(self.options.get("refresh", 50))
-        check_every = int(self.options.get("check_every", 100))
+        alpha = self.option("alpha")
+        refresh = self.option("refresh")
+        check_every = self.option("check_every")
         iters = params.max_iter if params.max_iter is not None else 500
-        if not 0.0 <= alpha < 1.0 or refresh < 1 or check_every < 1 or iters < 0:
-            raise SolverError("sparsefw: need 0 ≤ alpha < 1 and positive refresh/check_every")
+        if iters < 0:
+            raise SolverError(f"sparsefw: max_iter must be ≥ 0, got {iters}")
         device, dtype = working(problem, params)
         W = problem.W.to(device=device, dtype=dtype)
         G = problem.G.to(device=device, dtype=dtype)

@@ -41,8 +41,8 @@ import torch
 from layerprune.problems import LayerProblem
 from layerprune.problems.patterns import topk_mask
 
-from .base import Params, Proposal, Solver, SolverError, Status
-from .magnitude import working
+from .base import Option, Params, Proposal, Solver, SolverError, Status
+from ._baseline import working
 
 __all__ = ["SparseGPT", "inverse_hessian_factor", "obs_prune"]
 
@@ -152,16 +152,19 @@ class SparseGPT(Solver):
     """SparseGPT's OBS sweep (options ``percdamp`` = 0.01, ``blocksize`` = 128)."""
 
     name = "sparsegpt"
-    options_taken = ('blocksize', 'max_damp_tries', 'percdamp')
+    option_specs = (
+        Option("percdamp", float, 0.01, "damping added to G's diagonal, relative to its mean", low=0.0, low_open=True),
+        Option("blocksize", int, 128, "columns per lazy-update block", low=1),
+        Option("max_damp_tries", int, 4, "times the damping is multiplied by 10 when G is not positive definite",
+               low=1),
+    )
     description = "SparseGPT: OBS updates, damping, 128-column lazy blocks (Frantar & Alistarh 2023)"
     patterns = frozenset({"per-row", "nm", "unstructured"})
 
     def _solve(self, problem: LayerProblem, params: Params, init, callback) -> Proposal:
-        percdamp = float(self.options.get("percdamp", 0.01))
-        blocksize = int(self.options.get("blocksize", 128))
-        tries = int(self.options.get("max_damp_tries", 4))
-        if not percdamp > 0.0 or blocksize < 1:
-            raise SolverError(f"sparsegpt: need percdamp > 0 and blocksize ≥ 1, got {percdamp}, {blocksize}")
+        percdamp = self.option("percdamp")
+        blocksize = self.option("blocksize")
+        tries = self.option("max_damp_tries")
         device, dtype = working(problem, params)
         W = problem.W.to(device=device, dtype=dtype).clone()
         G = problem.G.to(device=device, dtype=dtype)

@@ -34,8 +34,8 @@ import torch
 from layerprune.problems import LayerProblem
 from layerprune.problems.patterns import NM
 
-from .base import Params, Proposal, Solver, SolverError, Status
-from .magnitude import working
+from .base import Option, Params, Proposal, Solver, Status
+from ._baseline import working
 
 __all__ = ["SparseSwaps", "swap_terms", "best_pairs", "best_block_pairs", "max_correlations"]
 
@@ -176,7 +176,10 @@ class SparseSwaps(Solver):
     """
 
     name = "sparseswaps"
-    options_taken = ('candidates', 'refresh')
+    option_specs = (
+        Option("candidates", int, 16, "pairs scored first per row per step (per-row)", low=1),
+        Option("refresh", int, 50, "steps between exact recomputations of c = G u", low=1),
+    )
     description = "SparseSwaps: best-improvement 1-swap local search on the mask objective"
     patterns = frozenset({"per-row", "nm"})
     objectives = frozenset({"mask"})
@@ -187,13 +190,13 @@ class SparseSwaps(Solver):
         start_time = time.perf_counter()
         deadline = params.deadline(start_time)
         device, dtype = working(problem, params)
-        cand = int(self.options.get("candidates", 16))
-        refresh = int(self.options.get("refresh", 50))
-        if cand < 1 or refresh < 1:
-            raise SolverError("sparseswaps: candidates and refresh must be positive integers")
+        cand = self.option("candidates")
+        refresh = self.option("refresh")
         if init is None:
+            init = self.start_mask(problem, params)
+        if init is None:  # init_solver none, or one that cannot take it: Wanda's mask
             from .registry import make_solver
-            init = make_solver(self.init_solver or "wanda").propose(problem, params).mask
+            init = make_solver("wanda").propose(problem, params).mask
         start_mask = init.to(device)
         W = problem.W.to(device=device, dtype=dtype)
         G = problem.G.to(device=device, dtype=dtype)

@@ -8,19 +8,13 @@ optimum of the ``mask`` objective when ``G`` is diagonal. No weight update.
 """
 from __future__ import annotations
 
-import torch
 
 from layerprune.problems import LayerProblem
 
+from ._baseline import input_norms, score_proposal, wanda_scores, working
 from .base import Params, Proposal, Solver
-from .magnitude import input_norms, score_proposal, working
 
-__all__ = ["Wanda", "wanda_scores"]
-
-
-def wanda_scores(W: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-    """``|W_ij|·‖X_j‖``. W: (d_out, d_in), norms: (d_in,). Returns (d_out, d_in)."""
-    return W.abs() * norms[None, :]
+__all__ = ["Wanda"]
 
 
 class Wanda(Solver):

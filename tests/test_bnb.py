@@ -275,7 +275,7 @@ def test_limits_are_honest_and_never_worse_than_the_start():
     p = LayerProblem.create(W, G, pattern="per-row:0.5", objective="mask")
     wanda = make_solver("wanda").solve(p)
     res = make_solver("bnb", max_nodes=1).solve(p, params=Params(time_limit=60))
-    assert res.status == Status.FEASIBLE and res.limit == "node", (res.status, res.limit, res.info)
+    assert res.status == Status.FEASIBLE and res.limit == "nodes", (res.status, res.limit, res.info)
     assert 0.0 < res.lower_bound <= res.objective <= wanda.objective * (1 + 1e-12)
     res = make_solver("bnb").solve(p, params=Params(time_limit=1e-3))
     assert res.status == Status.FEASIBLE and res.limit == "time"
@@ -342,7 +342,7 @@ def test_bnb_reconstruct_limits_are_honest():
     W, G = _well_conditioned(1, 40, seed=4)
     p = LayerProblem.create(W, G, pattern="per-row:0.5", objective="reconstruct")
     res = make_solver("bnb", max_nodes=1).solve(p, params=Params(time_limit=60))
-    assert res.status == Status.FEASIBLE and res.limit == "node", (res.status, res.limit, res.info)
+    assert res.status == Status.FEASIBLE and res.limit == "nodes", (res.status, res.limit, res.info)
     assert 0.0 < res.lower_bound <= res.objective
     res = make_solver("bnb").solve(p, params=Params(time_limit=1e-3))
     assert res.status == Status.FEASIBLE and res.limit == "time"

@@ -240,7 +240,7 @@ def test_auto_diagonal_only_where_the_sdp_moves_weight():
     assert d.sum() >= 0.01 * np.trace(well) and np.linalg.eigvalsh(well - np.diag(d))[0] > -1e-9
     assert not mask_diagonal(near_singular, "auto").any()
     assert not mask_diagonal(well, "none").any()
-    with pytest.raises(SolverError, match="unknown diag option 'auto' for reconstruct"):
+    with pytest.raises(SolverError, match="option 'diag': 'auto' is for the mask objective only"):
         make_solver("scip", diag="auto").solve(make_instance(1, 8, objective="reconstruct"))
 
 
