@@ -27,6 +27,8 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .weights import load_streamed
+
 __all__ = ["ModelError", "BUNDLED_MODEL", "BUNDLED_PACKAGE", "bundled_model_path",
            "ensure_bundled_model", "convert_bundled", "load_model", "save_pruned", "decoder_layers",
            "target_linears", "model_size_bytes"]
@@ -129,7 +131,9 @@ def _from_pretrained(directory: str, *, gguf_file: Optional[str], dtype):
     tf = _transformers()
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     tokenizer = tf.AutoTokenizer.from_pretrained(directory, **kwargs)
-    model = tf.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+    model = None if gguf_file or not Path(directory).is_dir() else load_streamed(directory, dtype)
+    if model is None:
+        model = tf.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
     _strip_gguf_quantization(model)
     return model, tokenizer
 
