@@ -17,7 +17,7 @@ hyperplane). A branch-and-bound whose every relaxation keeps ``Bᵀp = c`` (SCIP
 equalities in each LP) therefore sees an exact, visibly convex objective
 ``‖Fᵀp‖² + lᵀp + const`` with ``ΠAΠ = FFᵀ``, whatever ``μ``: the choice of ``μ`` only decides
 the strength of the continuous relaxation. The best ``μ`` is the diagonal multiplier of the
-facially reduced Shor SDP (:func:`relax_sdp.shor_dual`): then the root relaxation is at least
+facially reduced Shor SDP (:func:`._shor.shor_dual`): then the root relaxation is at least
 the SDP bound (min over the box and the hyperplane of a function ``≥ s`` there). A solver's
 inaccurate ``μ`` is repaired by the uniform shift ``μ ← μ − λ₋`` (``λ₋ = max(0, −λ_min(ΠAΠ))``
 on the subspace), which keeps the rewrite exact and makes it convex.
@@ -77,7 +77,7 @@ def qcr_multipliers(Q: np.ndarray, group: np.ndarray, count: np.ndarray, params,
 
     Q is normalised to unit max-diagonal for the conic solver; μ and the bound are mapped back.
     """
-    from .relax_sdp import reduction_basis, shor_certificate, shor_dual
+    from ._shor import reduction_basis, shor_certificate, shor_dual
     from ._relax import Block
 
     sigma = float(np.abs(np.diag(Q)).max())
