@@ -151,11 +151,12 @@ def convex_form(Qn: np.ndarray, group: Optional[np.ndarray], count: Optional[np.
     budgets ``group``/``count`` are given and the SDP succeeds. Otherwise the diagonal form
     ``‖Fᵀp‖² + δᵀp`` with ``FFᵀ = Q_n − diag δ ⪰ 0`` (δ by ``diag``: ``auto``/``qcr`` → the SDP
     diagonal or zeros, ``none``, ``sdp``, ``eig``, ``logdet``), exact on binaries as ``p² = p``.
-    On the near-singular synthetic rows the SDP moves almost nothing and only costs time.
+    On the near-singular synthetic rows the SDP moves almost nothing and only costs time. The
+    mixing-method diagonal also stops by ``sdp_deadline`` (at n = 576 its 300 sweeps take ~20 s).
     """
     from ._quadratic import mask_diagonal, psd_factor
 
-    delta = mask_diagonal(Qn, "auto" if diag == "qcr" else diag, seed=params.seed)
+    delta = mask_diagonal(Qn, "auto" if diag == "qcr" else diag, seed=params.seed, deadline=sdp_deadline)
     if group is not None and (diag == "qcr" or (diag == "auto" and delta.any())):
         form = build(Qn, group, count, params, sdp_deadline)
         if form is not None:

@@ -102,6 +102,8 @@ class MaskBlock(NodeSets):
     """
 
     strong_root = True
+    #: the most seconds one node's :meth:`node_shift` took so far (its time prediction)
+    shift_seconds = 0.0
 
     def __init__(self, Q: np.ndarray, k: int, m: int, c: int, form, device):
         t = lambda a: torch.as_tensor(a, dtype=torch.float64, device=device)
@@ -120,12 +122,25 @@ class MaskBlock(NodeSets):
         y = x @ self.F
         return (y * y).sum(-1) + x @ self.lin + self.const, 2.0 * y @ self.F.T + self.lin
 
-    def node_shift(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    def node_shift(self, lo: torch.Tensor, hi: torch.Tensor, deadline: float = math.inf) -> torch.Tensor:
         """Per node (B,): the largest ``δ ≥ 0`` keeping ``f − δ Σ_free p²`` convex on the node
-        (:func:`node_convexity` of ``H/2``)."""
+        (:func:`node_convexity` of ``H/2``); NaN for the nodes left out because the chunk that
+        holds them was predicted (from the previous chunks' time per node) to end past
+        ``deadline`` (one eigenvalue problem per node: ~0.15 s at n = 576)."""
         free, H2, s = hi > lo, 0.5 * self.H, 1.5 * self.lam_max
-        # in chunks of 64 nodes: the (64, n, n) work arrays stay in cache
-        return torch.cat([node_convexity(H2, part, self.k, self.m, s) for part in free.split(64)])
+        n = free.shape[1]
+        # in chunks of 64 nodes up to n = 128 (the (64, n, n) work arrays stay in cache), of the
+        # same memory above
+        chunk = 64 if n <= 128 else max(1, int(64 * (128 / n) ** 2))
+        out = torch.full((free.shape[0],), math.nan, dtype=H2.dtype, device=H2.device)
+        for a in range(0, free.shape[0], chunk):
+            began = time.perf_counter()
+            if math.isfinite(deadline) and began + self.shift_seconds * min(chunk, free.shape[0] - a) > deadline:
+                break
+            part = free[a:a + chunk]
+            out[a:a + chunk] = node_convexity(H2, part, self.k, self.m, s)
+            self.shift_seconds = max(self.shift_seconds, (time.perf_counter() - began) / part.shape[0])
+        return out
 
     def relax(self, x, lo, hi, lb, thr, iters, deadline=math.inf, shift=None) -> Relaxed:
         """FISTA on a batch of nodes (x, lo, hi (B, n), lb (B,)); returns the points, the best
@@ -178,8 +193,8 @@ class MaskBlock(NodeSets):
         return ((P @ self.Q) * P).sum(axis=1)
 
     def polish(self, p: np.ndarray, group: np.ndarray, deadline: float = math.inf) -> np.ndarray:
-        """1-swap local search from the pruned indicators p (n,) bool (fast: no deadline needed)."""
-        return ~one_swap(self.Q, ~p, group)
+        """1-swap local search from the pruned indicators p (n,) bool, until ``deadline``."""
+        return ~one_swap(self.Q, ~p, group, deadline=deadline)
 
 
 def mask_block(Q, k, m, c, group, params, deadline, device, kept) -> tuple[MaskBlock, bool]:

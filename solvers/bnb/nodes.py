@@ -251,6 +251,8 @@ class NodeSets:
     c: torch.Tensor
     #: whether the search starts with root strong branching (:func:`.search.root_pseudocosts`)
     strong_root: bool = False
+    #: the most nodes relaxed together in one batch of the search
+    batch: int = 512
 
     def shape(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(x.shape[0], self.k, self.m)

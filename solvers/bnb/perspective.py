@@ -39,7 +39,8 @@ __all__ = ["PerspectiveBlock"]
 FLOAT_MARGIN = 1e-11
 #: swap-polish passes on an improved incumbent (each scores every in-group swap at once)
 POLISH_STEPS = 25
-#: swaps scored per batched refit (bounds the memory: chunk × n² floats)
+#: swaps scored per batched refit up to n = 128 (bounds the memory: chunk × n² floats; the same
+#: memory above)
 POLISH_CHUNK = 256
 
 
@@ -102,6 +103,13 @@ class PerspectiveBlock(NodeSets):
         else:
             cond = 1.0
         self.rel_margin = FLOAT_MARGIN + G.shape[0] * float(np.finfo(np.float64).eps) * cond
+        n = G.shape[0]
+        # one evaluation factors every node's (n, n) K: above n = 128 the batch shrinks with the
+        # O(n³) work, so that a batch's iteration (deadline-checked) stays short
+        self.batch = 512 if n <= 128 else max(1, int(512 * (128 / n) ** 3))
+        self.chunk = POLISH_CHUNK if n <= 128 else max(1, int(POLISH_CHUNK * (128 / n) ** 2))
+        #: the most seconds one scored swap took so far in :meth:`polish` (its time prediction)
+        self.swap_seconds = 0.0
 
     @property
     def scale(self) -> float:
@@ -188,20 +196,23 @@ class PerspectiveBlock(NodeSets):
     def polish(self, p: np.ndarray, group: np.ndarray, deadline: float = math.inf) -> np.ndarray:
         """Best-improvement 1-swap search on the exact objective from pruned indicators p (n,):
         each pass scores every swap of a pruned and a kept entry of the same group, in chunks of
-        :data:`POLISH_CHUNK`; stops at ``deadline`` with the best point so far."""
+        :data:`POLISH_CHUNK` (fewer above n = 128); stops with the best point so far before a
+        chunk predicted (from the slowest swap so far) to end past ``deadline``."""
         p = p.copy()
         best = float(self.value(p[None])[0])
         for _ in range(POLISH_STEPS):
             i_idx, j_idx = np.nonzero(p[:, None] & ~p[None, :] & (group[:, None] == group[None, :]))
             top, arg = best, None
-            for lo in range(0, i_idx.size, POLISH_CHUNK):
-                if time.perf_counter() > deadline:
+            for lo in range(0, i_idx.size, self.chunk):
+                began = time.perf_counter()
+                ii, jj = i_idx[lo:lo + self.chunk], j_idx[lo:lo + self.chunk]
+                if began + self.swap_seconds * ii.size > deadline:
                     break
-                ii, jj = i_idx[lo:lo + POLISH_CHUNK], j_idx[lo:lo + POLISH_CHUNK]
                 cand = np.repeat(p[None], ii.size, axis=0)
                 cand[np.arange(ii.size), ii] = False
                 cand[np.arange(ii.size), jj] = True
                 vals = self.value(cand)
+                self.swap_seconds = max(self.swap_seconds, (time.perf_counter() - began) / ii.size)
                 a = int(np.argmin(vals))
                 if vals[a] < top:
                     top, arg = float(vals[a]), cand[a]

@@ -31,7 +31,7 @@ from .nodes import Branching, Node, Relaxed, branch, prune_level
 __all__ = ["Pseudocosts", "root_pseudocosts", "solve_block", "BlockOutcome", "BATCH", "ITERS", "SHIFT_EVERY",
            "ROOT_SHARE"]
 
-#: nodes relaxed together in one batch
+#: nodes relaxed together in one batch (at most; a block may ask for fewer, ``blk.batch``)
 BATCH = 512
 #: FISTA iterations per node visit (then the node is branched unless pruned)
 ITERS = 60
@@ -149,7 +149,7 @@ def solve_block(blk, start: np.ndarray, ub: float, group: np.ndarray, deadline: 
 
     while heap and time.perf_counter() < deadline and (max_nodes is None or nodes < max_nodes):
         batch: list[Node] = []
-        while heap and len(batch) < BATCH:
+        while heap and len(batch) < min(BATCH, blk.batch):
             node = heapq.heappop(heap)
             if node.bound >= thr():
                 pruned_min = min(pruned_min, node.bound)
@@ -198,9 +198,12 @@ def solve_block(blk, start: np.ndarray, ub: float, group: np.ndarray, deadline: 
                 nfix = (hi[G] <= lo[G]).sum(1)
                 redo = nfix + 1 - base[G] >= SHIFT_EVERY
                 if bool(redo.any()):
-                    R = G[redo]
-                    shift[R] = torch.maximum(shift[R], blk.node_shift(lo[R], hi[R]))
-                    base[R] = nfix[redo]
+                    R, nfix = G[redo], nfix[redo]
+                    delta = blk.node_shift(lo[R], hi[R], deadline)
+                    done = ~torch.isnan(delta)      # those left out past the deadline keep the parent's
+                    R, nfix, delta = R[done], nfix[done], delta[done]
+                    shift[R] = torch.maximum(shift[R], delta)
+                    base[R] = nfix
             shift_l, base_l = shift.tolist(), base.tolist()
             entry = pc.choose(xs[go], free[go])
             *children, fits = branch(lo[go], hi[go], torch.as_tensor(entry, device=device), blk.k, blk.m, blk.c)

@@ -90,7 +90,9 @@ class BranchAndBound(Solver):
         recon = sp.objective_kind == "reconstruct"
         pat = sp.pattern
         d = sp.d_in
-        delta = logdet_diagonal(G) if recon else None     # zeros if G̃ is singular (monotone bound)
+        # zeros if G̃ is singular (monotone bound); barrier Newton steps for at most half the time
+        # limit (~15 s at d_in = 576 on a loaded machine; an early stop is valid, less spread)
+        delta = logdet_diagonal(G, deadline=start_time + 0.5 * (deadline - start_time)) if recon else None
         if pat.name == "columns":
             blocks = [_BlockData(None, W if recon else G * (W.T @ W), 1, d, d - pat.bind(sp.d_out, d).keep, kept[0])]
         else:
