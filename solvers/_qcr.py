@@ -30,6 +30,8 @@ from typing import Optional
 
 import numpy as np
 
+from ._shor import predicted_sdp_seconds  # noqa: F401  (what :func:`build` is expected to take)
+
 #: conic solver tolerance for the multipliers (SCS ``eps`` = 100× this): they need not be
 #: accurate, only good (the rewrite is exact for any μ). Measured on a real d=64 row: eps 1e-7
 #: took 6.1 s, 1e-5 2.8 s with a root bound 0.02% lower, 1e-4 1.5 s and 0.13% lower. Whole
@@ -39,10 +41,6 @@ import numpy as np
 SDP_TOL = 3e-6
 #: Clarabel (accurate, O(n⁶) per iteration) first for the SDP up to this size, SCS first above
 CLARABEL_MAX_N = 16
-#: seconds the SDP (cvxpy canonicalisation + SCS) takes at n = 128 and the growth exponent, on
-#: the reference 2-core machine, one thread: measured 1.8 / 6.7 / 20.8 / ~35 s at n = 64 / 128 /
-#: 192 / 256 (at 256, 23 s of it canonicalisation, which no solver time limit interrupts)
-SDP_SECONDS_128, SDP_GROWTH = 6.7, 2.6
 
 __all__ = ["QCRForm", "budget_projection", "build", "predicted_sdp_seconds", "qcr_form", "qcr_multipliers"]
 
@@ -119,11 +117,6 @@ def qcr_form(Q: np.ndarray, group: np.ndarray, count: np.ndarray, mu: np.ndarray
     F, neg = psd_factor(C, rtol)
     lin = 2.0 * (Pi @ (A @ p0)) + mu
     return F, lin, float(p0 @ A @ p0), neg, mu
-
-
-def predicted_sdp_seconds(n: int) -> float:
-    """What :func:`build` is expected to take for ``n`` entries (:data:`SDP_SECONDS_128`)."""
-    return SDP_SECONDS_128 * (n / 128.0) ** SDP_GROWTH
 
 
 def build(Q: np.ndarray, group: np.ndarray, count: np.ndarray, params, deadline: float) -> Optional[QCRForm]:

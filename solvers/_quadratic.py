@@ -109,7 +109,8 @@ def max_diagonal(A: np.ndarray, method: str = "sdp", *, nonneg: bool = False, se
     method : ``"sdp"`` (mixing-method SDP for max Σδ), ``"logdet"`` (:func:`logdet_diagonal`),
         ``"eig"`` (``λ_min(A)·1``) or ``"none"``
     nonneg : clamp δ ≥ 0 (the perspective formulation needs it)
-    deadline : ``time.perf_counter()`` by which ``"sdp"`` should return: the mixing sweeps stop
+    deadline : ``time.perf_counter()`` by which ``"logdet"`` stops its Newton steps and ``"sdp"``
+        should return: the mixing sweeps stop
         early enough to leave the repair's eigenvalue problems (32 of them) their measured time
         (δ is then less good, never invalid), and none runs if not even that fits (δ = 0)
 
@@ -127,7 +128,7 @@ def max_diagonal(A: np.ndarray, method: str = "sdp", *, nonneg: bool = False, se
     if method == "eig":
         delta = np.full(n, lam_A)
     elif method == "logdet":
-        delta = logdet_diagonal(A)
+        delta = logdet_diagonal(A, deadline=deadline)
     elif method == "sdp" and time.perf_counter() + 34 * eig_seconds > deadline:
         delta = np.zeros(n)   # no time for a sweep and the repair: the valid diagonal 0
     elif method == "sdp":

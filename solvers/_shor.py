@@ -31,7 +31,18 @@ import numpy as np
 from ._relax import FLOAT_MARGIN, Block, solve_cvx
 from .base import Params
 
-__all__ = ["reduction_basis", "shor_certificate", "shor_dual"]
+__all__ = ["reduction_basis", "shor_certificate", "shor_dual", "predicted_sdp_seconds"]
+
+#: seconds the SDP (cvxpy canonicalisation + SCS) takes at n = 128 and the growth exponent, on
+#: the reference 2-core machine, one thread: measured 1.8 / 6.7 / 20.8 / ~35 s at n = 64 / 128 /
+#: 192 / 256 (at 256, 23 s of it canonicalisation, which no solver time limit interrupts)
+SDP_SECONDS_128, SDP_GROWTH = 6.7, 2.6
+
+
+def predicted_sdp_seconds(n: int) -> float:
+    """What an SDP of ``n`` entries is expected to take (:data:`SDP_SECONDS_128`): callers with
+    less time left skip it, since its canonicalisation cannot be cut short."""
+    return SDP_SECONDS_128 * (n / 128.0) ** SDP_GROWTH
 
 
 def reduction_basis(block: Block) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 from layerprune.problems import LayerProblem
 
 from ._relax import Block, blocks_for, make_proposal, run_blocks, scaled_arrays, scores_to_matrix
-from ._shor import reduction_basis, shor_certificate, shor_dual
+from ._shor import predicted_sdp_seconds, reduction_basis, shor_certificate, shor_dual
 from .base import Params, Proposal, Solver
 
 __all__ = ["RelaxSDP", "block_Q"]
@@ -84,8 +84,16 @@ class RelaxSDP(Solver):
         blocks = blocks_for(problem)
         order_for = lambda n: ("SCS", "CLARABEL") if n > int(self.options.get("clarabel_max_n", CLARABEL_MAX_N)) \
             else ("CLARABEL", "SCS")
-        bound, ps, limit = run_blocks(blocks, lambda b: _solve_block(b, W, G, params, deadline, order_for),
-                                      deadline, callback)
+        skipped = []
+
+        def solve(b):  # an SDP predicted to outlast the time left is not started (bound 0)
+            if predicted_sdp_seconds(b.n) > deadline - time.perf_counter():
+                skipped.append(b)
+                return 0.0, None
+            return _solve_block(b, W, G, params, deadline, order_for)
+
+        bound, ps, limit = run_blocks(blocks, solve, deadline, callback)
+        limit = limit or ("time" if skipped else None)
         keep = 1.0 - scores_to_matrix(blocks, ps, problem.shape, fill=0.5)
         return make_proposal(problem, params, keep, bound, "Shor SDP dual (facially reduced), weak duality",
                              limit=limit, iterations=len(blocks))
