@@ -196,6 +196,51 @@ def test_node_convexity_is_the_least_eigenvalue_on_the_node_directions(k, m):
         assert got[b] <= max(want, 0.0) and got[b] >= max(want, 0.0) - 1e-8 * s
 
 
+
+def test_node_shifts_past_the_deadline_are_left_out_and_the_rest_exact():
+    """Wide blocks compute the shifts in small chunks; a chunk predicted to end past the deadline
+    is not started (NaN: the search keeps the parent's shift), the others equal node_convexity."""
+    import time
+
+    rng = np.random.default_rng(0)
+    n = 192
+    w = rng.standard_normal(n)
+    X = rng.standard_normal((400, n))
+    Q = w[:, None] * (X.T @ X / 400) * w[None, :]
+    blk, _ = mask_block(Q, 1, n, n // 2, np.zeros(n, dtype=int), Params(), math.inf, torch.device("cpu"), None)
+    lo, hi = _random_node_sets(rng, 12, 1, n, n // 2)
+    lo, hi = lo.reshape(12, n), hi.reshape(12, n)
+    full = blk.node_shift(lo, hi)
+    want = node_convexity(0.5 * blk.H, hi > lo, 1, n, 1.5 * blk.lam_max)
+    assert torch.equal(full, want) and not torch.isnan(full).any()
+    assert blk.shift_seconds > 0.0
+    none = blk.node_shift(lo, hi, time.perf_counter())                # no chunk fits: all left out
+    assert torch.isnan(none).all()
+    blk.shift_seconds = 1e-9                                         # a chunk or more fits
+    some = blk.node_shift(lo, hi, time.perf_counter() + 5.0)
+    done = ~torch.isnan(some)
+    assert done.any() and torch.equal(some[done], want[done])
+
+
+def test_diagonals_stopped_by_a_deadline_stay_valid():
+    """The log-det barrier and the mixing method stop early (or are skipped) by a deadline; the
+    δ they return still keeps ``A − diag δ`` positive (semi)definite."""
+    import time
+
+    from layerprune.solvers._quadratic import logdet_diagonal, max_diagonal
+
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((300, 64))
+    A = X.T @ X / 300
+    full = logdet_diagonal(A)
+    early = logdet_diagonal(A, deadline=time.perf_counter())
+    for d in (full, early):
+        assert (d > 0).all() and float(np.linalg.eigvalsh(A - np.diag(d))[0]) > 0.0
+    assert np.log(early).sum() < np.log(full).sum()
+    assert not max_diagonal(A, "sdp", nonneg=True, deadline=time.perf_counter()).any()   # skipped: δ = 0
+    d = max_diagonal(A, "sdp", nonneg=True)
+    assert d.sum() > 0 and float(np.linalg.eigvalsh(A - np.diag(d))[0]) >= -1e-12 * float(np.diag(A).max())
+
 def _binary_points(n):
     return np.array(list(itertools.product((0.0, 1.0), repeat=n)))
 
