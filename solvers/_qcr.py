@@ -17,7 +17,7 @@ hyperplane). A branch-and-bound whose every relaxation keeps ``Bᵀp = c`` (SCIP
 equalities in each LP) therefore sees an exact, visibly convex objective
 ``‖Fᵀp‖² + lᵀp + const`` with ``ΠAΠ = FFᵀ``, whatever ``μ``: the choice of ``μ`` only decides
 the strength of the continuous relaxation. The best ``μ`` is the diagonal multiplier of the
-facially reduced Shor SDP (:func:`relax_sdp.shor_dual`): then the root relaxation is at least
+facially reduced Shor SDP (:func:`._shor.shor_dual`): then the root relaxation is at least
 the SDP bound (min over the box and the hyperplane of a function ``≥ s`` there). A solver's
 inaccurate ``μ`` is repaired by the uniform shift ``μ ← μ − λ₋`` (``λ₋ = max(0, −λ_min(ΠAΠ))``
 on the subspace), which keeps the rewrite exact and makes it convex.
@@ -30,6 +30,8 @@ from typing import Optional
 
 import numpy as np
 
+from ._shor import predicted_sdp_seconds  # noqa: F401  (what :func:`build` is expected to take)
+
 #: conic solver tolerance for the multipliers (SCS ``eps`` = 100× this): they need not be
 #: accurate, only good (the rewrite is exact for any μ). Measured on a real d=64 row: eps 1e-7
 #: took 6.1 s, 1e-5 2.8 s with a root bound 0.02% lower, 1e-4 1.5 s and 0.13% lower. Whole
@@ -39,10 +41,6 @@ import numpy as np
 SDP_TOL = 3e-6
 #: Clarabel (accurate, O(n⁶) per iteration) first for the SDP up to this size, SCS first above
 CLARABEL_MAX_N = 16
-#: seconds the SDP (cvxpy canonicalisation + SCS) takes at n = 128 and the growth exponent, on
-#: the reference 2-core machine, one thread: measured 1.8 / 6.7 / 20.8 / ~35 s at n = 64 / 128 /
-#: 192 / 256 (at 256, 23 s of it canonicalisation, which no solver time limit interrupts)
-SDP_SECONDS_128, SDP_GROWTH = 6.7, 2.6
 
 __all__ = ["QCRForm", "budget_projection", "build", "predicted_sdp_seconds", "qcr_form", "qcr_multipliers"]
 
@@ -77,7 +75,7 @@ def qcr_multipliers(Q: np.ndarray, group: np.ndarray, count: np.ndarray, params,
 
     Q is normalised to unit max-diagonal for the conic solver; μ and the bound are mapped back.
     """
-    from .relax_sdp import reduction_basis, shor_certificate, shor_dual
+    from ._shor import reduction_basis, shor_certificate, shor_dual
     from ._relax import Block
 
     sigma = float(np.abs(np.diag(Q)).max())
@@ -121,11 +119,6 @@ def qcr_form(Q: np.ndarray, group: np.ndarray, count: np.ndarray, mu: np.ndarray
     return F, lin, float(p0 @ A @ p0), neg, mu
 
 
-def predicted_sdp_seconds(n: int) -> float:
-    """What :func:`build` is expected to take for ``n`` entries (:data:`SDP_SECONDS_128`)."""
-    return SDP_SECONDS_128 * (n / 128.0) ** SDP_GROWTH
-
-
 def build(Q: np.ndarray, group: np.ndarray, count: np.ndarray, params, deadline: float) -> Optional[QCRForm]:
     """:func:`qcr_multipliers` (Clarabel first up to :data:`CLARABEL_MAX_N` entries, SCS first
     above) then :func:`qcr_form`; None if the SDP could not be solved, or is not expected to
@@ -151,11 +144,12 @@ def convex_form(Qn: np.ndarray, group: Optional[np.ndarray], count: Optional[np.
     budgets ``group``/``count`` are given and the SDP succeeds. Otherwise the diagonal form
     ``‖Fᵀp‖² + δᵀp`` with ``FFᵀ = Q_n − diag δ ⪰ 0`` (δ by ``diag``: ``auto``/``qcr`` → the SDP
     diagonal or zeros, ``none``, ``sdp``, ``eig``, ``logdet``), exact on binaries as ``p² = p``.
-    On the near-singular synthetic rows the SDP moves almost nothing and only costs time.
+    On the near-singular synthetic rows the SDP moves almost nothing and only costs time. The
+    mixing-method diagonal also stops by ``sdp_deadline`` (at n = 576 its 300 sweeps take ~20 s).
     """
     from ._quadratic import mask_diagonal, psd_factor
 
-    delta = mask_diagonal(Qn, "auto" if diag == "qcr" else diag, seed=params.seed)
+    delta = mask_diagonal(Qn, "auto" if diag == "qcr" else diag, seed=params.seed, deadline=sdp_deadline)
     if group is not None and (diag == "qcr" or (diag == "auto" and delta.any())):
         form = build(Qn, group, count, params, sdp_deadline)
         if form is not None:

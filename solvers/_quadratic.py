@@ -11,6 +11,7 @@ r"""Pure helpers shared by the exact ``mask``/``reconstruct`` backends (scip, bn
 from __future__ import annotations
 
 import math
+import time
 from typing import Optional
 
 import numpy as np
@@ -47,12 +48,13 @@ def psd_factor(A: np.ndarray, rtol: float = EIG_RTOL) -> tuple[np.ndarray, float
     return U[:, keep] * np.sqrt(lam[keep]), max(0.0, -float(lam[0]))
 
 
-def _mixing_sdp(B: np.ndarray, rank: int, sweeps: int, seed: int) -> np.ndarray:
+def _mixing_sdp(B: np.ndarray, rank: int, sweeps: int, seed: int, deadline: float = math.inf) -> np.ndarray:
     """Dual diagonal of ``min ⟨B, VVᵀ⟩ s.t. ‖v_j‖ ≥ 1`` (mixing method, Wang–Chang–Kolter).
 
     This is the dual of ``max Σδ s.t. B − diag(δ) ⪰ 0, δ ≥ 0``. Coordinate step: the best
     ``v_j`` given the others is ``−g_j / max(B_jj, ‖g_j‖)`` with ``g_j = Σ_{k≠j} B_jk v_k``; at a
     stationary point ``(BV)_j = δ_j v_j`` with ``δ_j = max(0, B_jj − ‖g_j‖/‖v_j‖)``.
+    No sweep is started that the last one's duration says would end past ``deadline``.
     Returns δ (n,) — feasible only approximately: :func:`max_diagonal` repairs it.
     """
     n = B.shape[0]
@@ -62,7 +64,11 @@ def _mixing_sdp(B: np.ndarray, rank: int, sweeps: int, seed: int) -> np.ndarray:
     diag = np.diag(B).copy()
     BV = B @ V
     prev = math.inf
+    took = 0.0
     for _ in range(sweeps):
+        began = time.perf_counter()
+        if began + took > deadline:
+            break
         for j in range(n):
             g = BV[j] - diag[j] * V[j]
             ng = np.linalg.norm(g)
@@ -75,23 +81,26 @@ def _mixing_sdp(B: np.ndarray, rank: int, sweeps: int, seed: int) -> np.ndarray:
         if prev - val <= 1e-8 * max(1.0, abs(val)):
             break
         prev = val
+        took = time.perf_counter() - began
     g = BV - diag[:, None] * V
     return np.maximum(0.0, diag - np.linalg.norm(g, axis=1) / np.linalg.norm(V, axis=1))
 
 
-def mask_diagonal(Q: np.ndarray, method: str, *, seed: int = 0) -> np.ndarray:
+def mask_diagonal(Q: np.ndarray, method: str, *, seed: int = 0, deadline: float = math.inf) -> np.ndarray:
     """``δ ≥ 0`` moved off the ``mask`` model's quadratic (``Q − diag(δ) ⪰ 0``).
 
     ``method="auto"``: the SDP diagonal if ``Σδ ≥ AUTO_MIN_SHARE · tr Q``, else zeros (an SDP
-    that moves almost nothing only perturbs the model); other methods as :func:`max_diagonal`.
+    that moves almost nothing only perturbs the model); other methods as :func:`max_diagonal`
+    (``deadline`` bounds the mixing method there).
     """
-    delta = max_diagonal(Q, "sdp" if method == "auto" else method, nonneg=True, seed=seed)
+    delta = max_diagonal(Q, "sdp" if method == "auto" else method, nonneg=True, seed=seed, deadline=deadline)
     if method == "auto" and delta.sum() < AUTO_MIN_SHARE * max(float(np.trace(Q)), 0.0):
         return np.zeros_like(delta)
     return delta
 
 
-def max_diagonal(A: np.ndarray, method: str = "sdp", *, nonneg: bool = False, seed: int = 0) -> np.ndarray:
+def max_diagonal(A: np.ndarray, method: str = "sdp", *, nonneg: bool = False, seed: int = 0,
+                 deadline: float = math.inf) -> np.ndarray:
     """A diagonal ``δ`` with ``A − diag(δ) ⪰ 0`` (up to round-off) and ``Σδ`` large.
 
     Parameters
@@ -100,6 +109,10 @@ def max_diagonal(A: np.ndarray, method: str = "sdp", *, nonneg: bool = False, se
     method : ``"sdp"`` (mixing-method SDP for max Σδ), ``"logdet"`` (:func:`logdet_diagonal`),
         ``"eig"`` (``λ_min(A)·1``) or ``"none"``
     nonneg : clamp δ ≥ 0 (the perspective formulation needs it)
+    deadline : ``time.perf_counter()`` by which ``"logdet"`` stops its Newton steps and ``"sdp"``
+        should return: the mixing sweeps stop
+        early enough to leave the repair's eigenvalue problems (32 of them) their measured time
+        (δ is then less good, never invalid), and none runs if not even that fits (δ = 0)
 
     Returns
     -------
@@ -109,16 +122,21 @@ def max_diagonal(A: np.ndarray, method: str = "sdp", *, nonneg: bool = False, se
     if method == "none" or n == 0:
         return np.zeros(n)
     scale = max(float(np.abs(np.diag(A)).max()), 1e-300)
+    began = time.perf_counter()
+    lam_A = float(np.linalg.eigvalsh(A)[0])
+    eig_seconds = time.perf_counter() - began
     if method == "eig":
-        delta = np.full(n, float(np.linalg.eigvalsh(A)[0]))
+        delta = np.full(n, lam_A)
     elif method == "logdet":
-        delta = logdet_diagonal(A)
+        delta = logdet_diagonal(A, deadline=deadline)
+    elif method == "sdp" and time.perf_counter() + 34 * eig_seconds > deadline:
+        delta = np.zeros(n)   # no time for a sweep and the repair: the valid diagonal 0
     elif method == "sdp":
         rank = max(2, min(n, int(math.ceil(math.sqrt(2 * n))) + 1))
-        delta = _mixing_sdp(A, rank, sweeps=300, seed=seed)
+        delta = _mixing_sdp(A, rank, sweeps=300, seed=seed, deadline=deadline - 32 * eig_seconds)
     else:
         raise ValueError(f"unknown diagonal method {method!r}")
-    floor = min(float(np.linalg.eigvalsh(A)[0]), 0.0) - 1e-13 * scale  # A's own round-off
+    floor = min(lam_A, 0.0) - 1e-13 * scale  # A's own round-off
     if not nonneg:  # a uniform shift makes A − diag(δ) PSD to round-off
         lam = float(np.linalg.eigvalsh(A - np.diag(delta))[0])
         return delta - max(0.0, floor - lam + 1e-13 * scale) if lam < floor else delta
@@ -135,7 +153,7 @@ def max_diagonal(A: np.ndarray, method: str = "sdp", *, nonneg: bool = False, se
     return lo * delta
 
 
-def logdet_diagonal(A: np.ndarray, tol: float = 1e-9, max_steps: int = 500) -> np.ndarray:
+def logdet_diagonal(A: np.ndarray, tol: float = 1e-9, max_steps: int = 500, deadline: float = math.inf) -> np.ndarray:
     r"""``δ`` maximising ``Σ_i log δ_i`` subject to ``A − diag δ ⪰ 0`` (barrier method).
 
     The log spreads ``δ`` over every channel where ``max Σδ`` piles it on a few (for the
@@ -147,7 +165,9 @@ def logdet_diagonal(A: np.ndarray, tol: float = 1e-9, max_steps: int = 500) -> n
               −∇²φ_t = \operatorname{diag}(1/δ²) + t·S^{-1} ∘ S^{-1},\qquad S = A − \operatorname{diag} δ,
 
     with a backtracking line search that keeps ``S`` positive definite (Cholesky) and ``δ > 0``;
-    stop when ``n·t < tol`` (the barrier's duality gap in ``Σ log δ``).
+    stop when ``n·t < tol`` (the barrier's duality gap in ``Σ log δ``), or before a Newton step
+    that the slowest one so far says would end past ``deadline`` (every iterate is feasible, so
+    an early stop gives a valid, less spread δ).
 
     Parameters
     ----------
@@ -173,10 +193,13 @@ def logdet_diagonal(A: np.ndarray, tol: float = 1e-9, max_steps: int = 500) -> n
             return -math.inf, None
         return float(np.log(d).sum() + 2.0 * t * np.log(np.diag(L)).sum()), L
 
-    delta, t, steps = np.full(n, 0.5 * lam0), 1.0, 0
+    delta, t, steps, took = np.full(n, 0.5 * lam0), 1.0, 0, 0.0
     val, L = phi(delta, t)
     while steps < max_steps:
         for _ in range(50):
+            began = time.perf_counter()
+            if began + took > deadline:
+                return delta
             Li = np.linalg.inv(L)
             Sinv = Li.T @ Li
             g = 1.0 / delta - t * np.diag(Sinv)
@@ -194,6 +217,7 @@ def logdet_diagonal(A: np.ndarray, tol: float = 1e-9, max_steps: int = 500) -> n
                 a *= 0.5
             else:
                 break
+            took = max(took, time.perf_counter() - began)
         if n * t < tol:
             break
         t *= 0.1
@@ -201,7 +225,8 @@ def logdet_diagonal(A: np.ndarray, tol: float = 1e-9, max_steps: int = 500) -> n
     return delta
 
 
-def one_swap(Q: np.ndarray, kept: np.ndarray, group: np.ndarray, max_steps: int = 10_000) -> np.ndarray:
+def one_swap(Q: np.ndarray, kept: np.ndarray, group: np.ndarray, max_steps: int = 10_000,
+             deadline: float = math.inf) -> np.ndarray:
     """Best-improvement 1-swap local search on ``pᵀQp`` (p = pruned = ~kept), swaps inside a group.
 
     Pruning kept ``i`` and keeping pruned ``j`` changes the value by
@@ -211,6 +236,7 @@ def one_swap(Q: np.ndarray, kept: np.ndarray, group: np.ndarray, max_steps: int 
     Parameters
     ----------
     Q : (d, d) symmetric; kept : (d,) bool; group : (d,) int, the cardinality group of each entry
+    max_steps, deadline : stop after this many swaps, or at ``time.perf_counter() ≥ deadline``
 
     Returns
     -------
@@ -222,6 +248,8 @@ def one_swap(Q: np.ndarray, kept: np.ndarray, group: np.ndarray, max_steps: int 
     dq = np.diag(Q)
     same = group[:, None] == group[None, :]
     for _ in range(max_steps):
+        if time.perf_counter() >= deadline:
+            break
         a = np.where(kept, dq + 2 * c, np.inf)        # cost of pruning i
         b = np.where(~kept, dq - 2 * c, np.inf)       # cost of keeping j
         D = a[:, None] + b[None, :] - 2 * Q

@@ -206,6 +206,10 @@ def solve_one(W, G, kind, groups, start, seconds, opts) -> dict:
             break
         blocks = blocks_of(W / math.sqrt(s), G, kind)
         model, pv, mparams = build(n, blocks, groups, (~keep).reshape(-1).astype(float))
+        remaining = t_end - time.time()   # what the model build left (seconds at d_in = 576)
+        if remaining <= 0.0:
+            limit = limit or "time"
+            break
         x, dual, ok, lim = solve_model(model, pv, mparams, remaining, opts)
         clip = sum(b[3] for b in blocks)
         if math.isfinite(dual):

@@ -470,7 +470,7 @@ class ScipSolver(Solver):
             polish_until = start_time + 0.2 * (deadline - start_time)  # at most 1/5 of the limit
             for r in range(sp.d_out):  # a 1-swap optimum: SCIP's scale and first incumbent
                 if time.perf_counter() < polish_until:
-                    start[r] = one_swap(W[r][:, None] * G * W[r][None, :], start[r], group)
+                    start[r] = one_swap(W[r][:, None] * G * W[r][None, :], start[r], group, deadline=polish_until)
         diag = self.option("diag") or ("logdet" if recon_kind else "auto")
         # heuristics off only for mask: the reconstruct model's start is partial and needs
         # SCIP's completion heuristic to become its incumbent
@@ -481,7 +481,8 @@ class ScipSolver(Solver):
         recon = sp.objective_kind == "reconstruct"
         v0 = sp.refit(torch.from_numpy(start)).numpy() if recon else None
         if recon:  # the perspective split of G̃, shared by every model of the layer
-            opts["delta"] = max_diagonal(G, "sdp" if diag == "dense" else diag, nonneg=True, seed=params.seed)
+            opts["delta"] = max_diagonal(G, "sdp" if diag == "dense" else diag, nonneg=True, seed=params.seed,
+                                         deadline=start_time + 0.5 * (deadline - start_time))
         info = {**{k: v for k, v in opts.items() if k != "delta"}, "rows_proved": 0, "models": 0, "nodes": 0,
                 "qcr_models": 0}
         mask = start.copy()

@@ -12,9 +12,8 @@ pytest.importorskip("cvxpy")
 
 from layerprune.problems import LayerProblem, make_instance  # noqa: E402
 from layerprune.solvers import Params, Status, make_solver  # noqa: E402
-from layerprune.solvers import bnb  # noqa: E402
-from layerprune.solvers.bnb import (BranchAndBound, _Pseudocosts, linear_bound, node_convexity,  # noqa: E402
-                                    probe_kept, project_budgets, project_warm, root_pseudocosts)
+from layerprune.solvers.bnb import (Pseudocosts, linear_bound, mask_block, node_convexity,  # noqa: E402
+                                    probe_kept, project_budgets, project_warm, root_pseudocosts, search)
 
 REL = 1e-6
 
@@ -89,7 +88,7 @@ def test_linear_bound_and_reduced_costs_match_enumeration():
 
 
 def test_pseudocosts_product_rule_per_node():
-    pc = _Pseudocosts(4)
+    pc = Pseudocosts(4)
     # entry 1 gained 2.0 per unit both ways, entry 2 0.5 up / 8.0 down; 0 and 3 never branched
     pc.record(np.array([1, 1, 2, 2, 3]), np.array([0, 1, 0, 1, 0]), np.array([1.0, 1.0, 4.0, 0.25, np.inf]),
               np.array([0.5, 0.5, 0.5, 0.5, 0.5]))
@@ -149,7 +148,7 @@ def test_probing_keeps_only_entries_no_better_point_prunes():
     Q = w[:, None] * G * w[None, :]
     n, c = Q.shape[0], Q.shape[0] // 2
     group = np.zeros(n, dtype=int)
-    blk, _ = BranchAndBound._mask_block(Q, 1, n, c, group, Params(), math.inf, torch.device("cpu"), None)
+    blk, _ = mask_block(Q, 1, n, c, group, Params(), math.inf, torch.device("cpu"), None)
     start = np.zeros(n, dtype=bool)
     start[np.argsort(np.diag(Q))[:c]] = True                  # prune the c smallest diagonals
     thr = float(start @ Q @ start)
@@ -197,6 +196,51 @@ def test_node_convexity_is_the_least_eigenvalue_on_the_node_directions(k, m):
         assert got[b] <= max(want, 0.0) and got[b] >= max(want, 0.0) - 1e-8 * s
 
 
+
+def test_node_shifts_past_the_deadline_are_left_out_and_the_rest_exact():
+    """Wide blocks compute the shifts in small chunks; a chunk predicted to end past the deadline
+    is not started (NaN: the search keeps the parent's shift), the others equal node_convexity."""
+    import time
+
+    rng = np.random.default_rng(0)
+    n = 192
+    w = rng.standard_normal(n)
+    X = rng.standard_normal((400, n))
+    Q = w[:, None] * (X.T @ X / 400) * w[None, :]
+    blk, _ = mask_block(Q, 1, n, n // 2, np.zeros(n, dtype=int), Params(), math.inf, torch.device("cpu"), None)
+    lo, hi = _random_node_sets(rng, 12, 1, n, n // 2)
+    lo, hi = lo.reshape(12, n), hi.reshape(12, n)
+    full = blk.node_shift(lo, hi)
+    want = node_convexity(0.5 * blk.H, hi > lo, 1, n, 1.5 * blk.lam_max)
+    assert torch.equal(full, want) and not torch.isnan(full).any()
+    assert blk.shift_seconds > 0.0
+    none = blk.node_shift(lo, hi, time.perf_counter())                # no chunk fits: all left out
+    assert torch.isnan(none).all()
+    blk.shift_seconds = 1e-9                                         # a chunk or more fits
+    some = blk.node_shift(lo, hi, time.perf_counter() + 5.0)
+    done = ~torch.isnan(some)
+    assert done.any() and torch.equal(some[done], want[done])
+
+
+def test_diagonals_stopped_by_a_deadline_stay_valid():
+    """The log-det barrier and the mixing method stop early (or are skipped) by a deadline; the
+    δ they return still keeps ``A − diag δ`` positive (semi)definite."""
+    import time
+
+    from layerprune.solvers._quadratic import logdet_diagonal, max_diagonal
+
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((300, 64))
+    A = X.T @ X / 300
+    full = logdet_diagonal(A)
+    early = logdet_diagonal(A, deadline=time.perf_counter())
+    for d in (full, early):
+        assert (d > 0).all() and float(np.linalg.eigvalsh(A - np.diag(d))[0]) > 0.0
+    assert np.log(early).sum() < np.log(full).sum()
+    assert not max_diagonal(A, "sdp", nonneg=True, deadline=time.perf_counter()).any()   # skipped: δ = 0
+    d = max_diagonal(A, "sdp", nonneg=True)
+    assert d.sum() > 0 and float(np.linalg.eigvalsh(A - np.diag(d))[0]) >= -1e-12 * float(np.diag(A).max())
+
 def _binary_points(n):
     return np.array(list(itertools.product((0.0, 1.0), repeat=n)))
 
@@ -212,8 +256,7 @@ def test_shifted_node_bounds_stay_below_every_binary_point_of_the_node(pattern):
     k, m = (1, n) if pattern.startswith("per-row") else (n // 4, 4)
     c = m // 2
     group = np.arange(n) // m
-    blk, qcr = BranchAndBound._mask_block(Q, k, m, c, group, Params(), math.inf, torch.device("cpu"),
-                                          np.zeros(n, dtype=bool))
+    blk, qcr = mask_block(Q, k, m, c, group, Params(), math.inf, torch.device("cpu"), np.zeros(n, dtype=bool))
     assert qcr
     lo, hi = _random_node_sets(np.random.default_rng(5), 40, k, m, np.full(k, c, dtype=float))
     lo, hi = lo.reshape(40, n), hi.reshape(40, n)
@@ -236,7 +279,7 @@ def test_shifted_node_bounds_stay_below_every_binary_point_of_the_node(pattern):
 
 @pytest.mark.parametrize("pattern", ["per-row:0.5", "nm:2:4", "columns:0.5"])
 def test_bnb_with_a_shift_at_every_node_proves_the_brute_force_optimum(pattern, monkeypatch):
-    monkeypatch.setattr(bnb, "SHIFT_EVERY", 1)
+    monkeypatch.setattr(search, "SHIFT_EVERY", 1)
     for seed in (1, 2):
         W, G = _well_conditioned(2, 12, seed=seed)
         p = LayerProblem.create(W, G, pattern=pattern, objective="mask")
@@ -252,9 +295,9 @@ def test_root_strong_branching_measures_both_children_of_every_free_entry():
     w, G = W[0].numpy(), G.numpy()
     Q = w[:, None] * G * w[None, :]
     n, c = 12, 6
-    blk, _ = BranchAndBound._mask_block(Q, 1, n, c, np.zeros(n, dtype=int), Params(), math.inf,
-                                        torch.device("cpu"), np.zeros(n, dtype=bool))
-    pc = _Pseudocosts(n)
+    blk, _ = mask_block(Q, 1, n, c, np.zeros(n, dtype=int), Params(), math.inf, torch.device("cpu"),
+                        np.zeros(n, dtype=bool))
+    pc = Pseudocosts(n)
     zeros, ones = torch.zeros(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
     start = torch.zeros(n, dtype=torch.float64)
     start[:c] = 1.0
@@ -284,7 +327,7 @@ def test_limits_are_honest_and_never_worse_than_the_start():
 
 # ---------------------------------------------------------------------- reconstruct
 def _perspective_block(W, G, pattern="per-row"):
-    from layerprune.solvers._bnb_perspective import PerspectiveBlock
+    from layerprune.solvers.bnb.perspective import PerspectiveBlock
     from layerprune.solvers._quadratic import logdet_diagonal
 
     d = G.shape[0]

@@ -1,9 +1,9 @@
-r"""The ``reconstruct`` block of :mod:`.bnb`: branch-and-bound nodes on the perspective relaxation.
+r"""The ``reconstruct`` block of ``bnb``: branch-and-bound nodes on the perspective relaxation.
 
 For rows ``W`` (R, n) sharing the (unit-diagonal) Gram ``G`` and pruned indicators ``p``
 (kept ``z = 1 − p``), the exact objective is the best refit on the kept support,
 ``E(p) = Σ_r min_{v_r: v_r = 0 where p = 1} (w_r − v_r)ᵀG(w_r − v_r)``. With ``G = A + D``,
-``D = diag(δ) ≻ 0`` (:func:`._quadratic.logdet_diagonal`) and ``A ⪰ 0``,
+``D = diag(δ) ≻ 0`` (:func:`.._quadratic.logdet_diagonal`) and ``A ⪰ 0``,
 
 .. math:: E(p) = \min_v Σ_r (w_r − v_r)ᵀA(w_r − v_r) + Σ_i δ_i (w_{ri}² − 2w_{ri}v_{ri} + v_{ri}²/z_i)
 
@@ -17,7 +17,7 @@ convex function of ``z`` (the perspective relaxation, DESIGN.md §2). In closed 
 (``K ⪰ D ≻ 0``: one batched Cholesky per evaluation). Where ``G`` is singular there is no
 ``δ > 0`` and the bound falls back to monotonicity (:meth:`PerspectiveBlock.relax`). Nodes are solved by FISTA with a
 per-node backtracking step and adaptive restart; the node bound is the same convexity
-certificate as for ``mask`` (:func:`.bnb.checkpoint`), here in ``p``: ``∇_p h = −∇_z h``.
+certificate as for ``mask`` (:func:`.nodes.checkpoint`), here in ``p``: ``∇_p h = −∇_z h``.
 Binary points are scored exactly by batched refits, and incumbents polished by 1-swap search
 on the exact objective.
 """
@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-from .bnb import BatchOutcome, NodeSets, checkpoint, compact, project_budgets, project_warm
+from .nodes import BatchOutcome, NodeSets, Relaxed, checkpoint, project_budgets, project_warm
 
 __all__ = ["PerspectiveBlock"]
 
@@ -38,7 +39,8 @@ __all__ = ["PerspectiveBlock"]
 FLOAT_MARGIN = 1e-11
 #: swap-polish passes on an improved incumbent (each scores every in-group swap at once)
 POLISH_STEPS = 25
-#: swaps scored per batched refit (bounds the memory: chunk × n² floats)
+#: swaps scored per batched refit up to n = 128 (bounds the memory: chunk × n² floats; the same
+#: memory above)
 POLISH_CHUNK = 256
 
 
@@ -54,6 +56,33 @@ def _solve_psd(K: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     cut = 1e-12 * lam.abs().amax(dim=-1, keepdim=True).clamp(min=1e-300)
     inv = torch.where(lam > cut, 1.0 / torch.where(lam > cut, lam, torch.ones_like(lam)), torch.zeros_like(lam))
     return U @ (inv[:, :, None] * (U.transpose(-1, -2) @ b))
+
+
+@dataclass
+class _Iterate:
+    """FISTA state of the nodes still in a batch (one row per node): idx (B,) their rows in
+    the batch; x (B, n) the iterate, fx (B,) h there and gx (B, n) its gradient; z the momentum
+    point with fz, gz; t (B, 1) the momentum counter; L (B, 1) the step's inverse; lb (B,) best
+    bounds; tau (B, k, 1) projection thresholds; lo3, hi3 (B, k, m) node sets."""
+
+    idx: torch.Tensor
+    x: torch.Tensor
+    z: torch.Tensor
+    t: torch.Tensor
+    fx: torch.Tensor
+    lb: torch.Tensor
+    L: torch.Tensor
+    gx: torch.Tensor
+    gz: torch.Tensor
+    fz: torch.Tensor
+    tau: torch.Tensor
+    lo3: torch.Tensor
+    hi3: torch.Tensor
+
+    def compact(self, keep: torch.Tensor) -> None:
+        """Keep the rows where ``keep`` (B,) holds."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name)[keep])
 
 
 class PerspectiveBlock(NodeSets):
@@ -74,6 +103,13 @@ class PerspectiveBlock(NodeSets):
         else:
             cond = 1.0
         self.rel_margin = FLOAT_MARGIN + G.shape[0] * float(np.finfo(np.float64).eps) * cond
+        n = G.shape[0]
+        # one evaluation factors every node's (n, n) K: above n = 128 the batch shrinks with the
+        # O(n³) work, so that a batch's iteration (deadline-checked) stays short
+        self.batch = 512 if n <= 128 else max(1, int(512 * (128 / n) ** 3))
+        self.chunk = POLISH_CHUNK if n <= 128 else max(1, int(POLISH_CHUNK * (128 / n) ** 2))
+        #: the most seconds one scored swap took so far in :meth:`polish` (its time prediction)
+        self.swap_seconds = 0.0
 
     @property
     def scale(self) -> float:
@@ -91,61 +127,61 @@ class PerspectiveBlock(NodeSets):
         u = (self.B - self.A @ v) / self.delta[:, None]
         return h, self.delta * (u * u).sum(-1)
 
-    def relax(self, x, lo, hi, lb, thr, iters, deadline=math.inf):
+    def relax(self, x, lo, hi, lb, thr, iters, deadline=math.inf) -> Relaxed:
         """:meth:`relax_perspective`, or where ``G`` is singular (``δ = 0``, no perspective
         strength) the monotone bound: pruning more never lowers the error, so every point of
         the node is worth at least the refit with only its fixed-pruned entries pruned."""
         if not bool((self.delta > 0).any()):
             x = project_budgets(self.shape(x), self.shape(lo), self.shape(hi), self.c)[0].reshape(x.shape)
             bound = torch.as_tensor(self.value(lo.cpu().numpy() > 0.5), dtype=x.dtype, device=x.device)
-            return x, torch.maximum(lb, bound - self.rel_margin * abs(self.const)), lo, hi, False
+            return Relaxed(x, torch.maximum(lb, bound - self.rel_margin * abs(self.const)), lo, hi, False)
         return self.relax_perspective(x, lo, hi, lb, thr, iters, deadline)
 
-    def relax_perspective(self, x, lo, hi, lb, thr, iters, deadline=math.inf):
+    def relax_perspective(self, x, lo, hi, lb, thr, iters, deadline=math.inf) -> Relaxed:
         """FISTA with backtracking (per node: a step ``1/L`` is taken when
         ``h(new) ≤ h(z) + ∇h(z)ᵀ(new − z) + L/2‖new − z‖²``, else L doubles) and adaptive
-        restart, on a batch of nodes; returns and compacts as :meth:`.bnb._Block.relax`."""
+        restart, on a batch of nodes; returns and compacts as :meth:`.mask_relax.MaskBlock.relax`."""
         out = BatchOutcome(x, lb, lo, hi)
-        idx = torch.arange(x.shape[0], device=x.device)
         lo3, hi3 = self.shape(lo), self.shape(hi)
         x, tau = project_budgets(self.shape(x), lo3, hi3, self.c)
         x = x.reshape(out.x.shape)
         fx, gx = self.h_and_grad(x)
-        z, fz, gz = x, fx, gx
         t = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
-        L = torch.full_like(t, self.L0)
+        s = _Iterate(idx=torch.arange(x.shape[0], device=x.device), x=x, z=x, t=t, fx=fx, lb=lb,
+                     L=torch.full_like(t, self.L0), gx=gx, gz=gx, fz=fx, tau=tau, lo3=lo3, hi3=hi3)
         for it in range(iters):
-            new, tau_new = project_warm(self.shape(z - gz / L), lo3, hi3, self.c, tau)
-            new = new.reshape(x.shape)
+            new, tau_new = project_warm(self.shape(s.z - s.gz / s.L), s.lo3, s.hi3, self.c, s.tau)
+            new = new.reshape(s.x.shape)
             fnew, gnew = self.h_and_grad(new)
-            dz = new - z
-            model = fz + (gz * dz).sum(-1) + 0.5 * L.squeeze(1) * (dz * dz).sum(-1)
+            dz = new - s.z
+            model = s.fz + (s.gz * dz).sum(-1) + 0.5 * s.L.squeeze(1) * (dz * dz).sum(-1)
             ok = (fnew <= model + 1e-12 * abs(self.const)).unsqueeze(1)
-            L = torch.where(ok, 0.9 * L, 2.0 * L)
-            tau = torch.where(ok.unsqueeze(-1), tau_new, tau)
-            restart = ~ok | (fnew > fx).unsqueeze(1)
-            t_next = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
-            beta = torch.where(restart, torch.zeros_like(t), (t - 1.0) / t_next)
-            xn = torch.where(ok, new, x)
-            fxn = torch.where(ok.squeeze(1), fnew, fx)
-            gxn = torch.where(ok, gnew, gx)
-            z = xn + beta * (xn - x)
-            t = torch.where(restart, torch.ones_like(t), t_next)
-            x, fx, gx = xn, fxn, gxn
+            s.L = torch.where(ok, 0.9 * s.L, 2.0 * s.L)
+            s.tau = torch.where(ok.unsqueeze(-1), tau_new, s.tau)
+            restart = ~ok | (fnew > s.fx).unsqueeze(1)
+            t_next = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * s.t * s.t))
+            beta = torch.where(restart, torch.zeros_like(s.t), (s.t - 1.0) / t_next)
+            xn = torch.where(ok, new, s.x)
+            fxn = torch.where(ok.squeeze(1), fnew, s.fx)
+            gxn = torch.where(ok, gnew, s.gx)
+            s.z = xn + beta * (xn - s.x)
+            s.t = torch.where(restart, torch.ones_like(s.t), t_next)
+            s.x, s.fx, s.gx = xn, fxn, gxn
             momentum = (beta > 0).squeeze(1)
-            fz, gz = fx.clone(), gx.clone()
+            s.fz, s.gz = s.fx.clone(), s.gx.clone()
             if bool(momentum.any()):  # the extrapolated point, kept inside h's domain [0, 1]ⁿ
-                z = torch.where(momentum.unsqueeze(1), z.clamp(0.0, 1.0), z)
-                fz[momentum], gz[momentum] = self.h_and_grad(z[momentum])
+                s.z = torch.where(momentum.unsqueeze(1), s.z.clamp(0.0, 1.0), s.z)
+                s.fz[momentum], s.gz[momentum] = self.h_and_grad(s.z[momentum])
             if it % 10 == 9 or it == iters - 1 or time.perf_counter() > deadline:
-                margin = self.rel_margin * (abs(self.const) + fx.abs() + (gx * x).abs().sum(-1) + gx.abs().sum(-1))
-                lb, lo3, hi3, fx_any, keep = checkpoint(fx, gx, x, lo3, hi3, self.c, margin, lb, thr)
-                out.store(idx, x, lb, lo3, hi3, fx_any)
+                margin = self.rel_margin * (abs(self.const) + s.fx.abs() + (s.gx * s.x).abs().sum(-1)
+                                            + s.gx.abs().sum(-1))
+                s.lb, s.lo3, s.hi3, fx_any, keep = checkpoint(s.fx, s.gx, s.x, s.lo3, s.hi3, self.c, margin,
+                                                              s.lb, thr)
+                out.store(s.idx, s.x, s.lb, s.lo3, s.hi3, fx_any)
                 if not bool(keep.any()) or time.perf_counter() > deadline:
                     break
                 if not bool(keep.all()):
-                    idx, x, z, t, fx, lb, L, gx, gz, fz, tau, lo3, hi3 = compact(
-                        keep, idx, x, z, t, fx, lb, L, gx, gz, fz, tau, lo3, hi3)
+                    s.compact(keep)
         return out.result()
 
     def value(self, P: np.ndarray) -> np.ndarray:
@@ -160,20 +196,23 @@ class PerspectiveBlock(NodeSets):
     def polish(self, p: np.ndarray, group: np.ndarray, deadline: float = math.inf) -> np.ndarray:
         """Best-improvement 1-swap search on the exact objective from pruned indicators p (n,):
         each pass scores every swap of a pruned and a kept entry of the same group, in chunks of
-        :data:`POLISH_CHUNK`; stops at ``deadline`` with the best point so far."""
+        :data:`POLISH_CHUNK` (fewer above n = 128); stops with the best point so far before a
+        chunk predicted (from the slowest swap so far) to end past ``deadline``."""
         p = p.copy()
         best = float(self.value(p[None])[0])
         for _ in range(POLISH_STEPS):
             i_idx, j_idx = np.nonzero(p[:, None] & ~p[None, :] & (group[:, None] == group[None, :]))
             top, arg = best, None
-            for lo in range(0, i_idx.size, POLISH_CHUNK):
-                if time.perf_counter() > deadline:
+            for lo in range(0, i_idx.size, self.chunk):
+                began = time.perf_counter()
+                ii, jj = i_idx[lo:lo + self.chunk], j_idx[lo:lo + self.chunk]
+                if began + self.swap_seconds * ii.size > deadline:
                     break
-                ii, jj = i_idx[lo:lo + POLISH_CHUNK], j_idx[lo:lo + POLISH_CHUNK]
                 cand = np.repeat(p[None], ii.size, axis=0)
                 cand[np.arange(ii.size), ii] = False
                 cand[np.arange(ii.size), jj] = True
                 vals = self.value(cand)
+                self.swap_seconds = max(self.swap_seconds, (time.perf_counter() - began) / ii.size)
                 a = int(np.argmin(vals))
                 if vals[a] < top:
                     top, arg = float(vals[a]), cand[a]
