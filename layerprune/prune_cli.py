@@ -212,7 +212,8 @@ def evaluate(model_source: str, eval_sources: Optional[list] = None, *, seqlen: 
     import torch
 
     from layerprune import data, models
-    from layerprune.pipeline import _dtype, perplexity, sparsity
+    from layerprune.pipeline import perplexity, sparsity
+    from layerprune.pipeline.job import _dtype
 
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = models.load_model(model_source, dtype=_dtype(dtype), device="cpu")

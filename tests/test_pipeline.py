@@ -206,7 +206,7 @@ def test_perplexity_matches_manual_computation():
 def test_perplexity_bounded_logits_same_value(monkeypatch):
     """Windows batched only while their logits fit EVAL_LOGITS_BYTES and the NLL taken in
     slices of NLL_CHUNK_ELEMENTS logits: the same perplexity as one big batch, one slice."""
-    import layerprune.pipeline as pl
+    import layerprune.pipeline.measure as pl
 
     model = tiny_llama()
     g = torch.Generator().manual_seed(6)
