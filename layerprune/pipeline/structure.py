@@ -90,3 +90,24 @@ def _outside_blocks_on(model: nn.Module, blocks: Sequence[nn.Module], device: to
 def _qualified(path: str, block: int, local: str) -> str:
     """A block linear's name in the model (``model.layers.3.mlp.down_proj``)."""
     return f"{path}.{block}.{local}" if path else f"{block}.{local}"
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """``model`` in eval mode inside, its training flag restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _on_device(module: nn.Module, device: torch.device, home: torch.device):
+    """``module`` moved to ``device`` inside and back to ``home`` after (also on errors)."""
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to(home)
