@@ -27,10 +27,12 @@ prune, measure pruned, save, report.
 The code lives in one module per stage: :mod:`.structure` (blocks, linears, devices),
 :mod:`.capture` (block inputs, linear groups, Gram matrices, propagation), :mod:`.plan` (the
 validated layer → solver plan), :mod:`.loop` (:func:`prune_model`), :mod:`.measure`
-(perplexity, sparsity, memory) and :mod:`.job` (:class:`PruneConfig`, :func:`run`).
+(perplexity, sparsity, memory), :mod:`.config` (:class:`PruneConfig` and the checks before
+loading) and :mod:`.job` (:func:`run`).
 """
 from .capture import CALIB_BATCH, capture_block_inputs, layer_problems, linear_groups
-from .job import PruneConfig, run
+from .config import PruneConfig
+from .job import run
 from .loop import PruningInterrupted, prune_model
 from .measure import EVAL_BATCH, EVAL_LOGITS_BYTES, NLL_CHUNK_ELEMENTS, perplexity, release_memory, sparsity
 from .structure import find_blocks, find_linears

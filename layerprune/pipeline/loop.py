@@ -23,7 +23,7 @@ from ..report import LayerRecord, pack_mask
 from .capture import (CALIB_BATCH, _accumulate, _Batch, _GramAccumulator, _propagate, _Stop,
                       capture_block_inputs, linear_groups)
 from .measure import release_memory
-from .plan import _check_solver_takes, _Layer, _plan, build_solvers
+from .plan import DEFAULT_SOLVER, _check_solver_takes, _Layer, _plan, build_solvers
 from .structure import _eval_mode, _model_device, _on_device, find_blocks
 
 __all__ = ["PruningInterrupted", "prune_model", "BlockState", "SolveSettings"]
@@ -112,7 +112,7 @@ class _Progress:
         self.bar.close()
 
 
-def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str, Solver] = "wanda",
+def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str, Solver] = DEFAULT_SOLVER,
                 pattern: str = "per-row:0.5", objective: str = "mask",
                 overrides: Optional[dict[str, str]] = None, solver_options: Optional[dict] = None,
                 init: Optional[str] = None, params: Optional[Params] = None,
@@ -126,7 +126,8 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
     ----------
     model : a Hugging Face causal LM (``model(input_ids=…)``), modified in place
     calib_ids : (nsamples, seqlen) LongTensor of calibration tokens
-    solver : registry name of the default backend, or a :class:`Solver` instance
+    solver : registry name of the default backend (default :data:`~.plan.DEFAULT_SOLVER`), or a
+        :class:`Solver` instance
     pattern : pattern string; fractions (``per-row:0.5``) resolve per layer width
     objective : ``mask`` or ``reconstruct``
     overrides : {module name or substring of it: solver name}, e.g. ``{"down_proj": "sparsegpt"}``;

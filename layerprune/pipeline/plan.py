@@ -12,7 +12,10 @@ from layerprune.solvers import Solver, SolverError, get_solver_class, make_solve
 
 from .structure import _qualified, find_linears
 
-__all__ = ["Plan", "check_settings", "build_solvers"]
+__all__ = ["DEFAULT_SOLVER", "Plan", "check_settings", "build_solvers"]
+
+#: the backend a prune uses unless told otherwise (``PruneConfig``, ``prune_model``)
+DEFAULT_SOLVER = "sparseswaps"
 
 
 def _resolve_solver(qualified: str, default: str, overrides: dict[str, str]) -> str:

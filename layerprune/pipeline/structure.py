@@ -3,7 +3,7 @@ moving the parts of a model outside its blocks."""
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -111,3 +111,36 @@ def _on_device(module: nn.Module, device: torch.device, home: torch.device):
         yield
     finally:
         module.to(home)
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """The compute device a job asks for: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked to
+    exist here; None is ``cuda`` when available, else ``cpu``.
+
+    Raises
+    ------
+    SettingError
+        An unknown device name, or one this machine does not have (one line).
+    """
+    from layerprune.settings import SettingError
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise SettingError(f"--device: unknown device {name!r} (cpu, cuda, cuda:N, mps)") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingError(f"--device {name}: no CUDA device is available on this machine")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise SettingError(f"--device {name}: this machine has {count} CUDA device(s) (cuda:0 … cuda:{count - 1})")
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise SettingError(f"--device {name}: no MPS device is available on this machine")
+        return device
+    raise SettingError(f"--device: unsupported device {name!r} (cpu, cuda, cuda:N, mps)")
