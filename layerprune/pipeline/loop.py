@@ -99,7 +99,7 @@ class _Progress:
     def block(self, index: int, count: int) -> None:
         self.bar.set_postfix_str(f"block {index + 1}/{count}")
 
-    def done(self, record: LayerRecord) -> None:
+    def add(self, record: LayerRecord) -> None:
         self.records.append(record)
         if self.callback is not None:
             self.callback(record)
@@ -164,19 +164,19 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
     plan = _plan(model, blocks, path, pattern, objective, solver, overrides, init, prune_lm_head)
     settings = SolveSettings(pattern, objective, build_solvers(solver, overrides, init, solver_options),
                              init, params or Params())
-    done = _Progress(plan.total, callback, progress)
-    with _eval_mode(model), _interrupted_after(done), contextlib.closing(done):
+    written = _Progress(plan.total, callback, progress)
+    with _eval_mode(model), _interrupted_after(written), contextlib.closing(written):
         batches = capture_block_inputs(model, blocks, calib_ids, device, batch_size)
         for index, layers in enumerate(plan.blocks):
             state = BlockState(index, blocks[index], {layer.local: layer for layer in layers}, batches)
-            done.block(index, len(blocks))
+            written.block(index, len(blocks))
             with _on_device(state.module, device, home):
-                _prune_block(state, settings, sequential_order, done)
+                _prune_block(state, settings, sequential_order, written)
                 _propagate(state.module, state.batches)
             release_memory()  # the block's forward and solver temporaries
         if plan.lm_head is not None:
-            done.done(_prune_lm_head(model, plan.lm_head, calib_ids, device, batch_size, settings))
-    return done.records
+            written.add(_prune_lm_head(model, plan.lm_head, calib_ids, device, batch_size, settings))
+    return written.records
 
 
 def _check_calibration_ids(calib_ids: torch.Tensor) -> None:
@@ -185,16 +185,17 @@ def _check_calibration_ids(calib_ids: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
-def _interrupted_after(done: _Progress) -> Iterator[None]:
+def _interrupted_after(written: _Progress) -> Iterator[None]:
     """Ctrl-C becomes :class:`PruningInterrupted` carrying the layers written so far."""
     try:
         yield
     except KeyboardInterrupt:
-        raise PruningInterrupted(done.records, done.total) from None
+        raise PruningInterrupted(written.records, written.total) from None
 
 
 # ---------------------------------------------------------------------------- one block
-def _prune_block(state: BlockState, settings: SolveSettings, sequential_order: bool, done: _Progress) -> None:
+def _prune_block(state: BlockState, settings: SolveSettings, sequential_order: bool,
+                 written: _Progress) -> None:
     """Group the block's linears, then per group: its Gram matrix, each layer solved and written."""
     _group_linears(state)
     for group, acc in _group_grams(state, sequential_order):
@@ -203,8 +204,8 @@ def _prune_block(state: BlockState, settings: SolveSettings, sequential_order: b
             layer = state.layers[local]
             solved = _solve_layer(layer, G, acc.n, settings)
             _write_back(layer.linear, solved.weights)
-            done.done(solved.record)
-    done.skip(len(state.layers) - sum(len(g) for g in state.groups))  # never called: stay dense
+            written.add(solved.record)
+    written.skip(len(state.layers) - sum(len(g) for g in state.groups))  # never called: stay dense
 
 
 def _group_linears(state: BlockState) -> None:
