@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import os
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -95,8 +96,21 @@ def ensure_bundled_model(*, quiet: bool = False) -> tuple[str, str]:
 
 def _transformers():
     import transformers
-    transformers.logging.set_verbosity_error()
     return transformers
+
+
+@contextlib.contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    """Only errors from the ``transformers`` logger inside (loading warns about GGUF
+    conversion, unused weights, …); its level as it was after."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(level)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -130,10 +144,11 @@ def _finish(model, tokenizer, dtype, device):
 def _from_pretrained(directory: str, *, gguf_file: Optional[str], dtype):
     tf = _transformers()
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = tf.AutoTokenizer.from_pretrained(directory, **kwargs)
-    model = None if gguf_file or not Path(directory).is_dir() else load_streamed(directory, dtype)
-    if model is None:
-        model = tf.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+    with _transformers_quiet():
+        tokenizer = tf.AutoTokenizer.from_pretrained(directory, **kwargs)
+        model = None if gguf_file or not Path(directory).is_dir() else load_streamed(directory, dtype)
+        if model is None:
+            model = tf.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
     _strip_gguf_quantization(model)
     return model, tokenizer
 
@@ -322,7 +337,8 @@ def _plain_model(model: nn.Module) -> nn.Module:
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     dtype = next(model.parameters()).dtype
-    fresh = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with _transformers_quiet():
+        fresh = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
     missing = [k for k in missing if k not in _tied_keys(fresh)]
     if missing or unexpected:
@@ -376,9 +392,10 @@ def save_pruned(model: nn.Module, tokenizer, out_dir, *, masks: Optional[dict] =
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         plain = _plain_model(model)
-        plain.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        with _transformers_quiet():
+            plain.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
         if masks:
             _save_masks(masks, tmp / "masks.safetensors")
         for name, content in extras.items():

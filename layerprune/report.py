@@ -251,11 +251,11 @@ def plot_layer_errors(layers: list, path) -> Optional[Path]:
 
     One point per layer in pruning order, coloured by the layer's short name (``q_proj``,
     ``down_proj``, …). Written atomically; returns the path, or None if no layer has a
-    Wanda reference.
+    Wanda reference. Drawn through matplotlib's object interface (a ``Figure`` on an Agg
+    canvas): no backend is selected and no pyplot state is touched.
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     pts = [(i, r) for i, r in enumerate(layers) if r.reduction_vs_wanda is not None]
     if not pts:
@@ -263,7 +263,9 @@ def plot_layer_errors(layers: list, path) -> Optional[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     kinds = sorted({r.name.rsplit(".", 1)[-1] for _, r in pts})
-    fig, ax = plt.subplots(figsize=(max(6.0, min(16.0, 0.06 * len(pts) + 4)), 4))
+    fig = Figure(figsize=(max(6.0, min(16.0, 0.06 * len(pts) + 4)), 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for kind in kinds:
         xs = [i for i, r in pts if r.name.rsplit(".", 1)[-1] == kind]
         ys = [100 * r.reduction_vs_wanda for i, r in pts if r.name.rsplit(".", 1)[-1] == kind]
@@ -278,8 +280,5 @@ def plot_layer_errors(layers: list, path) -> Optional[Path]:
     fig.tight_layout()
     from layerprune.problems import atomic_write
 
-    try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    finally:
-        plt.close(fig)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     return path

@@ -206,7 +206,7 @@ def test_perplexity_matches_manual_computation():
 def test_perplexity_bounded_logits_same_value(monkeypatch):
     """Windows batched only while their logits fit EVAL_LOGITS_BYTES and the NLL taken in
     slices of NLL_CHUNK_ELEMENTS logits: the same perplexity as one big batch, one slice."""
-    import layerprune.pipeline as pl
+    import layerprune.pipeline.measure as pl
 
     model = tiny_llama()
     g = torch.Generator().manual_seed(6)
@@ -576,3 +576,254 @@ def test_mask_packing_round_trips():
         shape_back, bits = pack_mask(m)
         assert shape_back == shape and bits.nbytes == (m.numel() + 7) // 8
         assert torch.equal(unpack_mask((shape_back, bits)), m)
+
+
+# ----------------------------------------------------------------------------- bad input, caught early
+def _prune_argv(root, *extra):
+    return ["prune", "--model", str(root / "model"), "--calib", str(root / "calib.txt"),
+            "--eval", str(root / "heldout.txt"), "--nsamples", "4", "--seqlen", "16", "--eval-tokens", "256",
+            "--solver", "wanda", "--no-progress", "--device", "cpu", *extra]
+
+
+def _files(root) -> set:
+    return {p for p in root.rglob("*")}
+
+
+@pytest.fixture
+def never_loaded(monkeypatch):
+    """The model loader fails the test if it is ever called."""
+    models = pytest.importorskip("layerprune.models")
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was found")
+
+    monkeypatch.setattr(models, "load_model", load_model)
+
+
+def _bad_files(root):
+    """Inputs of the wrong kind beside the job's: a file where a directory should be, …"""
+    bad = root / "bad"
+    if not bad.exists():
+        bad.mkdir()
+        (bad / "file").write_text("x")
+        (bad / "dir").mkdir()
+        (bad / "empty_dir").mkdir()
+        (bad / "binary.txt").write_bytes(b"\xff\xfe\x00\x81" * 64)
+        (bad / "tiny.txt").write_text("the of and\n")
+        (bad / "notes.txt").write_text("not a model\n")
+        (bad / "existing_out").mkdir()
+    return bad
+
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("extra,err", [
+    (["--device", "foo"], "unknown device 'foo'"),
+    pytest.param(["--device", "cuda"], "no CUDA device is available", marks=pytest.mark.skipif(CUDA, reason="has CUDA")),
+    pytest.param(["--device", "cuda:3"], "no CUDA device is available", marks=pytest.mark.skipif(CUDA, reason="has CUDA")),
+    (["--device", ""], "non-empty"),
+    (["--model", ""], "non-empty"),
+    (["--pattern", ""], "non-empty"),
+    (["--pattern", "half"], "pattern"),
+    (["--eval", ","], "--eval expects SOURCE"),
+    (["--nsamples", "0"], "positive integer"),
+    (["--nsamples", "1e3"], "positive integer"),
+    (["--seqlen", "1"], "integer ≥ 2"),
+    (["--eval-tokens", "8"], "--eval-tokens 8 is less than one window of --seqlen 16"),
+    (["--time-limit-per-layer", "inf"], "finite positive number"),
+    (["--time-limit-per-layer", "nan"], "finite positive number"),
+    (["--time-limit-per-layer", "0"], "finite positive number"),
+    (["--max-iter", "-1"], "positive integer"),
+    (["--seed", "-1"], "0 to 2**63 - 1"),
+    (["--seed", str(2 ** 70)], "0 to 2**63 - 1"),
+    (["--objective", "both"], "invalid choice"),
+    (["--solver", "sparsefw", "--solver-option", "nosuch=1"], "solver 'sparsefw' takes no option 'nosuch'"),
+    (["--solver-option", "init_solver=magnitude"], "takes no option 'init_solver'"),
+    (["--solver", "sparseswaps", "--solver-option", "init_solver=nosuch"], "init_solver='nosuch'"),
+    (["--override", "down_proj=nosuch"], "unknown solver"),
+    (["--init", "nosuch"], "unknown solver"),
+    (["--solver", "sparseswaps", "--objective", "reconstruct"], "cannot take objective"),
+    (["--out", "{bad}/file/model"], "is not a directory"),
+    (["--out", "{bad}/file"], "exists"),
+    (["--out", "{bad}/file", "--force"], "exists and is not a directory"),
+    (["--out", "{bad}/existing_out"], "exists (use --force to overwrite)"),
+    (["--report", "{bad}/dir"], "is a directory"),
+    (["--report", "{bad}/file/r.json"], "is not a directory"),
+    (["--out", "{tmp}/o", "--report", "{tmp}/o/r.json"], "is inside --out"),
+    (["--calib", "{bad}/empty_dir"], "holds no *.txt files"),
+    (["--calib", "{bad}/binary.txt"], "is not UTF-8 text"),
+    (["--calib", "{bad}/missing.txt"], "unknown text source"),
+    (["--eval", "{root}/calib.txt"], "overlaps the calibration text"),
+])
+def test_prune_bad_input_fails_before_loading(tiny_job, tmp_path, capsys, never_loaded, extra, err):
+    from layerprune.cli import main
+
+    bad = _bad_files(tiny_job)
+    extra = [e.format(bad=bad, tmp=tmp_path, root=tiny_job) for e in extra]
+    before_inputs, before_out = _files(tiny_job), _files(tmp_path)
+    assert main(_prune_argv(tiny_job, "--report", str(tmp_path / "r.json"), *extra)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and err in lines[0], lines
+    assert _files(tiny_job) == before_inputs and _files(tmp_path) == before_out
+
+
+@pytest.mark.parametrize("extra,err", [
+    (["--model", "{bad}/notes.txt"], "not a model directory or .gguf file"),
+    (["--model", "{bad}/empty_dir"], "holds no config.json"),
+    (["--seqlen", "256", "--eval-tokens", "4096"], "--seqlen 256 is longer than the model's 128 positions"),
+    (["--pattern", "nm:2:3"], "does not fit layer"),
+    (["--override", "no_such_layer=magnitude"], "names no layer"),
+    (["--nsamples", "100000"], "too short"),
+    (["--eval", "{bad}/tiny.txt"], "fewer than one window of --seqlen 16"),
+])
+def test_prune_bad_input_needing_the_model_fails_before_pruning(tiny_job, tmp_path, capsys, monkeypatch, extra, err):
+    from layerprune.cli import main
+    from layerprune.pipeline import loop
+
+    def prune_model(*args, **kwargs):
+        raise AssertionError("pruning started before the bad input was found")
+
+    monkeypatch.setattr(loop, "prune_model", prune_model)
+    monkeypatch.setattr("layerprune.pipeline.job.prune_model", prune_model)
+    bad = _bad_files(tiny_job)
+    extra = [e.format(bad=bad) for e in extra]
+    before_inputs = _files(tiny_job)
+    assert main(_prune_argv(tiny_job, "--out", str(tmp_path / "o"), "--report", str(tmp_path / "r.json"),
+                            *extra)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and err in lines[0], lines
+    assert _files(tiny_job) == before_inputs and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra,err", [
+    (["--device", "foo"], "unknown device 'foo'"),
+    pytest.param(["--device", "cuda"], "no CUDA device is available", marks=pytest.mark.skipif(CUDA, reason="has CUDA")),
+    (["--seqlen", "1"], "integer ≥ 2"),
+    (["--eval-tokens", "8"], "less than one window"),
+    (["--eval", "{bad}/binary.txt"], "is not UTF-8 text"),
+    (["--eval", ""], "--eval expects SOURCE"),
+])
+def test_eval_bad_input_fails_before_loading(tiny_job, capsys, never_loaded, extra, err):
+    from layerprune.cli import main
+
+    bad = _bad_files(tiny_job)
+    argv = ["eval", "--model", str(tiny_job / "model"), "--eval", str(tiny_job / "heldout.txt"),
+            "--seqlen", "16", "--eval-tokens", "256", "--device", "cpu"]
+    assert main(argv + [e.format(bad=bad) for e in extra]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and err in lines[0], lines
+
+
+def test_eval_text_shorter_than_a_window_is_one_line(tiny_job, capsys):
+    from layerprune.cli import main
+
+    bad = _bad_files(tiny_job)
+    assert main(["eval", "--model", str(tiny_job / "model"), "--eval", str(bad / "tiny.txt"),
+                 "--seqlen", "16", "--device", "cpu"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "fewer than one window of --seqlen 16" in lines[0], lines
+
+
+def test_prune_config_values_are_checked_in_python_too(tiny_job, never_loaded):
+    from layerprune.pipeline import run
+    from layerprune.settings import SettingError
+
+    with pytest.raises(SettingError, match="--nsamples: expected a positive integer"):
+        run(_config(tiny_job, nsamples=0), log=lambda s: None)
+    with pytest.raises(SettingError, match="--objective: 'both' is not one of mask, reconstruct"):
+        run(_config(tiny_job, objective="both"), log=lambda s: None)
+    with pytest.raises(SettingError, match="--time-limit-per-layer: expected a finite positive number"):
+        run(_config(tiny_job, time_limit_per_layer=float("inf")), log=lambda s: None)
+
+
+# ----------------------------------------------------------------------------- one declaration of the settings
+def test_prune_flags_come_from_prune_config_fields():
+    import dataclasses
+
+    from layerprune.pipeline import PruneConfig
+    from layerprune.prune_cli import config_from_args
+    from layerprune.settings import flag_name
+
+    parser = _parser()
+    flags = {a.dest: a for a in parser._subparsers._group_actions[0].choices["prune"]._actions}
+    fields = [f for f in dataclasses.fields(PruneConfig) if f.metadata.get("cli")]
+    assert {f.name for f in fields} == set(flags) - {"help"}
+    for f in fields:
+        assert flag_name(f) in flags[f.name].option_strings
+    # parsing no flags gives exactly the dataclass defaults
+    assert config_from_args(parser.parse_args(["prune"])) == PruneConfig()
+    help_text = parser._subparsers._group_actions[0].choices["prune"].format_help()
+    assert f"(default: {PruneConfig().solver})" in help_text
+
+
+def test_prune_model_and_the_job_share_the_default_solver():
+    import inspect
+
+    from layerprune.pipeline import PruneConfig
+
+    assert inspect.signature(prune_model).parameters["solver"].default == PruneConfig().solver == "sparseswaps"
+
+
+# ----------------------------------------------------------------------------- no global side effects
+def test_a_run_leaves_no_global_state_behind(tiny_job, tmp_path, monkeypatch, capsys):
+    """matplotlib's backend, torch's thread count, the transformers log level and its
+    progress bars are as they were after ``layerprune prune`` (which plots, loads with
+    transformers quiet, runs solvers that may set threads)."""
+    import matplotlib
+    from transformers.utils import logging as hf_logging
+
+    from layerprune.cli import main
+
+    monkeypatch.setitem(matplotlib.rcParams, "backend", "svg")   # not what a plot would select
+    threads = torch.get_num_threads()
+    wanda_solve = Wanda._solve
+
+    def solve_with_threads(self, problem, params, init, callback):
+        torch.set_num_threads(threads + 1)  # a backend that sets the thread count and keeps it
+        return wanda_solve(self, problem, params, init, callback)
+
+    monkeypatch.setattr(Wanda, "_solve", solve_with_threads)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_info()
+    hf_logging.enable_progress_bar()
+    try:
+        assert main(_prune_argv(tiny_job, "--report", str(tmp_path / "r.json"))) == 0
+        assert (tmp_path / "layer_errors.png").exists()
+        assert dict.__getitem__(matplotlib.rcParams, "backend") == "svg"
+        assert torch.get_num_threads() == threads
+        assert hf_logging.get_verbosity() == hf_logging.INFO
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.set_verbosity(level)
+    capsys.readouterr()
+
+
+def test_outputs_are_all_written_or_none(tiny_job, tmp_path, monkeypatch):
+    """A failure while the model directory is saved leaves neither the report nor its plot."""
+    models = pytest.importorskip("layerprune.models")
+    from layerprune.pipeline import run
+
+    def save_pruned(*args, **kwargs):
+        raise models.ModelError("disk full")
+
+    monkeypatch.setattr(models, "save_pruned", save_pruned)
+    with pytest.raises(models.ModelError, match="disk full"):
+        run(_config(tiny_job, solver="wanda", out=str(tmp_path / "o"), report=str(tmp_path / "rep" / "r.json")),
+            log=lambda s: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_report_that_cannot_be_written_leaves_no_model_directory(tiny_job, tmp_path, monkeypatch):
+    """The last write failing (the report JSON, after the model directory was saved) takes the
+    new model directory back: all outputs or none."""
+    from layerprune.pipeline import job, run
+
+    def write_json_atomic(path, obj):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(job, "write_json_atomic", write_json_atomic)
+    with pytest.raises(OSError, match="No space left"):
+        run(_config(tiny_job, solver="wanda", out=str(tmp_path / "o"), report=str(tmp_path / "rep" / "r.json")),
+            log=lambda s: None)
+    assert list(tmp_path.iterdir()) == []

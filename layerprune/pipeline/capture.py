@@ -1,0 +1,229 @@
+r"""What a block sees: its recorded inputs, its linears grouped by shared input, their Gram
+matrices, and the block's outputs that feed the next block."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+from torch import nn
+
+from layerprune.problems import LayerProblem, ProblemError
+
+from .structure import _model_device, _outside_blocks_on, _qualified, _to, find_blocks, find_linears
+
+__all__ = ["CALIB_BATCH", "capture_block_inputs", "linear_groups", "layer_problems"]
+
+#: calibration sequences per forward mini-batch
+CALIB_BATCH = 8
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+
+@dataclass
+class _Batch:
+    """One mini-batch of a block's inputs: the hidden states and the rest of the real call."""
+
+    hidden: torch.Tensor          # (B, T, H)
+    args: tuple                   # extra positional arguments of the block's call
+    kwargs: dict                  # attention mask, position ids / embeddings, cache position, …
+
+
+def capture_block_inputs(model: nn.Module, blocks: Sequence[nn.Module], calib_ids: torch.Tensor,
+                         device: torch.device, batch_size: int = CALIB_BATCH) -> list[_Batch]:
+    """Run the calibration ids through the model up to the first block; record its calls.
+
+    Parameters
+    ----------
+    calib_ids : (nsamples, seqlen) LongTensor
+
+    Returns
+    -------
+    list of mini-batches, tensors on ``device``.
+    """
+    store: list[_Batch] = []
+
+    def pre_hook(module, args, kwargs):
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        kwargs = {k: v for k, v in kwargs.items()}
+        store.append(_Batch(hidden.detach().to(device), _to(rest, device), _to(kwargs, device)))
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        with _outside_blocks_on(model, blocks, device), torch.no_grad():
+            for chunk in calib_ids.split(batch_size):
+                try:
+                    model(input_ids=chunk.to(device), use_cache=False)
+                except _Stop:
+                    continue
+                raise ProblemError("the first decoder block was never called by the model's forward")
+    finally:
+        handle.remove()
+    return store
+
+
+def _call_block(block: nn.Module, b: _Batch) -> torch.Tensor:
+    out = block(b.hidden, *b.args, **b.kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def linear_groups(block: nn.Module, linears: dict[str, nn.Linear], probe: _Batch) -> list[list[str]]:
+    """Group the block's linears by shared input tensor, groups in forward order.
+
+    A probe forward on one sequence records, for each linear's first call, its input tensor;
+    linears handed the same tensor object (``q,k,v``; ``gate,up``) share one Gram matrix.
+    Linears never called are left out.
+    """
+    seen: list[tuple[str, torch.Tensor]] = []
+    handles = []
+    for name, lin in linears.items():
+        def hook(module, args, _name=name):
+            if not any(n == _name for n, _ in seen):
+                seen.append((_name, args[0]))
+        handles.append(lin.register_forward_pre_hook(hook))
+    one = _Batch(probe.hidden[:1], probe.args, _slice_kwargs(probe.kwargs, probe.hidden.shape[0]))
+    try:
+        with torch.no_grad():
+            _call_block(block, one)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    inputs: list[torch.Tensor] = []
+    for name, x in seen:
+        for g, xin in zip(groups, inputs):
+            if xin is x:
+                g.append(name)
+                break
+        else:
+            groups.append([name])
+            inputs.append(x)
+    return groups
+
+
+def _slice_kwargs(kwargs: dict, batch: int) -> dict:
+    """First sequence of batched tensors in the block kwargs (batch dim = dim 0 of size ``batch``)."""
+    def first(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch and batch > 1:
+            return v[:1]
+        if isinstance(v, tuple):
+            return tuple(first(o) for o in v)
+        return v
+    return {k: first(v) for k, v in kwargs.items()}
+
+
+class _GramAccumulator:
+    """Forward pre-hook accumulating ``Σ xᵀx`` over tokens in float64.
+
+    ``stop=True`` ends the forward right after (the rest of the block is not needed).
+    """
+
+    def __init__(self, d_in: int, device: torch.device, stop: bool = False):
+        self.sum = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
+        self.n = 0
+        self.stop = stop
+
+    def __call__(self, module, args):
+        x = args[0].detach()
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        self.sum.addmm_(x.T, x)
+        self.n += x.shape[0]
+        if self.stop:
+            raise _Stop
+
+    def gram(self) -> torch.Tensor:
+        """``G = Σ xᵀx / n``: (d_in, d_in) float64."""
+        if self.n == 0:
+            raise ProblemError("no calibration tokens reached this layer")
+        return self.sum / self.n
+
+
+def _accumulate(block: nn.Module, batches: list[_Batch], linears: dict[str, nn.Linear],
+                groups: list[list[str]], stop_early: bool) -> dict[str, _GramAccumulator]:
+    """Run the block over all batches; return one Gram accumulator per group (keyed by its
+    first member). With ``stop_early`` (a single group) the forward stops at that group."""
+    accs, handles = {}, []
+    for g in groups:
+        lin = linears[g[0]]
+        acc = _GramAccumulator(lin.in_features, lin.weight.device, stop=stop_early)
+        accs[g[0]] = acc
+        handles.append(lin.register_forward_pre_hook(acc))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                try:
+                    _call_block(block, b)
+                except _Stop:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+    return accs
+
+
+def _propagate(block: nn.Module, batches: list[_Batch]) -> None:
+    """Replace each batch's hidden states by the block's outputs (the next block's inputs)."""
+    with torch.no_grad():
+        for b in batches:
+            b.hidden = _call_block(block, b)
+
+
+def layer_problems(model: nn.Module, calib_ids: torch.Tensor, block: int, *, pattern: str = "per-row:0.5",
+                   objective: str = "mask", device: Union[None, str, torch.device] = None,
+                   batch_size: int = CALIB_BATCH) -> dict[str, LayerProblem]:
+    """The layer problems of one decoder block of the (unchanged) model: real instances.
+
+    The calibration ids run through the dense model up to block ``block``; each target linear
+    of that block gets its problem with ``W`` its weights and ``G`` the mean ``xᵀx`` of its
+    inputs (float64), as :func:`prune_model` would build them had the earlier blocks been kept
+    dense. Nothing in the model changes. ``save_instance(path, p.W, p.G)`` (from
+    ``layerprune.problems``) writes one as a CONTRACT instance file.
+
+    Parameters
+    ----------
+    model : a Hugging Face causal LM
+    calib_ids : (nsamples, seqlen) LongTensor
+    block : index of the decoder block (negative counts from the end)
+    pattern, objective : of the problems (fractions resolve per layer width)
+
+    Returns
+    -------
+    {qualified module name: LayerProblem}, in forward order.
+    """
+    blocks, path = find_blocks(model)
+    if not -len(blocks) <= block < len(blocks):
+        raise ProblemError(f"block {block} out of range: the model has {len(blocks)} blocks")
+    block %= len(blocks)
+    home = _model_device(model)
+    device = torch.device(device) if device is not None else home
+    out: dict[str, LayerProblem] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        batches = capture_block_inputs(model, blocks, calib_ids, device, batch_size)
+        for i in range(block + 1):
+            blocks[i].to(device)
+            try:
+                if i < block:
+                    _propagate(blocks[i], batches)
+                    continue
+                linears = find_linears(blocks[i])
+                groups = linear_groups(blocks[i], linears, batches[0])
+                accs = _accumulate(blocks[i], batches, linears, groups, stop_early=False)
+                for g in groups:
+                    G = accs[g[0]].gram()
+                    for local in g:
+                        out[_qualified(path, i, local)] = LayerProblem.create(linears[local].weight.detach(), G,
+                                                        pattern=pattern, objective=objective)
+            finally:
+                blocks[i].to(home)
+    finally:
+        model.train(was_training)
+    return out

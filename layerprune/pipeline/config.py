@@ -1,0 +1,217 @@
+"""The settings of a prune job, declared once (each field carries its ``layerprune prune``
+flag), and every check that can run before the model is loaded."""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from layerprune import data
+from layerprune.problems import OBJECTIVES, ProblemError
+from layerprune.settings import (SettingError, check_values, nonempty, nonnegative_int, parse_overrides,
+                                 parse_solver_options, positive_float, positive_int, setting, split_list)
+from layerprune.solvers import Params, SolverError, get_solver_class
+
+from .plan import DEFAULT_SOLVER, _plan, build_solvers, check_settings
+from .structure import find_blocks, resolve_device
+
+__all__ = ["PruneConfig", "Checked", "check_before_loading", "check_outputs", "check_against_model"]
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def window_length(value) -> int:
+    """An integer ≥ 2 (one predicted token per window at least)."""
+    v = positive_int(value)
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 2, got {value!r}")
+    return v
+
+
+@dataclass
+class PruneConfig:
+    """Settings of one ``layerprune prune`` job; each field declares its flag
+    (:func:`layerprune.settings.setting`), in the order ``layerprune prune --help`` lists them."""
+
+    model: str = setting("smollm2", "'smollm2' (bundled), a Hugging Face id, a directory or a .gguf file",
+                         type=nonempty)
+    solver: str = setting(DEFAULT_SOLVER, "backend (layerprune solvers)", metavar="NAME", type=nonempty)
+    pattern: str = setting("per-row:0.5", "per-row:0.5 | nm:2:4 | unstructured:0.6 | columns:0.3 (pruned fractions)",
+                           metavar="PATTERN", type=nonempty)
+    objective: str = setting("mask", "layer error with the kept weights fixed or refitted", choices=OBJECTIVES)
+    nsamples: int = setting(64, "calibration sequences", type=positive_int)
+    seqlen: int = setting(256, "tokens per calibration sequence and per evaluation window", type=window_length)
+    calib: Optional[str] = setting(None, "calibration text: bundled name, file, directory or datasets name",
+                                   metavar="SOURCE", type=nonempty, default_text=data.DEFAULT_CALIBRATION)
+    eval: Optional[list] = setting(None, "evaluation text (repeatable or comma-separated)", metavar="SOURCE",
+                                   repeat=split_list, default_text=", ".join(data.DEFAULT_EVALUATION))
+    eval_tokens: Optional[int] = setting(16384, "evaluate on the first N tokens of each text", metavar="N",
+                                         type=positive_int)
+    out: Optional[str] = setting(None, "save the pruned model (HF directory)", metavar="DIR", type=nonempty)
+    force: bool = setting(False, "overwrite --out")
+    report: Optional[str] = setting(None, "write the JSON report (and layer_errors.png next to it)",
+                                    metavar="FILE.json", type=nonempty)
+    init: Optional[str] = setting(None, "warm start each layer from this solver", metavar="SOLVER", type=nonempty)
+    device: Optional[str] = setting(None, "cpu, cuda, cuda:1, …", type=nonempty,
+                                    default_text="cuda if available, else cpu")
+    time_limit_per_layer: Optional[float] = setting(None, "time limit of each layer's solve", metavar="SECONDS",
+                                                    type=positive_float)
+    max_iter: Optional[int] = setting(None, "iteration cap per layer for iterative solvers (sparsefw, admm, …)",
+                                      metavar="N", type=positive_int)
+    solver_options: dict = setting(help="option of the default solver, e.g. candidates=32 (repeatable)",
+                                   metavar="KEY=VALUE", flag="--solver-option", repeat=parse_solver_options,
+                                   default_factory=dict)
+    seed: int = setting(0, "seed of the calibration windows and of randomised solvers", type=nonnegative_int)
+    overrides: dict = setting(help="another backend for layers whose name contains NAME (repeatable)",
+                              metavar="NAME=SOLVER", flag="--override", repeat=parse_overrides,
+                              default_factory=dict)
+    sequential_order: bool = setting(False, "within a block prune q,k,v → o → gate,up → down, re-capturing inputs")
+    prune_lm_head: bool = setting(False, "prune lm_head too")
+    dtype: str = setting("float32", "dtype of the model's weights", choices=DTYPES)
+    progress: bool = setting(True, "no progress bars", negate=True)
+    cache_dir: Optional[str] = setting(None, "where the bundled model and corpora are kept", cli=False)
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        dt = getattr(torch, name)
+    except AttributeError:
+        dt = None
+    if not isinstance(dt, torch.dtype):
+        raise ProblemError(f"unknown dtype {name!r} (float32, bfloat16, float16)")
+    return dt
+
+
+@dataclass
+class Checked:
+    """What the checks before loading found, as the later steps use it."""
+
+    device: torch.device
+    dtype: torch.dtype
+    params: Params
+    calib_source: str
+    eval_sources: list[str]
+    calib_text: str
+    eval_texts: dict[str, str]      # by text name (:func:`layerprune.data.text_name`)
+
+
+def check_before_loading(config: PruneConfig) -> Checked:
+    """Every check that needs no model, cheapest first: the settings' values, the device, the
+    solvers (each built with its options), the output paths, then the texts (read).
+
+    Raises
+    ------
+    SettingError, ProblemError, PatternError, SolverError, ModelError, DataError
+        One line saying what is wrong.
+    """
+    check_values(config)
+    if config.eval_tokens is not None and config.eval_tokens < config.seqlen:
+        raise SettingError(f"--eval-tokens {config.eval_tokens} is less than one window of "
+                           f"--seqlen {config.seqlen} tokens")
+    device = resolve_device(config.device)
+    dtype = _dtype(config.dtype)
+    check_solvers(config)
+    check_outputs(config.out, config.report, config.force)
+    calib_source = config.calib if config.calib is not None else data.DEFAULT_CALIBRATION
+    eval_sources = list(config.eval) if config.eval else list(data.DEFAULT_EVALUATION)
+    _check_no_overlap(calib_source, eval_sources)
+    calib_text = data.load_text(calib_source, cache_dir=config.cache_dir)
+    eval_texts = {data.text_name(src): data.load_text(src, cache_dir=config.cache_dir) for src in eval_sources}
+    params = Params(time_limit=config.time_limit_per_layer, max_iter=config.max_iter, seed=config.seed)
+    return Checked(device, dtype, params, calib_source, eval_sources, calib_text, eval_texts)
+
+
+def check_solvers(config: PruneConfig) -> None:
+    """Every solver the prune will use exists, takes the pattern and objective, and is built with
+    its options; so is the solver each of them starts from (option ``init_solver``)."""
+    overrides = dict(config.overrides or {})
+    check_settings(config.pattern, config.objective, config.solver, overrides, config.init)
+    solvers = build_solvers(config.solver, overrides, config.init, config.solver_options,
+                            config.pattern, config.objective)
+    for solver in solvers.values():
+        if solver.init_solver is not None:
+            try:
+                get_solver_class(solver.init_solver)
+            except SolverError as exc:
+                raise SolverError(f"solver {solver.name!r} starts from init_solver={solver.init_solver!r}: "
+                                  f"{exc}") from None
+
+
+def _check_no_overlap(calib_source: str, eval_sources: list[str]) -> None:
+    for src in eval_sources:
+        if data.sources_overlap(calib_source, src):
+            raise data.DataError(f"evaluation text {data.text_name(src)!r} overlaps the calibration text "
+                                 f"{data.text_name(calib_source)!r}")
+
+
+# ---------------------------------------------------------------------------- output paths
+def check_outputs(out: Optional[str], report: Optional[str], force: bool) -> None:
+    """Each output can be written: ``out`` a directory that is new (or replaced under ``force``),
+    ``report`` and the plot beside it files, each under a writable directory (missing parents
+    are created when the job writes).
+
+    Raises
+    ------
+    SettingError
+        "--out …" / "--report …" and why not.
+    """
+    if out is not None:
+        _check_out_dir(Path(out).expanduser(), force)
+    if report is not None:
+        rep = Path(report).expanduser()
+        for path, flag in ((rep, "--report"), (rep.parent / "layer_errors.png", "--report's plot")):
+            if path.is_dir():
+                raise SettingError(f"{flag} {path} is a directory")
+            _check_writable_parent(path, flag)
+        if out is not None and _inside(rep, Path(out).expanduser()):
+            raise SettingError(f"--report {rep} is inside --out {out}, which is replaced whole "
+                               f"(the model directory holds its own prune_report.json)")
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise SettingError(f"output directory {out} exists (use --force to overwrite)")
+        if not out.is_dir():
+            raise SettingError(f"--out {out} exists and is not a directory")
+        if _inside(Path.cwd(), out):
+            raise SettingError(f"--out {out} holds the working directory; it cannot be replaced")
+    _check_writable_parent(out, "--out")
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    path, directory = path.resolve(), directory.resolve()
+    return path == directory or directory in path.parents
+
+
+def _check_writable_parent(path: Path, flag: str) -> None:
+    """The nearest existing ancestor of ``path`` is a directory a file can be created in."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise SettingError(f"{flag} {path}: {parent} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".layerprune-probe-", dir=parent)
+    except OSError as exc:
+        raise SettingError(f"{flag} {path}: cannot write in {parent} ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+# ---------------------------------------------------------------------------- with the model
+def check_against_model(model: nn.Module, config: PruneConfig) -> None:
+    """The checks that need the loaded model: the plan (the pattern fits every layer, each
+    override names a layer) and windows no longer than the model's positions."""
+    blocks, path = find_blocks(model)
+    _plan(model, blocks, path, config.pattern, config.objective, config.solver,
+          dict(config.overrides or {}), config.init, config.prune_lm_head)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and config.seqlen > limit:
+        raise SettingError(f"--seqlen {config.seqlen} is longer than the model's {limit} positions")

@@ -1,0 +1,265 @@
+"""The whole ``layerprune prune`` job: check, load, calibrate, measure dense, prune, measure
+pruned, save, report."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from layerprune import data
+
+from ..report import PruneReport, plot_layer_errors, write_json_atomic
+from .config import Checked, PruneConfig, check_against_model, check_before_loading
+from .loop import prune_model
+from .measure import perplexity, release_memory, sparsity
+
+__all__ = ["PruneConfig", "run"]
+
+
+def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneReport:
+    """The whole job: check, load, calibrate, measure dense, prune, measure pruned, save, report.
+
+    Every check that needs no model runs first (settings, device, solvers with their options,
+    output paths, texts), then those that need it, before any long step. Nothing is written
+    unless every step succeeded, and then everything: the model directory (atomically, by
+    ``models.save_pruned``, with the report and masks), the report JSON and the plot
+    ``layer_errors.png`` next to it. The process's torch thread count is as it was after.
+    """
+    from layerprune import models
+
+    clock = _Clock()
+    with _threads_kept():
+        with clock("data"):
+            checked = check_before_loading(config)
+        if checked.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(checked.device)
+        with clock("load"):
+            model, tokenizer = models.load_model(config.model, dtype=checked.dtype, device="cpu",
+                                                 cache_dir=config.cache_dir)
+            release_memory()  # loader temporaries
+        check_against_model(model, config)
+        with clock("data"):
+            calib_ids, evals = _tokenize(tokenizer, checked, config)
+        with clock("dense_eval"):
+            dense = _perplexities(model, evals, config.seqlen, checked.device)
+        for name, v in dense.items():
+            log(f"dense perplexity {name}: {v:.3f}")
+        with clock("prune"):
+            records = _prune(model, calib_ids, checked, config)
+        with clock("pruned_eval"):
+            pruned = _perplexities(model, evals, config.seqlen, checked.device)
+        report = _report(model, config, checked, calib_ids, evals, dense, pruned, records, clock)
+        _write_outputs(report, model, tokenizer, config, clock)
+    return report
+
+
+class _Clock:
+    """Seconds per step (``timings`` of the report), and since the job started."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, step: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[step] = self.timings.get(step, 0.0) + time.perf_counter() - t
+
+    def total(self) -> float:
+        return time.perf_counter() - self.start
+
+
+@contextlib.contextmanager
+def _threads_kept() -> Iterator[None]:
+    """The torch intra-op thread count as it was before, whatever a step set."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def _tokenize(tokenizer, checked: Checked, config: PruneConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The calibration windows, (nsamples, seqlen), and each evaluation text's first tokens,
+    (1, T) with at least one window of ``seqlen``."""
+    calib_ids = data.calibration_batch(tokenizer, checked.calib_text, config.nsamples, config.seqlen, config.seed)
+    evals = {}
+    for name, text in checked.eval_texts.items():
+        ids = data.eval_tokens(tokenizer, text, max_tokens=config.eval_tokens)
+        if ids.numel() < config.seqlen:
+            raise data.DataError(f"evaluation text {name!r} has {ids.numel()} tokens: fewer than one "
+                                 f"window of --seqlen {config.seqlen}")
+        evals[name] = ids
+    release_memory()  # the tokenized calibration text
+    return calib_ids, evals
+
+
+def _perplexities(model: nn.Module, evals: dict[str, torch.Tensor], seqlen: int,
+                  device: torch.device) -> dict[str, float]:
+    return {name: perplexity(model, ids, seqlen, device) for name, ids in evals.items()}
+
+
+def _prune(model: nn.Module, calib_ids: torch.Tensor, checked: Checked, config: PruneConfig) -> list:
+    return prune_model(model, calib_ids, solver=config.solver, pattern=config.pattern,
+                       objective=config.objective, overrides=config.overrides,
+                       solver_options=config.solver_options, init=config.init, params=checked.params,
+                       device=checked.device, sequential_order=config.sequential_order,
+                       prune_lm_head=config.prune_lm_head, progress=config.progress)
+
+
+def _report(model: nn.Module, config: PruneConfig, checked: Checked, calib_ids: torch.Tensor,
+            evals: dict[str, torch.Tensor], dense: dict, pruned: dict, records: list,
+            clock: _Clock) -> PruneReport:
+    from layerprune import models
+
+    device = checked.device
+    settings = {k: v for k, v in asdict(config).items() if k not in ("progress", "force")}
+    settings.update(calib=data.text_name(checked.calib_source), calib_source=str(checked.calib_source),
+                    eval=list(evals), eval_sources=[str(s) for s in checked.eval_sources],
+                    eval_tokens_used={k: int(v.numel()) for k, v in evals.items()},
+                    calibration_tokens=int(calib_ids.numel()), device=str(device), versions=_versions())
+    size = models.model_size_bytes(model)
+    return PruneReport(
+        dense_perplexity=dense, perplexity=pruned,
+        sparsity=sparsity(model, include_lm_head=config.prune_lm_head),
+        seconds=clock.total(), peak_memory_bytes=_peak_rss_bytes(), layers=records, settings=settings,
+        timings=clock.timings, model_size_bytes=size,
+        memory_target_bytes=_memory_target(size, model, calib_ids),
+        peak_device_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
+        peak_child_memory_bytes=_peak_rss_bytes(resource.RUSAGE_CHILDREN) or None,
+    )
+
+
+# ---------------------------------------------------------------------------- outputs
+def _write_outputs(report: PruneReport, model: nn.Module, tokenizer, config: PruneConfig, clock: _Clock) -> None:
+    """The model directory, the report JSON and its plot: all written, or none.
+
+    The plot and the report's file are made first under temporary names beside their paths,
+    then the model directory is saved (atomically), then the report is written into its
+    temporary file and both are renamed into place. On a failure the temporary files go, and
+    so does a model directory this call created (one replaced under ``force`` stays replaced).
+    """
+    from layerprune import models
+
+    started = time.perf_counter()
+    staged = _Staged()
+    new_out = None if config.out is None or Path(config.out).expanduser().exists() else Path(config.out).expanduser()
+    try:
+        plot = _stage_plot(report, config, staged)
+        report_tmp = staged.file(Path(config.report).expanduser()) if config.report is not None else None
+        if config.out is not None:
+            report.out_dir = str(config.out)
+            models.save_pruned(model, tokenizer, config.out, masks={r.name: r.packed_mask for r in report.layers},
+                               force=config.force, extra_files=_model_extras(report))
+        if report_tmp is not None:
+            report.report_path, report.plot_path = str(config.report), plot
+        clock.timings["save"] = time.perf_counter() - started
+        report.seconds = clock.total()
+        if report_tmp is not None:
+            write_json_atomic(report_tmp, report.to_json())
+        staged.publish()
+    except BaseException:
+        if new_out is not None and new_out.is_dir():
+            shutil.rmtree(new_out, ignore_errors=True)
+        raise
+    finally:
+        staged.discard()
+
+
+def _stage_plot(report: PruneReport, config: PruneConfig, staged: "_Staged") -> Optional[str]:
+    """Plot ``layer_errors.png`` beside the report under a temporary name; its final path, or
+    None without a report or without layers to plot."""
+    if config.report is None:
+        return None
+    tmp = staged.file(Path(config.report).expanduser().parent / "layer_errors.png")
+    if plot_layer_errors(report.layers, tmp) is None:
+        staged.drop(tmp)
+        return None
+    return str(Path(config.report).parent / "layer_errors.png")
+
+
+def _model_extras(report: PruneReport) -> dict[str, bytes]:
+    """The report and its plot, as saved inside the model directory."""
+    extra = {"prune_report.json": json.dumps(report.to_json(), indent=2) + "\n"}
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_layer_errors(report.layers, Path(tmp) / "layer_errors.png")
+        if png is not None:
+            extra["layer_errors.png"] = png.read_bytes()
+    return extra
+
+
+class _Staged:
+    """Files written under temporary names beside their paths, renamed onto them together."""
+
+    def __init__(self):
+        self.files: list[tuple[Path, Path]] = []   # (temporary, final)
+        self.made: list[Path] = []                 # directories created for them, outermost first
+
+    def file(self, final: Path) -> Path:
+        """A new empty temporary file in ``final``'s directory (created if missing)."""
+        missing = [d for d in (final.parent, *final.parent.parents) if not d.exists()]
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self.made.extend(reversed(missing))
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        os.close(fd)
+        self.files.append((Path(tmp), final))
+        return Path(tmp)
+
+    def drop(self, tmp: Path) -> None:
+        """Forget a temporary file (removed, never published)."""
+        tmp.unlink(missing_ok=True)
+        self.files = [(t, f) for t, f in self.files if t != tmp]
+
+    def publish(self) -> None:
+        for tmp, final in self.files:
+            os.replace(tmp, final)
+        self.files, self.made = [], []
+
+    def discard(self) -> None:
+        """Remove what was not published (temporary files, then the directories made for them)."""
+        for tmp, _ in self.files:
+            tmp.unlink(missing_ok=True)
+        for d in reversed(self.made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        self.files, self.made = [], []
+
+
+# ---------------------------------------------------------------------------- measurements
+def _peak_rss_bytes(who: int = resource.RUSAGE_SELF) -> int:
+    """Peak resident set size of this process, or with ``RUSAGE_CHILDREN`` of its largest
+    finished child (Linux: ru_maxrss is in KiB; macOS: bytes)."""
+    peak = int(resource.getrusage(who).ru_maxrss)
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _memory_target(model_bytes: Optional[int], model: nn.Module, calib_ids: torch.Tensor) -> Optional[int]:
+    """3 × the model's size plus one block's input and output hidden states (calibration set)."""
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not model_bytes or not hidden:
+        return None
+    elem = next(model.parameters()).element_size()
+    return int(3 * model_bytes + 2 * calib_ids.numel() * int(hidden) * elem)
+
+
+def _versions() -> dict:
+    import transformers
+
+    import layerprune
+    return {"layerprune": getattr(layerprune, "__version__", None), "torch": torch.__version__,
+            "transformers": transformers.__version__}

@@ -1,0 +1,338 @@
+"""The pruning loop.
+
+Capture the first block's inputs; then, block after block: group its linears by shared input
+and accumulate one Gram matrix per group, solve each layer, write it back, and run the pruned
+block to get the next block's inputs. :func:`prune_model` says exactly that; each stage is one
+function over a :class:`BlockState` (the block being pruned), so a new stage — a dense twin
+of the block for cross-Gram targets, structured pruning, … — reads and extends that state and
+takes its place in :func:`_prune_block`.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from layerprune.problems import LayerProblem, ProblemError
+from layerprune.solvers import Params, Result, Solver, SolverError, make_solver
+
+from ..report import LayerRecord, pack_mask
+from .capture import (CALIB_BATCH, _accumulate, _Batch, _GramAccumulator, _propagate, _Stop,
+                      capture_block_inputs, linear_groups)
+from .measure import release_memory
+from .plan import DEFAULT_SOLVER, _check_solver_takes, _Layer, _plan, build_solvers
+from .structure import _eval_mode, _model_device, _on_device, find_blocks
+
+__all__ = ["PruningInterrupted", "prune_model", "BlockState", "SolveSettings"]
+
+
+class PruningInterrupted(KeyboardInterrupt):
+    """Pruning stopped by Ctrl-C. The model is left partially pruned: ``records`` lists the
+    layers already written (each layer is written whole or not at all)."""
+
+    def __init__(self, records: list, total: int):
+        super().__init__(f"interrupted after {len(records)} of {total} layers")
+        self.records = records
+        self.total = total
+
+
+@dataclass
+class SolveSettings:
+    """What solving any layer of one prune takes (the same for every layer)."""
+
+    pattern: str                    # pattern string; fractions resolve per layer width
+    objective: str                  # ``mask`` or ``reconstruct``
+    solvers: dict[str, Solver]      # every solver of the plan, by registry name
+    init: Optional[str]             # solver whose mask starts every solve, or None
+    params: Params
+
+
+@dataclass
+class BlockState:
+    """One decoder block while it is pruned: each stage reads it and adds what it found.
+
+    Attributes
+    ----------
+    index : the block's position among the decoder blocks
+    module : the block (on the compute device while it is pruned)
+    layers : its target linears and their solvers, by name inside the block
+    batches : its inputs, one :class:`_Batch` per calibration mini-batch (hidden states
+        (B, T, H)); after :func:`_propagate` its outputs, the next block's inputs
+    groups : names of the linears that read one input tensor, in forward order
+        (``q,k,v`` → ``o`` → ``gate,up`` → ``down``); set by :func:`_group_linears`
+    """
+
+    index: int
+    module: nn.Module
+    layers: dict[str, _Layer]
+    batches: list[_Batch]
+    groups: list[list[str]] = field(default_factory=list)
+
+    @property
+    def linears(self) -> dict[str, nn.Linear]:
+        """The target linears by name inside the block."""
+        return {local: layer.linear for local, layer in self.layers.items()}
+
+
+@dataclass
+class _Solved:
+    """A solved layer: what to write into it and what to report."""
+
+    weights: torch.Tensor           # (d_out, d_in) float64, zeros where pruned
+    record: LayerRecord
+
+
+class _Progress:
+    """The layers written so far, the caller's callback and the progress bar."""
+
+    def __init__(self, total: int, callback: Optional[Callable[[LayerRecord], Any]], enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.total = total
+        self.records: list[LayerRecord] = []
+        self.callback = callback
+        self.bar = tqdm(total=total, disable=not enabled, desc="pruning", unit="layer")
+
+    def block(self, index: int, count: int) -> None:
+        self.bar.set_postfix_str(f"block {index + 1}/{count}")
+
+    def add(self, record: LayerRecord) -> None:
+        self.records.append(record)
+        if self.callback is not None:
+            self.callback(record)
+        self.bar.update(1)
+
+    def skip(self, count: int) -> None:
+        self.bar.update(count)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str, Solver] = DEFAULT_SOLVER,
+                pattern: str = "per-row:0.5", objective: str = "mask",
+                overrides: Optional[dict[str, str]] = None, solver_options: Optional[dict] = None,
+                init: Optional[str] = None, params: Optional[Params] = None,
+                device: Union[None, str, torch.device] = None, sequential_order: bool = False,
+                prune_lm_head: bool = False, progress: bool = True,
+                callback: Optional[Callable[[LayerRecord], Any]] = None,
+                batch_size: int = CALIB_BATCH) -> list[LayerRecord]:
+    """Prune every target linear of every decoder block, block after block.
+
+    Parameters
+    ----------
+    model : a Hugging Face causal LM (``model(input_ids=…)``), modified in place
+    calib_ids : (nsamples, seqlen) LongTensor of calibration tokens
+    solver : registry name of the default backend (default :data:`~.plan.DEFAULT_SOLVER`), or a
+        :class:`Solver` instance
+    pattern : pattern string; fractions (``per-row:0.5``) resolve per layer width
+    objective : ``mask`` or ``reconstruct``
+    overrides : {module name or substring of it: solver name}, e.g. ``{"down_proj": "sparsegpt"}``;
+        a key that names no layer is an error
+    solver_options : constructor options of the default solver
+    init : solver name whose mask warm-starts each layer's solve
+    params : common solver parameters (time limit per layer, seed, …)
+    device : where each block runs (default: the model's device); blocks move there one at
+        a time and back
+    sequential_order : prune groups of linears sharing an input one after the other
+        (``q,k,v`` → ``o`` → ``gate,up`` → ``down``), re-capturing the Gram matrix of each
+        group from the partially pruned block
+    prune_lm_head : also prune the output projection (untied from the embeddings first)
+    progress : tqdm bars over blocks and layers
+    callback : called with each :class:`LayerRecord` once the layer is written
+
+    Returns
+    -------
+    list of LayerRecord, in pruning order (masks attached, on CPU).
+
+    Raises
+    ------
+    ProblemError : the pattern does not fit a layer (raised before any weight changes)
+    SolverError : unknown or unable solver, override naming no layer
+    PruningInterrupted : on Ctrl-C; the layers in ``.records`` have been written
+    """
+    _check_calibration_ids(calib_ids)
+    overrides = dict(overrides or {})
+    home = _model_device(model)
+    device = torch.device(device) if device is not None else home
+    blocks, path = find_blocks(model)
+    if isinstance(solver, Solver):
+        _check_solver_takes(solver, pattern, objective, "solver")
+    plan = _plan(model, blocks, path, pattern, objective, solver, overrides, init, prune_lm_head)
+    settings = SolveSettings(pattern, objective, build_solvers(solver, overrides, init, solver_options, pattern, objective),
+                             init, params or Params())
+    written = _Progress(plan.total, callback, progress)
+    with _eval_mode(model), _interrupted_after(written), contextlib.closing(written):
+        batches = capture_block_inputs(model, blocks, calib_ids, device, batch_size)
+        for index, layers in enumerate(plan.blocks):
+            state = BlockState(index, blocks[index], {layer.local: layer for layer in layers}, batches)
+            written.block(index, len(blocks))
+            with _on_device(state.module, device, home):
+                _prune_block(state, settings, sequential_order, written)
+                _propagate(state.module, state.batches)
+            release_memory()  # the block's forward and solver temporaries
+        if plan.lm_head is not None:
+            written.add(_prune_lm_head(model, plan.lm_head, calib_ids, device, batch_size, settings))
+    return written.records
+
+
+def _check_calibration_ids(calib_ids: torch.Tensor) -> None:
+    if calib_ids.dim() != 2 or calib_ids.shape[0] == 0 or calib_ids.shape[1] < 2:
+        raise ProblemError(f"calibration ids must be (nsamples, seqlen) with seqlen ≥ 2, got {tuple(calib_ids.shape)}")
+
+
+@contextlib.contextmanager
+def _interrupted_after(written: _Progress) -> Iterator[None]:
+    """Ctrl-C becomes :class:`PruningInterrupted` carrying the layers written so far."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise PruningInterrupted(written.records, written.total) from None
+
+
+# ---------------------------------------------------------------------------- one block
+def _prune_block(state: BlockState, settings: SolveSettings, sequential_order: bool,
+                 written: _Progress) -> None:
+    """Group the block's linears, then per group: its Gram matrix, each layer solved and written."""
+    _group_linears(state)
+    for group, acc in _group_grams(state, sequential_order):
+        G = acc.gram()
+        for local in group:
+            layer = state.layers[local]
+            solved = _solve_layer(layer, G, acc.n, settings)
+            _write_back(layer.linear, solved.weights)
+            written.add(solved.record)
+    written.skip(len(state.layers) - sum(len(g) for g in state.groups))  # never called: stay dense
+
+
+def _group_linears(state: BlockState) -> None:
+    """Set ``state.groups`` from a probe forward of the first sequence."""
+    state.groups = linear_groups(state.module, state.linears, state.batches[0])
+
+
+def _group_grams(state: BlockState, sequential_order: bool) -> Iterator[tuple[list[str], _GramAccumulator]]:
+    """Each group with its Gram accumulator, in forward order.
+
+    All groups' Gram matrices come from one pass over the block's inputs; with
+    ``sequential_order`` each group's is captured only when the generator resumes, i.e. after
+    the groups before it have been written back.
+    """
+    if sequential_order:
+        for group in state.groups:
+            yield group, _accumulate(state.module, state.batches, state.linears, [group], stop_early=True)[group[0]]
+        return
+    accs = _accumulate(state.module, state.batches, state.linears, state.groups, stop_early=False)
+    for group in state.groups:
+        yield group, accs[group[0]]
+
+
+def _write_back(linear: nn.Linear, weights: torch.Tensor) -> None:
+    """Copy the pruned (d_out, d_in) weights into the layer, in its device and dtype."""
+    linear.weight.data.copy_(weights.to(device=linear.weight.device, dtype=linear.weight.dtype))
+
+
+# ---------------------------------------------------------------------------- one layer
+def _solve_layer(layer: _Layer, G: torch.Tensor, ntokens: int, settings: SolveSettings) -> _Solved:
+    """Build the layer's problem (``G``: (d_in, d_in) float64 over ``ntokens`` tokens), solve it
+    with its solver, and return the weights to write and the layer's record."""
+    problem = LayerProblem.create(layer.linear.weight.detach(), G, pattern=settings.pattern,
+                                  objective=settings.objective)
+    wanda = _wanda_reference(problem, settings.params)
+    solver = settings.solvers[layer.solver]
+    init_mask = _start_mask(problem, solver, wanda, settings)
+    res = _run_solver(layer, problem, solver, wanda, init_mask, settings.params)
+    status, limit = res.status.value, res.limit
+    if res.mask is None:  # e.g. a MIP stopped before its first incumbent: fall back, say so
+        fallback = init_mask if settings.init is not None else (wanda.mask if wanda is not None else None)
+        if fallback is None:
+            raise SolverError(f"layer {layer.qualified}: solver {layer.solver!r} found no mask ({status})")
+        weights = problem.refit(fallback) if settings.objective == "reconstruct" else \
+            problem.W.to(torch.float64) * fallback
+        mask, value = fallback, problem.objective(fallback)
+        limit = f"{limit or status}; fell back to {'init' if settings.init is not None else 'wanda'} mask"
+    else:
+        weights, mask, value = res.weights, res.mask, res.objective
+    gap = res.gap if res.mask is not None else None
+    record = LayerRecord(
+        block=layer.block, name=layer.qualified, shape=tuple(layer.linear.weight.shape),
+        pattern=str(problem.pattern), objective_kind=settings.objective, solver=layer.solver,
+        objective=value, wanda_objective=None if wanda is None else wanda.objective,
+        lower_bound=res.lower_bound, bound_source=res.bound_source, gap=gap, status=status, limit=limit,
+        seconds=res.seconds, ntokens=ntokens, packed_mask=pack_mask(mask))
+    return _Solved(weights, record)
+
+
+def _wanda_reference(problem: LayerProblem, params: Params) -> Optional[Result]:
+    """Wanda's result on the problem (every record's reference), or None where Wanda cannot."""
+    try:
+        return make_solver("wanda").solve(problem, params=params)
+    except SolverError:
+        return None
+
+
+def _start_mask(problem: LayerProblem, solver: Solver, wanda: Optional[Result],
+                settings: SolveSettings) -> Optional[torch.Tensor]:
+    """The (d_out, d_in) bool mask the solve starts from: ``init``'s, or Wanda's reference when it
+    is the start the solver would compute itself; None lets the solver start on its own."""
+    if settings.init is not None:
+        if settings.init == "wanda" and wanda is not None:
+            return wanda.mask
+        return settings.solvers[settings.init].solve(problem, params=settings.params).mask
+    if wanda is not None and solver.init_solver == "wanda":
+        return wanda.mask  # the start it would compute itself: reuse the reference
+    return None
+
+
+def _run_solver(layer: _Layer, problem: LayerProblem, solver: Solver, wanda: Optional[Result],
+                init_mask: Optional[torch.Tensor], params: Params) -> Result:
+    """The layer's solve; plain Wanda reuses the reference instead of solving again."""
+    try:
+        if wanda is not None and solver.name == "wanda" and not solver.options:
+            return wanda  # the reference is this solve
+        return solver.solve(problem, params=params, init=init_mask)
+    except SolverError as exc:
+        raise SolverError(f"layer {layer.qualified}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------- lm_head
+def _prune_lm_head(model: nn.Module, layer: _Layer, calib_ids: torch.Tensor, device: torch.device,
+                   batch_size: int, settings: SolveSettings) -> LayerRecord:
+    """Prune the output projection on the inputs it sees from the (already pruned) model."""
+    _untie_output_embeddings(model)
+    home = _model_device(model)
+    model.to(device)
+    try:
+        acc = _head_inputs_gram(model, layer.linear, calib_ids, device, batch_size)
+        solved = _solve_layer(layer, acc.gram(), acc.n, settings)
+        _write_back(layer.linear, solved.weights)
+        return solved.record
+    finally:
+        model.to(home)
+
+
+def _untie_output_embeddings(model: nn.Module) -> None:
+    """Give a head tied to the input embeddings its own copy, so pruning it keeps them dense."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if emb is not None and head.weight is emb.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+
+
+def _head_inputs_gram(model: nn.Module, head: nn.Linear, calib_ids: torch.Tensor, device: torch.device,
+                      batch_size: int) -> _GramAccumulator:
+    """The Gram accumulator of ``head``'s inputs over the calibration ids (forwards stop there)."""
+    acc = _GramAccumulator(head.in_features, device, stop=True)
+    handle = head.register_forward_pre_hook(acc)
+    try:
+        with torch.no_grad():
+            for chunk in calib_ids.split(batch_size):
+                try:
+                    model(input_ids=chunk.to(device), use_cache=False)
+                except _Stop:
+                    pass
+    finally:
+        handle.remove()
+    return acc
