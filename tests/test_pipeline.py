@@ -640,7 +640,7 @@ CUDA = torch.cuda.is_available()
     (["--objective", "both"], "invalid choice"),
     (["--solver", "sparsefw", "--solver-option", "nosuch=1"], "solver 'sparsefw' takes no option 'nosuch'"),
     (["--solver-option", "init_solver=magnitude"], "takes no option 'init_solver'"),
-    (["--solver", "sparseswaps", "--solver-option", "init_solver=nosuch"], "init_solver='nosuch'"),
+    (["--solver", "sparseswaps", "--solver-option", "init_solver=nosuch"], "option 'init_solver': got 'nosuch'"),
     (["--override", "down_proj=nosuch"], "unknown solver"),
     (["--init", "nosuch"], "unknown solver"),
     (["--solver", "sparseswaps", "--objective", "reconstruct"], "cannot take objective"),

@@ -16,7 +16,7 @@ from layerprune import data
 from layerprune.problems import OBJECTIVES, ProblemError
 from layerprune.settings import (SettingError, check_values, nonempty, nonnegative_int, parse_overrides,
                                  parse_solver_options, positive_float, positive_int, setting, split_list)
-from layerprune.solvers import Params, SolverError, get_solver_class
+from layerprune.solvers import Params
 
 from .plan import DEFAULT_SOLVER, _plan, build_solvers, check_settings
 from .structure import find_blocks, resolve_device
@@ -129,18 +129,10 @@ def check_before_loading(config: PruneConfig) -> Checked:
 
 def check_solvers(config: PruneConfig) -> None:
     """Every solver the prune will use exists, takes the pattern and objective, and is built with
-    its options; so is the solver each of them starts from (option ``init_solver``)."""
+    its options (the option checks include ``init_solver``, the solver it starts from)."""
     overrides = dict(config.overrides or {})
     check_settings(config.pattern, config.objective, config.solver, overrides, config.init)
-    solvers = build_solvers(config.solver, overrides, config.init, config.solver_options,
-                            config.pattern, config.objective)
-    for solver in solvers.values():
-        if solver.init_solver is not None:
-            try:
-                get_solver_class(solver.init_solver)
-            except SolverError as exc:
-                raise SolverError(f"solver {solver.name!r} starts from init_solver={solver.init_solver!r}: "
-                                  f"{exc}") from None
+    build_solvers(config.solver, overrides, config.init, config.solver_options, config.pattern, config.objective)
 
 
 def _check_no_overlap(calib_source: str, eval_sources: list[str]) -> None:
