@@ -157,9 +157,12 @@ def test_weights_objective_and_support_check():
 @given(tiny_problems(max_d_in=7, max_d_out=3))
 def test_scaling_leaves_both_objectives_unchanged(problem):
     scaled, d = problem.scaled()
-    assert torch.allclose(torch.diagonal(scaled.G)[torch.diagonal(problem.G) > 0], torch.tensor(1.0, dtype=torch.float64))
+    assert scaled.G.dtype == problem.dtype  # stored like the problem (float32 problems: rounded)
+    rel = 1e-9 if problem.dtype == torch.float64 else 1e-5
+    diag = torch.diagonal(scaled.G)[torch.diagonal(problem.G) > 0].double()
+    assert torch.allclose(diag, torch.ones_like(diag), rtol=rel)
     mask = problem.round(problem.W.abs())
-    assert scaled.objective(mask) == pytest.approx(problem.objective(mask), rel=1e-9, abs=1e-12 * problem.scale)
+    assert scaled.objective(mask) == pytest.approx(problem.objective(mask), rel=rel, abs=rel * 1e-3 * problem.scale)
 
 
 @given(tiny_problems(max_d_in=7, max_d_out=3, objectives=("mask",)))
