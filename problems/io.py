@@ -28,8 +28,10 @@ def load_instance(path, *, pattern="per-row:0.5", objective: str = "mask") -> La
     any fault.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ProblemError(f"instance file not found: {path}")
+    if not path.is_file():
+        raise ProblemError(f"instance {path} is not a regular file")
     try:
         with open(path, "rb") as fh:
             magic = fh.read(4)

@@ -85,7 +85,8 @@ def _out_in_file(tmp_path, name):
 BAD = {
     # files of the wrong kind
     "missing": (lambda p, t: t / "missing.npz", BRUTE, "not found", None),
-    "directory": (lambda p, t: t, BRUTE, "not found", None),
+    "directory": (lambda p, t: t, BRUTE, "not a regular file", None),
+    "device file": (lambda p, t: "/dev/null", BRUTE, "not a regular file", None),
     "not a zip": (lambda p, t: _raw(t, "text.npz", b"W,G\n1,2\n"), BRUTE, "not an .npz", None),
     "npy named npz": (lambda p, t: _npy_as_npz(t), BRUTE, "a .npy array", None),
     "broken zip": (lambda p, t: _raw(t, "zip.npz", b"PK\x03\x04garbage"), BRUTE, "cannot read", None),
@@ -135,6 +136,7 @@ BAD = {
     # solvers
     "unknown solver": (lambda p, t: p, ["--solver", "nosuch", "--pattern", "per-row:4"], "unknown solver", None),
     "empty solver": (lambda p, t: p, ["--solver", "", "--pattern", "per-row:4"], "--solver is empty", None),
+    "empty init": (lambda p, t: p, ["--solver", "brute", "--pattern", "per-row:4", "--init", ""], "--init is empty", None),
     "cannot take pattern": (lambda p, t: p, ["--solver", "sparseswaps", "--pattern", "columns:4"], "cannot take pattern", None),
     "cannot take objective": (lambda p, t: p, ["--solver", "sparseswaps", "--pattern", "per-row:4", "--objective",
                                                 "reconstruct"], "cannot take objective", None),
