@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 __all__ = ["main", "build_parser"]
@@ -47,31 +47,66 @@ def _add_solve(sub) -> None:
     p.set_defaults(handler=_cmd_solve)
 
 
+#: the largest accepted --time-limit (about 31.7 years): beyond it a "limit" means none, and
+#: MIP backends reject such values (SCIP's limits/time stops at 1e20, timedelta overflows)
+MAX_TIME_LIMIT = 1e9
+
+
+def _check_solve_args(args, ProblemError) -> None:
+    """Flags that need no instance: one :class:`ProblemError` line per fault."""
+    import math
+
+    t = args.time_limit
+    if t is not None and not (math.isfinite(t) and 0 < t <= MAX_TIME_LIMIT):
+        raise ProblemError(f"--time-limit must be a number of seconds in (0, {MAX_TIME_LIMIT:g}], got {t} "
+                           "(omit it for no limit)")
+    if args.seed < 0:
+        raise ProblemError(f"--seed must be a non-negative integer, got {args.seed}")
+    for flag, name in (("--solver", args.solver), ("--init", args.init)):
+        if name is not None and not name.strip():
+            raise ProblemError(f"{flag} is empty")
+
+
 def _cmd_solve(args) -> int:
-    from layerprune.problems import PatternError, ProblemError, atomic_write, load_instance
+    from layerprune.problems import (PatternError, ProblemError, atomic_write_all, check_writable,
+                                     load_instance)
     from layerprune.solvers import Params, SolverError, Status, make_solver
 
-    if args.time_limit is not None and not args.time_limit > 0:
-        return _fail(f"--time-limit must be positive, got {args.time_limit}")
-    for out in (args.save_mask, args.save_weights):
-        if out is not None and Path(out).is_dir():
-            return _fail(f"output path is a directory: {out}")
+    outputs = [(flag, path) for flag, path in (("--save-mask", args.save_mask), ("--save-weights", args.save_weights))
+               if path is not None]
     try:
+        _check_solve_args(args, ProblemError)
+        # every output is checked before any work, so that no solve is lost to a bad path
+        for flag, path in outputs:
+            check_writable(path, what=flag)
+        if len(outputs) == 2 and os.path.abspath(outputs[0][1]) == os.path.abspath(outputs[1][1]):
+            raise ProblemError(f"--save-mask and --save-weights name the same file: {outputs[0][1]}")
+        for flag, path in outputs:
+            if os.path.abspath(path) == os.path.abspath(args.instance):
+                raise ProblemError(f"{flag} would overwrite the instance file {path}")
         problem = load_instance(args.instance, pattern=args.pattern, objective=args.objective)
         backend = make_solver(args.solver)
         why = backend.why_not(problem)
         if why:
             raise SolverError(why)
         params = Params(time_limit=args.time_limit, seed=args.seed)
-        init = None
+        init_backend = None
         if args.init is not None:
             init_backend = make_solver(args.init)
             why = init_backend.why_not(problem)
             if why:
                 raise SolverError(f"--init: {why}")
-            init = init_backend.solve(problem, params=Params(time_limit=args.time_limit, seed=args.seed)).mask
     except (ProblemError, PatternError, SolverError) as exc:
         return _fail(str(exc))
+    init = None
+    if init_backend is not None:
+        try:
+            init = init_backend.solve(problem, params=params).mask
+        except KeyboardInterrupt:
+            return _fail("interrupted", 130)
+        except Exception as exc:  # the warm start's backend failed: nothing solved, nothing written
+            return _fail(f"--init solver {args.init!r} failed: {type(exc).__name__}: {_one_line(exc)}",
+                         EXIT_SOLVER_ERROR)
     try:
         result = backend.solve(problem, params=params, init=init)
     except KeyboardInterrupt:
@@ -81,19 +116,27 @@ def _cmd_solve(args) -> int:
             print(json.dumps({"solver": args.solver, "status": Status.ERROR.value, "limit": None,
                               "objective": None, "lower_bound": None, "gap": None,
                               "seconds": None, "iterations": None}))
-        return _fail(f"solver {args.solver!r} failed: {type(exc).__name__}: {exc}", EXIT_SOLVER_ERROR)
-    if result.mask is not None:
-        if args.save_mask:
-            mask = result.mask.cpu().numpy().astype(bool)
-            atomic_write(args.save_mask, lambda tmp: _save_npy(tmp, mask))
-        if args.save_weights:
-            weights = result.weights.cpu().numpy()
-            atomic_write(args.save_weights, lambda tmp: _save_npy(tmp, weights))
+        return _fail(f"solver {args.solver!r} failed: {type(exc).__name__}: {_one_line(exc)}", EXIT_SOLVER_ERROR)
+    if result.mask is not None and outputs:
+        arrays = {"--save-mask": result.mask.cpu().numpy().astype(bool),
+                  "--save-weights": None if result.weights is None else result.weights.cpu().numpy()}
+        writes = [(path, lambda tmp, a=arrays[flag]: _save_npy(tmp, a)) for flag, path in outputs
+                  if arrays[flag] is not None]
+        try:  # all or none: temporaries first, renamed together
+            atomic_write_all(writes)
+        except (OSError, ValueError) as exc:
+            return _fail(f"cannot write {', '.join(str(p) for p, _ in writes)}: {_one_line(exc)}; nothing written")
     if args.json:
         print(json.dumps(result.to_json()))
     else:
         print(_describe(result, problem))
     return 0 if result.status in (Status.OPTIMAL, Status.FEASIBLE) else EXIT_SOLVER_ERROR
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message as one line (multi-line messages joined)."""
+    text = " ".join(s.strip() for s in str(exc).splitlines() if s.strip())
+    return text or type(exc).__name__
 
 
 def _save_npy(path: str, array) -> None:
@@ -111,7 +154,8 @@ def _describe(result, problem) -> str:
     lines = [
         f"problem    {problem.describe()}",
         f"solver     {result.solver}",
-        f"status     {result.status.value}" + (f" (limit: {result.limit})" if result.limit else ""),
+        f"status     {result.status.value}" + (f" (limit: {result.limit}" + (f", {result.limit_detail}" if result.limit_detail else "")
+                                                  + ")" if result.limit else ""),
         f"objective  {num(result.objective)}",
         f"bound      {num(result.lower_bound)}" + (f"  [{result.bound_source}]" if result.bound_source else ""),
         f"gap        {'—' if gap is None else f'{100 * gap:.4g}%'}",

@@ -1,12 +1,12 @@
 """What is solved: the layer-wise mask problem, its patterns, instance files and generators."""
 from .generators import make_arrays, make_instance
-from .io import atomic_write, load_instance, save_instance
+from .io import atomic_write, atomic_write_all, check_writable, load_instance, save_instance
 from .patterns import NM, Columns, Pattern, PatternError, PerRow, Unstructured, parse_pattern, topk_mask
 from .problem import OBJECTIVES, LayerProblem, ProblemError
 
 __all__ = [
     "LayerProblem", "ProblemError", "OBJECTIVES",
     "Pattern", "PatternError", "PerRow", "NM", "Unstructured", "Columns", "parse_pattern", "topk_mask",
-    "load_instance", "save_instance", "atomic_write",
+    "load_instance", "save_instance", "atomic_write", "atomic_write_all", "check_writable",
     "make_instance", "make_arrays",
 ]

@@ -11,29 +11,80 @@ import torch
 
 from .problem import LayerProblem, ProblemError
 
-__all__ = ["load_instance", "save_instance", "atomic_write"]
+__all__ = ["load_instance", "save_instance", "atomic_write", "atomic_write_all", "check_writable"]
+
+
+#: the arrays an instance file may hold that this version reads (CONTRACT.md); others are ignored
+_READ = ("W", "G", "X", "C", "G0")
 
 
 def load_instance(path, *, pattern="per-row:0.5", objective: str = "mask") -> LayerProblem:
     """Read ``W`` and ``G`` (or ``X``) from an ``.npz`` and validate them into a problem.
 
-    Extra arrays are ignored. Raises :class:`ProblemError` with one clear line on any fault.
+    Extra arrays are ignored. The dense targets ``C`` and ``G0`` (CONTRACT.md) must come
+    together, be d_in × d_in and finite; this version solves only ``C = G0 = G`` (the file's
+    own problem without them), so a pair that differs from ``G`` is refused rather than
+    silently solved as another problem. Raises :class:`ProblemError` with one clear line on
+    any fault.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ProblemError(f"instance file not found: {path}")
+    if not path.is_file():
+        raise ProblemError(f"instance {path} is not a regular file")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise ProblemError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if magic[:2] != b"PK":  # .npz files are zip archives; np.load would try to unpickle others
+        kind = "a .npy array" if magic[:4] == b"\x93NUM" else "not a zip archive"
+        raise ProblemError(f"{path} is not an .npz instance file ({kind}); write one with numpy.savez(W=..., G=...)")
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files if k in ("W", "G", "X")}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise ProblemError(f"cannot read {path} as .npz: {exc}") from None
+            arrays = {k: data[k] for k in data.files if k in _READ}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        raise ProblemError(f"cannot read {path} as .npz: {_first_line(exc)}") from None
     if "W" not in arrays:
         raise ProblemError(f"{path} holds no array 'W'")
     if "G" not in arrays and "X" not in arrays:
         raise ProblemError(f"{path} holds neither 'G' nor 'X'")
+    for name, a in arrays.items():
+        if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8):
+            raise ProblemError(f"{name} must be a float32 or float64 array, got {a.dtype}")
     G = arrays.get("G")
     X = None if G is not None else arrays["X"]
-    return LayerProblem.create(arrays["W"], G, X=X, pattern=pattern, objective=objective)
+    problem = LayerProblem.create(arrays["W"], G, X=X, pattern=pattern, objective=objective)
+    _check_dense_targets(arrays, problem)
+    return problem
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _check_dense_targets(arrays: dict, problem: LayerProblem) -> None:
+    """CONTRACT.md's optional ``C`` and ``G0``: both or neither, d_in × d_in, finite, and (in
+    this version) equal to ``G``, i.e. the file's problem without them."""
+    has_c, has_g0 = "C" in arrays, "G0" in arrays
+    if has_c != has_g0:
+        given, missing = ("C", "G0") if has_c else ("G0", "C")
+        raise ProblemError(f"{given} is given without {missing}: dense targets need both (CONTRACT.md)")
+    if not has_c:
+        return
+    d = problem.d_in
+    G = problem.G.to(torch.float64).cpu().numpy()
+    for name in ("C", "G0"):
+        a = arrays[name]
+        if a.shape != (d, d):
+            raise ProblemError(f"{name} must be d_in × d_in = {d}×{d}, got shape {a.shape}")
+        if not np.isfinite(a).all():
+            raise ProblemError(f"{name} contains NaN or inf")
+    tol = 1e-6 * max(float(np.abs(G).max()), 1e-300)
+    if any(float(np.abs(arrays[n].astype(np.float64) - G).max()) > tol for n in ("C", "G0")):
+        raise ProblemError("dense targets C, G0 different from G are not supported by this version "
+                           "(it solves C = G0 = G); drop them to solve the file's G")
 
 
 def atomic_write(path, write) -> None:
@@ -55,6 +106,106 @@ def atomic_write(path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def check_writable(path, *, what: str = "output") -> Path:
+    """Check before any work that ``path`` can be written by :func:`atomic_write_all`; return it.
+
+    The path must not be a directory or a special file, and its nearest existing ancestor
+    must be a directory where a file can be created: a temporary file is created there and
+    removed again (``os.access`` alone is fooled by e.g. ``/proc`` as root). Missing parent
+    directories are fine (they are created when writing). Raises :class:`ProblemError`.
+    """
+    if str(path) == "":
+        raise ProblemError(f"{what}: empty path")
+    p = Path(path)
+    if p.is_dir():
+        raise ProblemError(f"{what} {p} is a directory")
+    if p.exists() and not p.is_file():
+        raise ProblemError(f"{what} {p} exists and is not a regular file")
+    anc = p.parent
+    while not anc.exists() and anc != anc.parent:
+        if anc.is_symlink():  # a dangling link on the way
+            raise ProblemError(f"cannot write {what} {p}: {anc} is a broken link")
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ProblemError(f"cannot write {what} {p}: {anc} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".layerprune-probe.", dir=anc)
+    except OSError as exc:
+        raise ProblemError(f"cannot write {what} {p}: {exc.strerror or exc} in {anc}") from None
+    os.close(fd)
+    os.unlink(probe)
+    return p
+
+
+def atomic_write_all(writes) -> None:
+    """Write several files all or none: ``writes`` is a list of ``(path, write)`` pairs.
+
+    Every ``write(tmp_path)`` goes to a temporary file beside its target (missing parent
+    directories are created); only when all have been written are they renamed onto their
+    targets. On any failure the temporaries and the directories made here are removed, and
+    targets already renamed are put back as they were (a previous file is restored from a
+    hard link taken before the renames), so a failure leaves the file system as it was.
+    Raises :class:`OSError` (or whatever ``write`` raises).
+    """
+    items = [(Path(p), w) for p, w in writes]
+    if len({os.path.abspath(p) for p, _ in items}) != len(items):
+        raise ValueError("the same output path is given twice")
+    made_dirs: list[Path] = []
+    temps: list[tuple[str, Path]] = []
+    backups: dict[Path, str] = {}
+    renamed: list[Path] = []
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        for path, write in items:
+            missing = []
+            d = path.parent
+            while not d.exists():
+                missing.append(d)
+                d = d.parent
+            for d in reversed(missing):
+                d.mkdir()
+                made_dirs.append(d)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
+            os.close(fd)
+            temps.append((tmp, path))
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~umask)
+        for _, path in temps:  # keep what a rename would replace, to undo it on failure
+            if path.is_file():
+                fd, bak = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".bak", dir=path.parent)
+                os.close(fd)
+                os.unlink(bak)
+                try:
+                    os.link(path, bak)
+                except OSError:  # no hard links here: the old file cannot be restored
+                    continue
+                backups[path] = bak
+        for tmp, path in temps:
+            os.replace(tmp, path)
+            renamed.append(path)
+    except BaseException:
+        for path in reversed(renamed):
+            if path in backups:
+                os.replace(backups.pop(path), path)
+            elif path.exists():
+                path.unlink()
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        for bak in backups.values():
+            if os.path.exists(bak):
+                os.unlink(bak)
+        for d in reversed(made_dirs):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
+    for bak in backups.values():
+        os.unlink(bak)
 
 
 def save_instance(path, W, G) -> None:

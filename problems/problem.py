@@ -17,6 +17,7 @@ Every value is computed in float64 on the problem's device, rows in chunks.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -78,6 +79,28 @@ def _check_gram(G: torch.Tensor, d_in: int) -> None:
         raise ProblemError(f"G is not positive semi-definite: smallest eigenvalue {lam:.3g}")
 
 
+#: largest log10 of ``d_in·max|G|·Σ_r ‖w_r‖²`` (a bound on every objective and on the partial
+#: products that compute it): above it float64 objectives may overflow
+_MAX_LOG10 = 300.0
+
+
+def _check_magnitudes(W: torch.Tensor, G: torch.Tensor, dtype: torch.dtype) -> None:
+    """W and G (stored in ``dtype``) must be finite there, and every objective must be finite in
+    float64: ``E(M) ≤ λ_max(G)·Σ‖w_r‖² ≤ d_in·max|G|·Σ‖w_r‖²`` (and so is every partial sum)."""
+    for name, t in (("W", W), ("G", G)):
+        if not bool(torch.isfinite(t).all()):
+            raise ProblemError(f"{name} does not fit {str(dtype).replace('torch.', '')}: values overflow to inf")
+    w64 = W.to(torch.float64)
+    wmax, gmax = float(w64.abs().max()), float(G.abs().max()) if G.numel() else 0.0
+    if wmax == 0.0 or gmax == 0.0:
+        return
+    wsq = float(((w64 / wmax) ** 2).sum())  # Σ‖w_r‖² / wmax², no overflow
+    log10 = math.log10(W.shape[1]) + math.log10(gmax) + 2 * math.log10(wmax) + math.log10(wsq)
+    if log10 > _MAX_LOG10:
+        raise ProblemError(f"W and G are too large for float64 objectives (max |W| = {wmax:.3g}, "
+                           f"max |G| = {gmax:.3g}): rescale them")
+
+
 @dataclass(frozen=True, eq=False)
 class LayerProblem:
     """One layer's mask problem. Build it with :meth:`create`, which validates.
@@ -133,18 +156,22 @@ class LayerProblem:
                 raise ProblemError("X contains NaN or inf")
             X64 = X.to(torch.float64)
             G = X64.T @ X64
+            if not bool(torch.isfinite(G).all()):
+                raise ProblemError(f"X is too large: XᵀX overflows float64 (max |X| = {float(X64.abs().max()):.3g})")
         G = _as_tensor(G, "G")
         _check_gram(G, d_in)
         device = W.device if device is None else torch.device(device)
         G = G.to(device=device, dtype=torch.float64)
-        G = (0.5 * (G + G.T)).to(dtype)
+        G = (0.5 * G + 0.5 * G.T).to(dtype)  # (G + Gᵀ) could overflow
         if isinstance(pattern, str):
             pattern = parse_pattern(pattern)
         try:
             pattern = pattern.bind(d_out, d_in)
         except PatternError as exc:
             raise ProblemError(str(exc)) from None
-        return cls(W.to(device=device, dtype=dtype), G, pattern, objective)
+        W = W.to(device=device, dtype=dtype)
+        _check_magnitudes(W, G, dtype)
+        return cls(W, G, pattern, objective)
 
     def replace(self, **changes) -> "LayerProblem":
         """A copy with fields changed, re-validated (pattern given as str or Pattern)."""

@@ -207,7 +207,7 @@ class OrToolsSolver(Solver):
         if problem.objective_kind != "mask":
             raise SolverError("ortools takes only the 'mask' objective")
         deadline = math.inf if params.time_limit is None else time.time() + float(params.time_limit)
-        scaled, _ = problem.scaled()
+        scaled, _ = problem.to(dtype=torch.float64).scaled()  # in float64: a float32 scaling is off by 1e-7
         kind = problem.pattern.name
         d_out, d_in = problem.shape
         rows = not problem.pattern.couples_rows

@@ -79,8 +79,15 @@ couple the layer and get one model.
     block, so ``unstructured`` models fall back to ``auto``'s diagonal.
 ``reconstruct`` (perspective formulation, DESIGN.md §2)
     ``G̃ = (G̃ − Δ) + Δ`` with ``δ ≥ 0`` (option ``diag``); kept weights ``v``,
-    binary kept indicators ``z``, ``s_i`` with the rotated cone ``v_i² ≤ s_i z_i``;
-    objective ``‖Fᵀ(w − v)‖² + Σ δ_i (w_i² − 2 w_i v_i + s_i)``, ``Σ_group z = kept count``.
+    binary kept indicators ``z``; the perspective of ``δ_i (w_i − v_i)²`` on the residual,
+    ``e_i = √δ_i (w_i z_i − v_i)``, ``e_i² ≤ T_i z_i``; objective
+    ``‖Fᵀ(w − v)‖² + Σ (T_i + δ_i w_i² (1 − z_i))``, ``Σ_group z = kept count``. (The same
+    relaxation as ``δ_i (w_i² − 2 w_i v_i + s_i)`` with ``v_i² ≤ s_i z_i``, which was used
+    before and cancelled ``O(δ_i w_i²)`` terms down to the objective: SCIP's incumbents could
+    then undercut their mask's exact value by ``feastol·δ_i w_i²``, and SCIP stopped at its gap
+    limit on a gap that the exact re-score did not confirm.) The weights are in units of the
+    largest ``|w̃|`` of the model (SCIP's tolerances are absolute: with ``W`` scaled by 1e-6 the
+    cones were void and "optimal" masks 1.1–7× the optimum).
     Default ``epigraph="joint"`` (split measured worse at d=32, per-row 50%, 30 s: gaps
     98%/84% vs 90%/60%) and SCIP's heuristics always on: the start is partial (indicator
     slacks) and needs SCIP's completion heuristic. SCIP's presolve *aggregation* is off in
@@ -347,9 +354,17 @@ def _reconstruct_model(W, G, zmap, groups, nz, start, v0, params, time_limit, ga
         # the start is optimal to round-off (finalize checks the absolute gap); scaling the model
         # by it would give SCIP coefficients beyond its infinity ("error in input data")
         return _ModelResult(start.copy(), 0.0, "optimal")
+    # SCIP's tolerances (feastol) are absolute, so the model's weights must be O(1) whatever the
+    # layer's scale: in units of the largest |w̃|, v_i² ≤ s_i z_i and the indicators v_i = 0 are
+    # enforced to feastol relative to the weights (with W scaled by 1e-6, v² ~ 1e-12 < feastol
+    # made the cones void: "optimal" masks 1.1–7× the brute-force optimum). The objective is
+    # still divided by the start's value, so the model's value × scale is the true objective.
+    omega = float(np.abs(W).max())
+    W, v0 = W / omega, v0 / omega
+    scale_n = scale / omega ** 2
     delta = opts["delta"]
     F, neg = psd_factor(G - np.diag(delta))
-    Fn, dn = F / math.sqrt(scale), delta / scale
+    Fn, dn = F / math.sqrt(scale_n), delta / scale_n
     m = _new_model(params, time_limit, gap, opts["heuristics"])
     # SCIP's variable aggregation (e.g. z₂ = 1 − z₁ from an nm:1:2 group) together with the
     # indicator and cone constraints cut off true optima of tiny rows (wrong "optimal" with a
@@ -361,16 +376,34 @@ def _reconstruct_model(W, G, zmap, groups, nz, start, v0, params, time_limit, ga
         m.addCons(quicksum(z[j] for j in idx) == count)
     startvals = [(v, float(start[j])) for j, v in enumerate(z)]
     obj, const, nepi = [], 0.0, 0.0
-    box = _improving_box(G, scale)
+    box = _improving_box(G, scale_n)
     for r in range(R):
         w = W[r]
         v = [m.addVar(lb=-m.infinity() if box is None else w[i] - box[i],
                       ub=m.infinity() if box is None else w[i] + box[i], name=f"v{r}_{i}") for i in range(d)]
-        s = [m.addVar(lb=0.0, name=f"s{r}_{i}") if dn[i] > 0.0 else None for i in range(d)]
         for i in range(d):
-            if s[i] is not None:  # the perspective cone; where δ_i = 0 it adds nothing
-                m.addCons(v[i] * v[i] <= s[i] * z[zmap[r, i]])
-                startvals.append((s[i], v0[r, i] ** 2 * (1 + 1e-9)))
+            zi = z[zmap[r, i]]
+            if dn[i] > 0.0:
+                # the perspective of δ_i(w_i − v_i)², written on the residual and in objective
+                # units: e_i = √δ_i (w_i z_i − v_i), e_i² ≤ T_i z_i, term T_i + δ_i w_i² (1 − z_i).
+                # Same relaxation as δ_i(w_i² − 2 w_i v_i + s_i) with v_i² ≤ s_i z_i, but without
+                # that form's cancellation of O(δ_i w_i²) terms down to the O(1) objective, which
+                # let SCIP's incumbents undercut the exact value of their mask by feastol × δ_i w_i²
+                # (0.5% on a tiny row: SCIP stopped at its gap limit on a gap that was not there).
+                # e_i is its own variable: written inline, SCIP did not see the cone (it tightened
+                # its LP feastol below SoPlex's 1e-10 floor, and 2 of 8 layout-grid models that
+                # the old form proved in 2–5 s ran to 20 s at 9–10% gaps). The cost, measured
+                # against the old form on a loaded machine: 1.2–1.5× the time on real 4×16 rows.
+                rt = math.sqrt(float(dn[i]))
+                T = m.addVar(lb=0.0, name=f"T{r}_{i}")
+                e = m.addVar(lb=-m.infinity(), name=f"e{r}_{i}")
+                m.addCons(e == rt * float(w[i]) * zi - rt * v[i])
+                m.addCons(e * e <= T * zi)  # a rotated cone in (e, T, z), as SCIP detects it
+                ev = rt * (float(w[i]) * float(start[zmap[r, i]]) - v0[r, i])
+                startvals.append((e, ev))
+                startvals.append((T, (ev * ev if start[zmap[r, i]] else 0.0) * (1 + 1e-9) + 1e-14))
+                obj.append(T)
+                obj.append(-float(dn[i] * w[i] * w[i]) * zi)
             startvals.append((v[i], v0[r, i]))
             # the cone alone lets z_i ≈ 0 (within tolerance) carry v_i ≠ 0 when δ_i = 0; the
             # indicators enforce supp v ⊆ z exactly at integral z
@@ -386,7 +419,6 @@ def _reconstruct_model(W, G, zmap, groups, nz, start, v0, params, time_limit, ga
         terms, k = _epigraph(m, ys, yv, opts["epigraph"] == "split", startvals, f"t{r}")
         obj.extend(terms)
         nepi += k
-        obj.extend(float(dn[i]) * (s[i] - 2.0 * w[i] * v[i]) for i in range(d) if dn[i] != 0.0)
         const += float(dn @ (w * w))
     m.setObjective(quicksum(obj) + const, "minimize")
     _add_start(m, startvals)

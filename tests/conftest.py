@@ -15,6 +15,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def examples(factor: float = 1.0) -> int:
+    """``max_examples`` for a costly property: ``factor`` × the loaded profile's count (ci/dev 25,
+    thorough 300), at least 5, so every property follows ``HYPOTHESIS_PROFILE``."""
+    return max(5, round(settings.default.max_examples * factor))
+
+
 def rel_tol(value: float, rtol: float = 1e-7, atol: float = 1e-12, scale: float = 1.0) -> float:
     """Numerical slack for objectives of size ``value`` on a problem of size ``scale``
     (``problem.scale``: float64 round-off is a tiny multiple of it, whatever the objective)."""

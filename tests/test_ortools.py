@@ -48,7 +48,7 @@ def test_rank_deficient_and_init(rank):
     _agree(problem, init=worst)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tiny_problems(objectives=("mask",)))
 def test_matches_brute_hypothesis(problem):
     _agree(problem)

@@ -13,7 +13,7 @@ from layerprune.problems import LayerProblem, make_arrays
 from layerprune.problems.strategies import tiny_problems
 from layerprune.solvers import Params, Status, get_solver_class, make_solver, solver_names
 
-from conftest import rel_tol
+from conftest import examples, rel_tol
 
 
 def _installed(pred):
@@ -33,7 +33,7 @@ def _takes(name, problem):
     return make_solver(name).why_not(problem) is None
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(0.8))
 @given(tiny_problems(max_d_in=6, max_d_out=2))
 def test_bound_le_optimum_le_every_feasible_result(problem):
     best = make_solver("brute").solve(problem)
@@ -53,7 +53,7 @@ def test_bound_le_optimum_le_every_feasible_result(problem):
             assert res.objective == pytest.approx(best.objective, rel=1e-6, abs=slack), name
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(0.6))
 @given(tiny_problems(max_d_in=6, max_d_out=2), st.sampled_from([0.1, 3.0]))
 def test_scaling_w_scales_the_optimum(problem, c):
     a = make_solver("brute").solve(problem).objective
@@ -61,7 +61,7 @@ def test_scaling_w_scales_the_optimum(problem, c):
     assert b == pytest.approx(c * c * a, rel=1e-7, abs=1e-12 * c * c * problem.scale)
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(0.6))
 @given(st.integers(3, 7), st.integers(1, 2), st.integers(0, 2**31 - 1))
 def test_keeping_more_never_hurts_reconstruct(d_in, d_out, seed):
     """A larger support can only lower min_v (w − v)ᵀG(w − v): the optimum is monotone in K."""
@@ -82,7 +82,7 @@ def test_keeping_more_can_hurt_the_mask_objective():
     assert keep0 == 0.0 and keep1 == pytest.approx(1.0)
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(0.6))
 @given(tiny_problems(max_d_in=6, max_d_out=2, objectives=("mask",)))
 def test_reconstruct_optimum_le_mask_optimum(problem):
     m = make_solver("brute").solve(problem).objective

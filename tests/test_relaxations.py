@@ -9,12 +9,13 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 
 from layerprune.problems import make_instance  # noqa: E402
 from layerprune.problems.strategies import tiny_problems  # noqa: E402
+from conftest import examples  # noqa: E402
 from layerprune.solvers import Params  # noqa: E402
 from layerprune.solvers.base import Status  # noqa: E402
 from layerprune.solvers.registry import make_solver  # noqa: E402
 
 REL = 1e-7
-SETTINGS = dict(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = dict(max_examples=examples(0.8), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _check_against_brute(name: str, problem) -> None:

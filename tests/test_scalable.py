@@ -18,7 +18,7 @@ from layerprune.solvers import Params, make_solver
 from layerprune.solvers.admm import schedule_fraction
 from layerprune.solvers.sparseswaps import best_block_pairs, best_pairs, swap_terms
 
-from conftest import rel_tol
+from conftest import examples, rel_tol
 
 
 def _swap_neighbours(problem, mask):
@@ -62,7 +62,7 @@ def test_block_pairs_stay_in_blocks():
     assert bool(mask[torch.arange(4), i].all()) and not bool(mask[torch.arange(4), j].any())
 
 
-@settings(max_examples=25, deadline=None)
+@settings(deadline=None)
 @given(tiny_problems(max_d_in=8, max_d_out=3, objectives=("mask",), coupled=False), st.integers(0, 1000))
 def test_sparseswaps_never_worse_and_locally_optimal(problem, seed):
     start = problem.round(torch.rand(problem.shape, generator=torch.Generator().manual_seed(seed)))
@@ -113,7 +113,7 @@ def test_admm_stopped_early_still_returns_the_final_pattern():
     assert res.iterations == 2 and res.limit == "iterations" and problem.is_feasible(res.mask)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(0.8), deadline=None)
 @given(tiny_problems(max_d_in=6, max_d_out=2, objectives=("mask",)), st.integers(0, 1000))
 def test_fw_certificate_is_valid_at_any_hull_point(problem, seed):
     """L(M) + min_S ⟨∇L(M), S − M⟩ never exceeds the brute-force optimum, for M in the hull."""

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 
 from layerprune.problems import LayerProblem, make_arrays, make_instance  # noqa: E402
 from layerprune.problems.strategies import tiny_problems  # noqa: E402
+from conftest import examples  # noqa: E402
 from layerprune.solvers import Params, SolverError, Status, make_solver  # noqa: E402
 from layerprune.solvers._quadratic import logdet_diagonal, mask_diagonal, max_diagonal, psd_factor  # noqa: E402
 
@@ -47,7 +48,7 @@ def test_explicit_cases_match_brute(pattern, objective):
     _assert_proves_brute(p)
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(0.6), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tiny_problems(max_d_in=6, max_d_out=2))
 def test_hypothesis_matches_brute(p):
     _check_against_brute(p)
