@@ -16,67 +16,20 @@ couple the layer and get one model.
     (the disaggregated extended formulation of Vielma–Dunning–Huchette–Lubin 2017: SCIP's
     gradient cuts approximate each univariate square, a tighter outer approximation of
     ``‖y‖²`` than cuts on the joint ``t ≥ ‖y‖²``, option ``epigraph="joint"``).
-    ``δ ≥ 0`` (option ``diag``): ``"none"`` (default for ``mask``: the plain factored form
-    of DESIGN.md §2), ``"sdp"`` (approximately ``max Σδ s.t. Q − Δ ⪰ 0, δ ≥ 0``, by the
-    Burer–Monteiro mixing method on its dual ``min ⟨Q, X⟩, diag X ≥ 1, X ⪰ 0``, then shrunk
-    into the PSD cone), ``"eig"`` (``δ = λ_min(Q)``), ``"dense"`` (``t ≥ pᵀQp`` unfactored).
-    δ ≥ 0 only ever raises the continuous relaxation (``pᵀΔp ≤ δᵀp`` on ``[0,1]``).
-
-    Measured (make_instance rows, per-row 50%, 2 rows per size, 20 s per row, 2 cores shared
-    with other jobs at load ≈ 10): d=48 ``none`` 1/2 rows optimal (9.6 s), other row gap 65%;
-    ``sdp`` 1/2 optimal (9.4 s), gap 58%. d=64: ``none`` gaps 89% / 87%, ``sdp`` 91% / 90%
-    (its SDP step costs 1–2 s of the limit). The generated ``G̃`` has ``λ_min ≈ 1e-6``, so
-    the SDP can move almost nothing off the diagonal (``Σδ ≈ 2e-4`` against ``tr Q ≈ 1e3`` at
-    d=64); without ``δ ≥ 0`` it moved mass to negative entries and the root bound fell below 0.
-    SCIP's RLT separator (``separating/rlt/freq=0``) did not help either (d=48: 72% vs 65%).
-    Hence ``none`` stays the ``mask`` default. For ``reconstruct`` the default is ``logdet``
-    (:func:`._quadratic.logdet_diagonal`, ``max Σ log δ``, computed once per layer): ``max Σδ``
-    (``sdp``) piles δ on a few channels, ``eig`` (``δ = λ_min·1``) is uniform but small. On real
-    SmolLM2 rows (per-row 50%, d=32, 30 s, loaded machine) ``eig`` left gaps of 31% and 12%,
-    ``logdet`` proved both rows in 15.6 s and 4.8 s (2:4: 11.9 s and 4.1 s). On 60 tiny
-    rank-deficient rows (1×6, nm:1:2, 5 s limit) ``eig`` proved all 60 while ``sdp`` timed out
-    on 2 (SCIP branched on the unbounded ``v`` through the cones); on such ``G̃`` (not positive
-    definite) ``logdet`` gives ``δ = 0``, the plain model.
-
-    Issue-2 measurements (make_instance rows, per-row 50%, ``threads=1``, 60 s per row, 2
-    cores shared with 2 other workers, load 3.5–6): d=48 row 1 (optimum 0.05352): joint
-    epigraph gap 30% at 60 s; split 13–14%; split + SCIP heuristics off **optimal in 38.5 s**;
-    joint + heuristics off 15%. d=64: joint: row 0 gap 61%, row 1 optimal in 37 s; split +
-    heuristics off: row 0 gap 31–40%, row 1 optimal in 16.5 s. Through :class:`ScipSolver`
-    (load 8.4): d=48 row 1, new defaults optimal in 45 s vs old (joint, heuristics on, Wanda
-    start) gap 30% at 60 s; d=64 row 1, 21.5 s vs 29.5 s (split + polish with heuristics on:
-    22.8 s, so at d=64 the split epigraph and the start carry the gain). Hence the ``mask`` defaults
-    ``epigraph="split"``, ``heuristics="off"`` (the warm start is polished to a 1-swap
-    optimum by :func:`one_swap` and handed over as a complete solution, so SCIP spends its
-    time on the bound). Not adopted, measured: QCR with the cardinality constraint
-    (Billionnet–Elloumi–Plateau: the Shor SDP with ``P1 = c·p``, facially reduced, solved
-    accurately by Clarabel in 9 s; objective rewritten exactly as ``s + ‖Lᵀ Vᵀ(1,p)‖²`` for
-    ``VᵀM(s,μ)V = LLᵀ``): it raises the root bound of d=48 row 1 from 0.0248 (continuous QP)
-    to 0.0346, but the optimum is 0.0535 and SCIP's bound after 60 s on the QCR model (split)
-    was 0.042, no better than the plain split model; SCS solves were too inaccurate to use
-    (certificate 0.020). On these ``G̃`` (rank-d/8 part with eigenvalues 3–13 over a bulk of
-    0–0.1) the integrality gap of every convex relaxation tried stays 35–60% at d ≥ 48, so
-    the tree, not the root, decides: certified rows reach d=64 (most rows, 15–60 s), not
-    d=128 (gaps 85–95% after 60 s).
-    Real rows differ (SmolLM2 block 3 ``q_proj`` rows cut to their top-Wanda inputs, whose
-    ``G̃`` is well conditioned, λ_min 0.15–0.46; 30 s per row, 2 rows, loaded machine): per-row
-    50% with ``none``: d=16 2/2 optimal (≤ 3.9 s), d=24 0/2 (gap 11.5%), d=32 0/2 (19.6%); with
-    ``sdp``: d=24 2/2 (≤ 25 s), d=32 1/2 (6.7 s; other gap 5.4%). 2:4 with ``none``: d=32 0/2
-    (9–11%), d=64 gaps 24–33%; ``sdp``: d=32 2/2 (≤ 12.7 s), d=64 gaps 12–15%. On synthetic
-    rows the SDP moves almost nothing (``Σδ/tr Q`` ≤ 1.3e-3) and only reshuffles SCIP's tree
-    (per-row d=48: 56% vs 45%, d=64: 37% vs 74%; 2:4 d=64 row 0: 36% vs optimal).
-    ``"qcr"`` (:mod:`._qcr`): the exact rewrite ``‖Fᵀp‖² + lᵀp + const`` that is convex only on
-    the budget hyperplane, with the Shor SDP's diagonal multipliers (cvxpy; SCS above
-    :data:`._qcr.CLARABEL_MAX_N` inputs: on real rows it matched Clarabel's bound to 1e-6 in
-    0.1–3.5 s where Clarabel took 1–27 s at d=16–64). Its root relaxation is at least the SDP
-    bound, 3–4% below the optimum on real rows. Measured (real rows as above, 2 rows, load ≈ 3):
-    per-row d=32 ``sdp`` diagonal 1/2 optimal (30 s; 5.6% gap), ``qcr`` 2/2 (≤ 9.1 s); d=48
-    ``qcr`` 2/2 (≤ 40.5 s, was 10% gap); d=64 gaps 2.5% at 60 s (were 13%); 2:4 d=48 2/2
-    (≤ 9.3 s), d=64 2/2 (≤ 37 s, were 12–15% gaps). On a synthetic d=48 row the SDP is slow
-    (SCS ran to its limit) and no tighter, so ``qcr`` only lost time. Hence the ``mask``
-    default ``"auto"``: ``qcr`` where the mixing-method diagonal carries weight, else ``none``
-    (and the plain SDP diagonal should the SDP fail). ``qcr`` needs every budget inside one
-    block, so ``unstructured`` models fall back to ``auto``'s diagonal.
+    ``δ ≥ 0`` (option ``diag``): ``"none"`` (the plain factored form of DESIGN.md §2),
+    ``"sdp"`` (approximately ``max Σδ s.t. Q − Δ ⪰ 0, δ ≥ 0``, by the Burer–Monteiro mixing
+    method on its dual ``min ⟨Q, X⟩, diag X ≥ 1, X ⪰ 0``, then shrunk into the PSD cone),
+    ``"eig"`` (``δ = λ_min(Q)``), ``"dense"`` (``t ≥ pᵀQp`` unfactored). ``δ ≥ 0`` only ever
+    raises the continuous relaxation (``pᵀΔp ≤ δᵀp`` on ``[0,1]``).
+    ``"qcr"`` (:mod:`._qcr`): the exact rewrite ``‖Fᵀp‖² + lᵀp + const``, convex only on the
+    budget hyperplane, with the Shor SDP's diagonal multipliers; its root relaxation is at
+    least the SDP bound. ``"auto"`` (the ``mask`` default): ``qcr`` where the mixing-method
+    ``sdp`` diagonal carries at least :data:`._quadratic.AUTO_MIN_SHARE` of ``tr Q``, else
+    ``none`` (and the plain ``sdp`` diagonal should the SDP fail or be predicted to outlast the
+    time left); ``qcr`` needs every budget inside one block, so ``unstructured`` models use
+    ``auto``'s diagonal. ``mask`` defaults: ``epigraph="split"``, ``heuristics="off"`` (the
+    warm start is polished to a 1-swap optimum by :func:`one_swap` and handed over as a
+    complete solution, so SCIP spends its time on the bound).
 ``reconstruct`` (perspective formulation, DESIGN.md §2)
     ``G̃ = (G̃ − Δ) + Δ`` with ``δ ≥ 0`` (option ``diag``); kept weights ``v``,
     binary kept indicators ``z``; the perspective of ``δ_i (w_i − v_i)²`` on the residual,
@@ -88,14 +41,11 @@ couple the layer and get one model.
     limit on a gap that the exact re-score did not confirm.) The weights are in units of the
     largest ``|w̃|`` of the model (SCIP's tolerances are absolute: with ``W`` scaled by 1e-6 the
     cones were void and "optimal" masks 1.1–7× the optimum).
-    Default ``epigraph="joint"`` (split measured worse at d=32, per-row 50%, 30 s: gaps
-    98%/84% vs 90%/60%) and SCIP's heuristics always on: the start is partial (indicator
-    slacks) and needs SCIP's completion heuristic. SCIP's presolve *aggregation* is off in
-    this model (``presolving/donotaggr``): with it, SCIP cut off the true optimum of tiny rows
-    (found by the Hypothesis test: nm:1:2, d=4, "optimal" 0.0762 against brute force 0.0600;
-    and a 1×2 row whose bound was 135× the optimum without an incumbent), also in the code
-    before issue 2. Disabling single presolvers showed only linear-constraint presolving (or
-    aggregation) at fault; both rows are regression tests.
+    Defaults: ``diag="logdet"`` (``max Σ log δ``, :func:`._quadratic.logdet_diagonal`, once
+    per layer), ``epigraph="joint"``, SCIP's heuristics always on (the start is partial and
+    needs SCIP's completion heuristic). SCIP's presolve *aggregation* is off in this model
+    (``presolving/donotaggr``): with it SCIP cut off the true optimum of tiny rows (regression
+    tests keep both rows).
 
 Bound validity (all in the scaled model, objective O(1)):
 
