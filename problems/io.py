@@ -11,7 +11,8 @@ import torch
 
 from .problem import LayerProblem, ProblemError
 
-__all__ = ["load_instance", "save_instance", "atomic_write", "atomic_write_all", "check_writable"]
+__all__ = ["load_instance", "save_instance", "atomic_write", "atomic_write_all", "check_writable",
+           "check_parent_writable"]
 
 
 #: the arrays an instance file may hold that this version reads (CONTRACT.md); others are ignored
@@ -123,6 +124,14 @@ def check_writable(path, *, what: str = "output") -> Path:
         raise ProblemError(f"{what} {p} is a directory")
     if p.exists() and not p.is_file():
         raise ProblemError(f"{what} {p} exists and is not a regular file")
+    check_parent_writable(p, what=what)
+    return p
+
+
+def check_parent_writable(path, *, what: str = "output") -> None:
+    """The nearest existing ancestor of ``path`` is a directory a file can be created in
+    (a temporary file is created there and removed again). Raises :class:`ProblemError`."""
+    p = Path(path)
     anc = p.parent
     while not anc.exists() and anc != anc.parent:
         if anc.is_symlink():  # a dangling link on the way
@@ -136,7 +145,6 @@ def check_writable(path, *, what: str = "output") -> Path:
         raise ProblemError(f"cannot write {what} {p}: {exc.strerror or exc} in {anc}") from None
     os.close(fd)
     os.unlink(probe)
-    return p
 
 
 def atomic_write_all(writes) -> None:

@@ -3,8 +3,6 @@ flag), and every check that can run before the model is loaded."""
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -14,6 +12,7 @@ from torch import nn
 
 from layerprune import data
 from layerprune.problems import OBJECTIVES, ProblemError
+from layerprune.problems.io import check_parent_writable
 from layerprune.settings import (SettingError, check_values, nonempty, nonnegative_int, parse_overrides,
                                  parse_solver_options, positive_float, positive_int, setting, split_list)
 from layerprune.solvers import Params
@@ -184,17 +183,10 @@ def _inside(path: Path, directory: Path) -> bool:
 
 def _check_writable_parent(path: Path, flag: str) -> None:
     """The nearest existing ancestor of ``path`` is a directory a file can be created in."""
-    parent = path.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise SettingError(f"{flag} {path}: {parent} is not a directory")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".layerprune-probe-", dir=parent)
-    except OSError as exc:
-        raise SettingError(f"{flag} {path}: cannot write in {parent} ({exc.strerror or exc})") from None
-    os.close(fd)
-    os.unlink(probe)
+        check_parent_writable(path.absolute(), what=flag)
+    except ProblemError as exc:
+        raise SettingError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------- with the model
