@@ -30,7 +30,7 @@ from typing import Optional
 
 import numpy as np
 
-from ._shor import predicted_sdp_seconds  # noqa: F401  (what :func:`build` is expected to take)
+from ._shor import predicted_sdp_seconds
 
 #: conic solver tolerance for the multipliers (SCS ``eps`` = 100× this): they need not be
 #: accurate, only good (the rewrite is exact for any μ). Measured on a real d=64 row: eps 1e-7

@@ -248,11 +248,6 @@ class Solver:
                 check=_known_solver)
         return specs
 
-    @classmethod
-    def options_taken(cls) -> tuple[str, ...]:
-        """Names of the constructor options."""
-        return tuple(sorted(cls.declared_options()))
-
     def option(self, name: str) -> Any:
         """The value of option ``name``: as given (converted), else its declared default."""
         if name in self.options:
@@ -262,7 +257,7 @@ class Solver:
     @property
     def init_solver(self) -> Optional[str]:
         """The solver whose mask warm-starts a solve given no ``init`` (None: cold start)."""
-        name = self.options.get("init_solver", self.default_init) if self.uses_init else None
+        name = self.option("init_solver") if self.uses_init else None
         return None if name in (None, "none") else name
 
     def start_mask(self, problem: LayerProblem, params: Params) -> Optional[torch.Tensor]:

@@ -54,7 +54,7 @@ incumbent; the returned bound is the least bound of the open and pruned nodes, l
 round-off margin and the clipped-eigenvalue correction of the factorisation.
 """
 from .mask_relax import MaskBlock, mask_block, node_convexity, probe_kept
-from .nodes import (BatchOutcome, Branching, Node, NodeSets, Relaxed, branch, checkpoint, compact, linear_bound,
+from .nodes import (BatchOutcome, Branching, Node, NodeSets, Relaxed, branch, checkpoint, linear_bound,
                     project_budgets, project_warm, prune_level)
 from .perspective import PerspectiveBlock
 from .search import Pseudocosts, root_pseudocosts, solve_block
@@ -62,5 +62,5 @@ from .solver import BranchAndBound
 
 __all__ = ["BranchAndBound", "MaskBlock", "PerspectiveBlock", "NodeSets", "Node", "Branching", "Relaxed",
            "BatchOutcome", "Pseudocosts", "probe_kept", "mask_block", "prune_level", "project_budgets",
-           "project_warm", "linear_bound", "checkpoint", "compact", "node_convexity", "branch", "root_pseudocosts",
+           "project_warm", "linear_bound", "checkpoint", "node_convexity", "branch", "root_pseudocosts",
            "solve_block"]

@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .. import _qcr
 from .._quadratic import one_swap
-from .nodes import BatchOutcome, NodeSets, Relaxed, checkpoint, project_budgets, project_warm
+from .nodes import BatchOutcome, NodeSets, Relaxed, RowState, checkpoint, project_budgets, project_warm
 
 __all__ = ["MaskBlock", "mask_block", "node_convexity", "probe_kept", "PROBE_ITERS"]
 
@@ -65,7 +65,7 @@ def node_convexity(H2: torch.Tensor, free: torch.Tensor, k: int, m: int, s: floa
 
 
 @dataclass
-class _Iterate:
+class _Iterate(RowState):
     """FISTA state of the nodes still in a batch (every field has one row per node).
 
     idx (B,) their rows in the batch; x (B, n) the iterate, fx (B,) ``f − const`` there, gx
@@ -88,11 +88,6 @@ class _Iterate:
     ds: torch.Tensor
     lin: torch.Tensor
 
-    def compact(self, keep: torch.Tensor) -> None:
-        """Keep the rows where ``keep`` (B,) holds."""
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name)[keep])
-
 
 class MaskBlock(NodeSets):
     """One block's data in torch: the convex rewrite, groups and the exact quadratic.
@@ -101,6 +96,7 @@ class MaskBlock(NodeSets):
     """
 
     strong_root = True
+    node_shifts = True
     #: the most seconds one node's :meth:`node_shift` took so far (its time prediction)
     shift_seconds = 0.0
 

@@ -19,11 +19,12 @@ with binary ``lo``, ``hi`` (``lo = hi`` on fixed entries). Node batches are tens
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from typing import NamedTuple, Optional
 
 import torch
 
-__all__ = ["project_budgets", "project_warm", "linear_bound", "checkpoint", "compact", "branch", "prune_level",
+__all__ = ["project_budgets", "project_warm", "linear_bound", "checkpoint", "RowState", "branch", "prune_level",
            "NodeSets", "Branching", "Node", "Relaxed", "BatchOutcome", "NEWTON_STEPS"]
 
 #: Newton steps of the warm-started projection before falling back to sorting
@@ -195,11 +196,6 @@ def checkpoint(f: torch.Tensor, g: torch.Tensor, x: torch.Tensor, lo3: torch.Ten
     return lb, torch.where(fix, s, lo3), torch.where(fix, s, hi3), True, keep
 
 
-def compact(keep: torch.Tensor, *tensors: torch.Tensor) -> tuple:
-    """Each tensor's rows where ``keep`` (B,) holds: the nodes that stay in a relaxation batch."""
-    return tuple(t[keep] for t in tensors)
-
-
 def branch(lo: torch.Tensor, hi: torch.Tensor, entry: torch.Tensor, k: int, m: int, c: torch.Tensor):
     """Both children of nodes (lo, hi) (B, n) branching on ``entry`` (B,): down keeps it
     (``hi = 0``), up prunes it (``lo = 1``). Returns ((lo, hi) down, (lo, hi) up, fits (2, B)
@@ -218,6 +214,15 @@ def prune_level(ub: float, gap_tol: float) -> float:
     """The bound at which a node is pruned: within half the gap tolerance of the incumbent ``ub``
     (so the block is proved at a relative gap below ``gap_tol``)."""
     return ub * (1.0 - 0.5 * gap_tol)
+
+
+class RowState:
+    """Base of a relaxation's iterate dataclass, every field one row per node still in the batch."""
+
+    def compact(self, keep: torch.Tensor) -> None:
+        """Keep the rows where ``keep`` (B,) holds."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name)[keep])
 
 
 class BatchOutcome:
@@ -251,6 +256,8 @@ class NodeSets:
     c: torch.Tensor
     #: whether the search starts with root strong branching (:func:`.search.root_pseudocosts`)
     strong_root: bool = False
+    #: whether it takes per-node convexity shifts (``node_shift``; ``relax(..., shift=)``)
+    node_shifts: bool = False
     #: the most nodes relaxed together in one batch of the search
     batch: int = 512
 

@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .nodes import BatchOutcome, NodeSets, Relaxed, checkpoint, project_budgets, project_warm
+from .nodes import BatchOutcome, NodeSets, Relaxed, RowState, checkpoint, project_budgets, project_warm
 
 __all__ = ["PerspectiveBlock"]
 
@@ -59,7 +59,7 @@ def _solve_psd(K: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class _Iterate:
+class _Iterate(RowState):
     """FISTA state of the nodes still in a batch (one row per node): idx (B,) their rows in
     the batch; x (B, n) the iterate, fx (B,) h there and gx (B, n) its gradient; z the momentum
     point with fz, gz; t (B, 1) the momentum counter; L (B, 1) the step's inverse; lb (B,) best
@@ -78,11 +78,6 @@ class _Iterate:
     tau: torch.Tensor
     lo3: torch.Tensor
     hi3: torch.Tensor
-
-    def compact(self, keep: torch.Tensor) -> None:
-        """Keep the rows where ``keep`` (B,) holds."""
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name)[keep])
 
 
 class PerspectiveBlock(NodeSets):

@@ -136,13 +136,14 @@ def solve_block(blk, start: np.ndarray, ub: float, group: np.ndarray, deadline: 
     root = Node(-math.inf, next(counter), zeros, ones, x0, None, 0.0, 0)
     if blk.strong_root:
         root_deadline = time.perf_counter() + ROOT_SHARE * (deadline - time.perf_counter())
-        relaxed, nodes = root_pseudocosts(blk, pc, x0, zeros, ones, prune_level(ub, gap_tol), root_deadline)
+        level = prune_level(ub, gap_tol)
+        relaxed, nodes = root_pseudocosts(blk, pc, x0, zeros, ones, level, root_deadline)
         if relaxed.fixed:
-            pruned_min = min(pruned_min, prune_level(ub, gap_tol))
+            pruned_min = min(pruned_min, level)
         nodes += 1
         root = root._replace(bound=float(relaxed.lb[0]), lo=relaxed.lo[0], hi=relaxed.hi[0], x=relaxed.x[0])
     heap: list[Node] = [root]
-    shifts = hasattr(blk, "node_shift") and SHIFT_EVERY > 0
+    shifts = blk.node_shifts and SHIFT_EVERY > 0
 
     def thr():
         return prune_level(ub, gap_tol)

@@ -30,6 +30,7 @@ from .._quadratic import logdet_diagonal, warm_start
 from ..base import Option, Params, Proposal, Solver, Status
 from .mask_relax import mask_block, probe_kept
 from .nodes import prune_level
+from .perspective import PerspectiveBlock
 from .search import solve_block
 
 __all__ = ["BranchAndBound"]
@@ -115,8 +116,6 @@ class BranchAndBound(Solver):
             block_deadline = time.perf_counter() + (left / (len(blocks) - i) if math.isfinite(left) else math.inf)
             group = np.arange(k * m) // m
             if recon:
-                from .perspective import PerspectiveBlock
-
                 blk, qcr = PerspectiveBlock(data, G, delta, k, m, c, device), False
             else:  # the exact form of Q itself first: enough to polish and probe
                 blk, qcr = mask_block(data, k, m, c, group, params, block_deadline, device, None)
