@@ -94,11 +94,6 @@ def ensure_bundled_model(*, quiet: bool = False) -> tuple[str, str]:
 # ---------------------------------------------------------------- loading
 
 
-def _transformers():
-    import transformers
-    return transformers
-
-
 @contextlib.contextmanager
 def _transformers_quiet() -> Iterator[None]:
     """Only errors from the ``transformers`` logger inside (loading warns about GGUF
@@ -142,7 +137,7 @@ def _finish(model, tokenizer, dtype, device):
 
 
 def _from_pretrained(directory: str, *, gguf_file: Optional[str], dtype):
-    tf = _transformers()
+    import transformers as tf
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     with _transformers_quiet():
         tokenizer = tf.AutoTokenizer.from_pretrained(directory, **kwargs)
@@ -332,7 +327,7 @@ def _plain_model(model: nn.Module) -> nn.Module:
         return model
     if any(not p.is_floating_point() for p in model.parameters()):
         raise ModelError("cannot save a model with quantized (integer) weights as a dense checkpoint")
-    tf = _transformers()
+    import transformers as tf
     config = copy.deepcopy(model.config)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")

@@ -70,8 +70,10 @@ def load_streamed(directory: str, dtype: torch.dtype) -> Optional[nn.Module]:
 
     folder = Path(directory)
     files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return None
     config = transformers.AutoConfig.from_pretrained(directory)
-    if not files or getattr(config, "quantization_config", None) is not None:
+    if getattr(config, "quantization_config", None) is not None:
         return None
     with _no_init_weights():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)

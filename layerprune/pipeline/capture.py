@@ -10,7 +10,8 @@ from torch import nn
 
 from layerprune.problems import LayerProblem, ProblemError
 
-from .structure import _model_device, _outside_blocks_on, _qualified, _to, find_blocks, find_linears
+from .structure import (_eval_mode, _model_device, _on_device, _outside_blocks_on, _qualified, _to, find_blocks,
+                        find_linears)
 
 __all__ = ["CALIB_BATCH", "capture_block_inputs", "linear_groups", "layer_problems"]
 
@@ -204,13 +205,10 @@ def layer_problems(model: nn.Module, calib_ids: torch.Tensor, block: int, *, pat
     home = _model_device(model)
     device = torch.device(device) if device is not None else home
     out: dict[str, LayerProblem] = {}
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         batches = capture_block_inputs(model, blocks, calib_ids, device, batch_size)
         for i in range(block + 1):
-            blocks[i].to(device)
-            try:
+            with _on_device(blocks[i], device, home):
                 if i < block:
                     _propagate(blocks[i], batches)
                     continue
@@ -222,8 +220,4 @@ def layer_problems(model: nn.Module, calib_ids: torch.Tensor, block: int, *, pat
                     for local in g:
                         out[_qualified(path, i, local)] = LayerProblem.create(linears[local].weight.detach(), G,
                                                         pattern=pattern, objective=objective)
-            finally:
-                blocks[i].to(home)
-    finally:
-        model.train(was_training)
     return out

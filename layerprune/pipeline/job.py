@@ -160,12 +160,13 @@ def _write_outputs(report: PruneReport, model: nn.Module, tokenizer, config: Pru
     staged = _Staged()
     new_out = None if config.out is None or Path(config.out).expanduser().exists() else Path(config.out).expanduser()
     try:
-        plot = _stage_plot(report, config, staged)
+        png = _plot_png(report) if config.out is not None or config.report is not None else None
+        plot = _stage_plot(png, config, staged)
         report_tmp = staged.file(Path(config.report).expanduser()) if config.report is not None else None
         if config.out is not None:
             report.out_dir = str(config.out)
             models.save_pruned(model, tokenizer, config.out, masks={r.name: r.packed_mask for r in report.layers},
-                               force=config.force, extra_files=_model_extras(report))
+                               force=config.force, extra_files=_model_extras(report, png))
         if report_tmp is not None:
             report.report_path, report.plot_path = str(config.report), plot
         clock.timings["save"] = time.perf_counter() - started
@@ -181,25 +182,27 @@ def _write_outputs(report: PruneReport, model: nn.Module, tokenizer, config: Pru
         staged.discard()
 
 
-def _stage_plot(report: PruneReport, config: PruneConfig, staged: "_Staged") -> Optional[str]:
-    """Plot ``layer_errors.png`` beside the report under a temporary name; its final path, or
-    None without a report or without layers to plot."""
-    if config.report is None:
+def _plot_png(report: PruneReport) -> Optional[bytes]:
+    """``layer_errors.png`` drawn once, as bytes (None without layers to plot)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_layer_errors(report.layers, Path(tmp) / "layer_errors.png")
+        return None if png is None else png.read_bytes()
+
+
+def _stage_plot(png: Optional[bytes], config: PruneConfig, staged: "_Staged") -> Optional[str]:
+    """Write the plot beside the report under a temporary name; its final path, or None
+    without a report or without a plot."""
+    if config.report is None or png is None:
         return None
-    tmp = staged.file(Path(config.report).expanduser().parent / "layer_errors.png")
-    if plot_layer_errors(report.layers, tmp) is None:
-        staged.drop(tmp)
-        return None
+    staged.file(Path(config.report).expanduser().parent / "layer_errors.png").write_bytes(png)
     return str(Path(config.report).parent / "layer_errors.png")
 
 
-def _model_extras(report: PruneReport) -> dict[str, bytes]:
+def _model_extras(report: PruneReport, png: Optional[bytes]) -> dict[str, bytes]:
     """The report and its plot, as saved inside the model directory."""
     extra = {"prune_report.json": json.dumps(report.to_json(), indent=2) + "\n"}
-    with tempfile.TemporaryDirectory() as tmp:
-        png = plot_layer_errors(report.layers, Path(tmp) / "layer_errors.png")
-        if png is not None:
-            extra["layer_errors.png"] = png.read_bytes()
+    if png is not None:
+        extra["layer_errors.png"] = png
     return extra
 
 
@@ -219,11 +222,6 @@ class _Staged:
         os.close(fd)
         self.files.append((Path(tmp), final))
         return Path(tmp)
-
-    def drop(self, tmp: Path) -> None:
-        """Forget a temporary file (removed, never published)."""
-        tmp.unlink(missing_ok=True)
-        self.files = [(t, f) for t, f in self.files if t != tmp]
 
     def publish(self) -> None:
         for tmp, final in self.files:

@@ -23,7 +23,7 @@ from ..report import LayerRecord, pack_mask
 from .capture import (CALIB_BATCH, _accumulate, _Batch, _GramAccumulator, _propagate, _Stop,
                       capture_block_inputs, linear_groups)
 from .measure import release_memory
-from .plan import DEFAULT_SOLVER, _check_solver_takes, _Layer, _plan, build_solvers
+from .plan import DEFAULT_SOLVER, _Layer, _plan, build_solvers
 from .structure import _eval_mode, _model_device, _on_device, find_blocks
 
 __all__ = ["PruningInterrupted", "prune_model", "BlockState", "SolveSettings"]
@@ -159,8 +159,6 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
     home = _model_device(model)
     device = torch.device(device) if device is not None else home
     blocks, path = find_blocks(model)
-    if isinstance(solver, Solver):
-        _check_solver_takes(solver, pattern, objective, "solver")
     plan = _plan(model, blocks, path, pattern, objective, solver, overrides, init, prune_lm_head)
     settings = SolveSettings(pattern, objective, build_solvers(solver, overrides, init, solver_options, pattern, objective),
                              init, params or Params())
@@ -303,14 +301,11 @@ def _prune_lm_head(model: nn.Module, layer: _Layer, calib_ids: torch.Tensor, dev
     """Prune the output projection on the inputs it sees from the (already pruned) model."""
     _untie_output_embeddings(model)
     home = _model_device(model)
-    model.to(device)
-    try:
+    with _on_device(model, device, home):
         acc = _head_inputs_gram(model, layer.linear, calib_ids, device, batch_size)
         solved = _solve_layer(layer, acc.gram(), acc.n, settings)
         _write_back(layer.linear, solved.weights)
         return solved.record
-    finally:
-        model.to(home)
 
 
 def _untie_output_embeddings(model: nn.Module) -> None:
