@@ -47,14 +47,11 @@ def _add_solve(sub) -> None:
     p.set_defaults(handler=_cmd_solve)
 
 
-#: the largest accepted --time-limit (about 31.7 years): beyond it a "limit" means none, and
-#: MIP backends reject such values (SCIP's limits/time stops at 1e20, timedelta overflows)
-MAX_TIME_LIMIT = 1e9
-
-
 def _check_solve_args(args, ProblemError) -> None:
     """Flags that need no instance: one :class:`ProblemError` line per fault."""
     import math
+
+    from layerprune.solvers.base import MAX_TIME_LIMIT  # beyond it a "limit" means none
 
     t = args.time_limit
     if t is not None and not (math.isfinite(t) and 0 < t <= MAX_TIME_LIMIT):

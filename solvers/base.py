@@ -30,6 +30,9 @@ __all__ = ["Status", "Limit", "Params", "Proposal", "Result", "Solver", "SolverE
 #: an absolute gap below ABS_GAP_TOL × problem.scale is float64 round-off, i.e. closed
 ABS_GAP_TOL = 1e-12
 
+#: seconds (about 31 years) above which a time limit means none; the CLI's cap too
+MAX_TIME_LIMIT = 1e9
+
 #: ``callback(event) -> stop?``: called by iterative solvers with a dict (iteration, objective, …)
 Callback = Callable[[dict], Optional[bool]]
 
@@ -91,7 +94,8 @@ _LIMIT_WORDS = {
 class Params:
     """Parameters every solver understands.
 
-    time_limit : seconds of wall time (None = no limit)
+    time_limit : seconds of wall time (None = no limit; above :data:`MAX_TIME_LIMIT`, inf
+        included, it means none)
     gap_tol : relative gap ``(objective − bound)/objective`` at which a certified solver stops
     seed : RNG seed for randomised steps
     device : torch device for torch solvers (None = the problem's)
@@ -109,6 +113,14 @@ class Params:
     verbose: bool = False
     max_iter: Optional[int] = None
     threads: Optional[int] = None
+
+    def __post_init__(self):
+        tl = self.time_limit
+        if tl is not None:
+            if isinstance(tl, bool) or not isinstance(tl, (int, float)) or math.isnan(tl) or tl <= 0:
+                raise ValueError(f"time_limit must be a positive number of seconds or None, got {tl!r}")
+            if tl > MAX_TIME_LIMIT:  # no backend takes more (SCIP refuses 1e300): it means no limit
+                object.__setattr__(self, "time_limit", None)
 
     def deadline(self, start: float) -> float:
         return math.inf if self.time_limit is None else start + float(self.time_limit)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from layerprune.solvers import SolverError, get_solver_class, make_solver, solver_names
-from layerprune.solvers.base import Limit, Proposal, finalize, Params
+from layerprune.solvers.base import Limit, Params, Proposal, Status, finalize
 from layerprune.solvers.options import Option, parse_bool
 from layerprune.problems import make_instance
 
@@ -87,3 +87,22 @@ def test_limits_are_a_closed_set_of_words_with_the_raw_reason_as_detail(raw, wor
     assert res.limit is None or res.limit in {w.value for w in Limit}
     if word is not None and raw != word:
         assert res.limit_detail == raw
+
+
+@pytest.mark.parametrize("name", ["scip", "ortools"])
+@pytest.mark.parametrize("limit", [1e300, float("inf"), 2e9])
+def test_huge_time_limit_means_none(name, limit):
+    """A limit past MAX_TIME_LIMIT (SCIP refuses 1e300, timedelta overflows) means no limit."""
+    solver = make_solver(name)
+    if not solver.is_installed():
+        pytest.skip(f"{name} not installed")
+    params = Params(time_limit=limit)
+    assert params.time_limit is None
+    res = solver.solve(make_instance(2, 8, pattern="per-row:4"), params=params)
+    assert res.status == Status.OPTIMAL
+
+
+@pytest.mark.parametrize("limit", [0, -1.0, float("nan"), "10", True])
+def test_bad_time_limit_refused(limit):
+    with pytest.raises(ValueError, match="time_limit"):
+        Params(time_limit=limit)
