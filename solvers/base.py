@@ -25,7 +25,8 @@ from layerprune.problems import LayerProblem
 
 from .options import Option, OptionError
 
-__all__ = ["Status", "Limit", "Params", "Proposal", "Result", "Solver", "SolverError", "Callback", "Option"]
+__all__ = ["Status", "Limit", "Params", "Proposal", "Result", "Solver", "SolverError", "Callback", "Option",
+           "share_of_time_left"]
 
 #: an absolute gap below ABS_GAP_TOL × problem.scale is float64 round-off, i.e. closed
 ABS_GAP_TOL = 1e-12
@@ -124,6 +125,14 @@ class Params:
 
     def deadline(self, start: float) -> float:
         return math.inf if self.time_limit is None else start + float(self.time_limit)
+
+
+def share_of_time_left(deadline: float, share: float, start: Optional[float] = None) -> float:
+    """The ``time.perf_counter()`` instant ``share`` of the way from ``start`` (default: now)
+    to ``deadline``: the deadline of a step that may use that share of the time left
+    (``inf`` when ``deadline`` is)."""
+    now = time.perf_counter() if start is None else start
+    return now + share * (deadline - now)
 
 
 @dataclass

@@ -41,7 +41,7 @@ from layerprune.problems import LayerProblem
 from ._relax import (FLOAT_MARGIN, blocks_for, lmo_min, make_proposal, run_blocks, scaled_arrays,
                      scores_to_matrix, solve_cvx)
 from ._quadratic import logdet_diagonal
-from .base import Option, Params, Proposal, Solver
+from .base import Option, Params, Proposal, Solver, share_of_time_left
 
 __all__ = ["RelaxPerspective", "choose_delta", "safe_delta", "h_and_grad"]
 
@@ -61,7 +61,7 @@ def choose_delta(G: np.ndarray, mode: str, params: Params, deadline: float) -> n
     if mode == "eig" or lam < 0:
         return np.full(n, max(lam, 0.0))
     if mode == "sdp":  # Newton steps for at most half the time left (an early stop is valid)
-        return logdet_diagonal(G, deadline=time.perf_counter() + 0.5 * (deadline - time.perf_counter()))
+        return logdet_diagonal(G, deadline=share_of_time_left(deadline, 0.5))
     import cvxpy as cp
 
     delta = cp.Variable(n)

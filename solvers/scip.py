@@ -78,7 +78,7 @@ from layerprune.problems import LayerProblem
 
 from . import _qcr
 from ._quadratic import max_diagonal, one_swap, psd_factor, warm_start
-from .base import Option, Params, Proposal, Solver, Status
+from .base import Option, Params, Proposal, Solver, Status, share_of_time_left
 
 __all__ = ["ScipSolver"]
 
@@ -449,7 +449,7 @@ class ScipSolver(Solver):
         recon_kind = problem.objective_kind == "reconstruct"
         if self.option("polish") and not recon_kind and pat_name in ("per-row", "nm"):
             group = np.arange(sp.d_in) // (sp.pattern.m if pat_name == "nm" else sp.d_in)
-            polish_until = start_time + 0.2 * (deadline - start_time)  # at most 1/5 of the limit
+            polish_until = share_of_time_left(deadline, 0.2, start_time)  # at most 1/5 of the limit
             for r in range(sp.d_out):  # a 1-swap optimum: SCIP's scale and first incumbent
                 if time.perf_counter() < polish_until:
                     start[r] = one_swap(W[r][:, None] * G * W[r][None, :], start[r], group, deadline=polish_until)
@@ -464,7 +464,7 @@ class ScipSolver(Solver):
         v0 = sp.refit(torch.from_numpy(start)).numpy() if recon else None
         if recon:  # the perspective split of G̃, shared by every model of the layer
             opts["delta"] = max_diagonal(G, "sdp" if diag == "dense" else diag, nonneg=True, seed=params.seed,
-                                         deadline=start_time + 0.5 * (deadline - start_time))
+                                         deadline=share_of_time_left(deadline, 0.5, start_time))
         info = {**{k: v for k, v in opts.items() if k != "delta"}, "rows_proved": 0, "models": 0, "nodes": 0,
                 "qcr_models": 0}
         mask = start.copy()

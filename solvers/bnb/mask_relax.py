@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .. import _qcr
+from ..base import share_of_time_left
 from .._quadratic import one_swap
 from .nodes import BatchOutcome, NodeSets, Relaxed, RowState, checkpoint, project_budgets, project_warm
 
@@ -208,7 +209,7 @@ def mask_block(Q, k, m, c, group, params, deadline, device, kept) -> tuple[MaskB
     if sigma <= 0.0:
         form = _qcr.QCRForm(np.zeros((R.size, 0)), np.zeros(R.size), 0.0, 0.0, None)
     else:
-        sdp_deadline = time.perf_counter() + 0.5 * (deadline - time.perf_counter())   # half the time left
+        sdp_deadline = share_of_time_left(deadline, 0.5)   # half the time left
         form = _qcr.convex_form(QR / sigma, None if kept is None else group[R], np.full(k, c),
                                 "none" if kept is None else "auto", params, sdp_deadline)
     F = np.zeros((n, form.F.shape[1]))

@@ -25,6 +25,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
+from ..base import share_of_time_left
 from .mask_relax import PROBE_ITERS
 from .nodes import Branching, Node, Relaxed, branch, prune_level
 
@@ -135,7 +136,7 @@ def solve_block(blk, start: np.ndarray, ub: float, group: np.ndarray, deadline: 
     pruned_min, nodes = floor, 0
     root = Node(-math.inf, next(counter), zeros, ones, x0, None, 0.0, 0)
     if blk.strong_root:
-        root_deadline = time.perf_counter() + ROOT_SHARE * (deadline - time.perf_counter())
+        root_deadline = share_of_time_left(deadline, ROOT_SHARE)
         level = prune_level(ub, gap_tol)
         relaxed, nodes = root_pseudocosts(blk, pc, x0, zeros, ones, level, root_deadline)
         if relaxed.fixed:

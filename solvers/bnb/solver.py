@@ -27,7 +27,7 @@ import torch
 from layerprune.problems import LayerProblem
 
 from .._quadratic import logdet_diagonal, warm_start
-from ..base import Option, Params, Proposal, Solver, Status
+from ..base import Option, Params, Proposal, Solver, Status, share_of_time_left
 from .mask_relax import mask_block, probe_kept
 from .nodes import prune_level
 from .perspective import PerspectiveBlock
@@ -96,7 +96,7 @@ class BranchAndBound(Solver):
         d = sp.d_in
         # zeros if G̃ is singular (monotone bound); barrier Newton steps for at most half the time
         # limit (~15 s at d_in = 576 on a loaded machine; an early stop is valid, less spread)
-        delta = logdet_diagonal(G, deadline=start_time + 0.5 * (deadline - start_time)) if recon else None
+        delta = logdet_diagonal(G, deadline=share_of_time_left(deadline, 0.5, start_time)) if recon else None
         if pat.name == "columns":
             blocks = [_BlockData(None, W if recon else G * (W.T @ W), 1, d, d - pat.bind(sp.d_out, d).keep, kept[0])]
         else:
