@@ -197,6 +197,7 @@ def summarise_report(report: dict) -> dict:
         "peak_device_bytes": report.get("peak_device_memory_bytes"),
         "model_size_bytes": report.get("model_size_bytes"),
         "memory_target_bytes": report.get("memory_target_bytes"),
+        "memory_base_bytes": report.get("memory_base_bytes"),
         "mean_error_vs_wanda": statistics.fmean(ratios) if ratios else None,
         "median_reduction_vs_wanda": report.get("median_reduction_vs_wanda"),
         "layers": len(report.get("layers", [])),
@@ -251,6 +252,23 @@ def _fmt(x, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
 
+def _memory_target_lines(runs: list) -> list:
+    """The memory target(s) the runs' reports state: runs recorded before the target counted
+    the process's base at load stated 3 × the model plus one block's hidden states."""
+    lines = []
+    old = next((r for r in runs if r.get("memory_target_bytes") and r.get("memory_base_bytes") is None), None)
+    new = next((r for r in runs if r.get("memory_target_bytes") and r.get("memory_base_bytes") is not None), None)
+    if new:
+        lines.append(f"Memory target: {new['memory_target_bytes'] / 2 ** 20:.0f} MiB (the process's memory "
+                     f"just after loading less the weights, {new['memory_base_bytes'] / 2 ** 20:.0f} MiB, plus "
+                     "2 × the model plus one block's input and output hidden states for the calibration set).")
+    if old:
+        lines.append(f"{'Runs recorded before that target: ' if new else 'Memory target: '}"
+                     f"{old['memory_target_bytes'] / 2 ** 20:.0f} MiB (3 × the model plus one block's input and "
+                     "output hidden states for the calibration set).")
+    return lines + [""] if lines else lines
+
+
 def markdown(results: dict) -> str:
     """The results as a markdown table (plus a header with the settings)."""
     s = results["settings"]
@@ -269,10 +287,7 @@ def markdown(results: dict) -> str:
         f"Machine: {results.get('environment', {}).get('machine', '?')}.",
         "",
     ]
-    target = next((r["memory_target_bytes"] for r in runs if r.get("memory_target_bytes")), None)
-    if target:
-        lines += [f"Memory target: {target / 2 ** 20:.0f} MiB (3 × the fp32 model plus one block's "
-                  "input and output hidden states for the calibration set).", ""]
+    lines += _memory_target_lines(runs)
     lines += [
         "`layer err / wanda`: mean over layers of the layer objective divided by Wanda's on the "
         "same problem (below 1 = better than Wanda). `wall s`: the whole `layerprune prune` "

@@ -11,8 +11,10 @@ The JSON written by ``layerprune prune --report FILE.json`` is :meth:`PruneRepor
     accelerator memory under ``peak_device_memory_bytes`` when one was used, and under
     ``peak_child_memory_bytes`` the peak of the largest child process it ran, if any: the
     one-time conversion of the bundled model, a solver's worker process). ``memory_target_bytes``
-    is the budget this toolkit holds itself to: 3 × the model's size plus one block's input
-    and output hidden states for the calibration set.
+    is the budget this toolkit holds itself to: the process's resident memory just after
+    loading less the model's weights (``memory_base_bytes``: Python, torch, transformers, the
+    tokenizer and texts, the same in every dtype) plus 2 × the model's size plus one block's
+    input and output hidden states for the calibration set.
 ``layers``
     one record per pruned linear (see :class:`LayerRecord`)
 ``settings``
@@ -32,6 +34,10 @@ import numpy as np
 
 __all__ = ["LayerRecord", "PruneReport", "format_report", "write_json_atomic", "plot_layer_errors",
            "pack_mask", "unpack_mask"]
+
+#: copies of the model's weights the memory target allows beside the base: the model itself and
+#: one more for a block's working copies, the solvers' float64 work and saving
+MODEL_COPIES = 2
 
 
 def pack_mask(mask) -> tuple[tuple[int, ...], np.ndarray]:
@@ -142,6 +148,7 @@ class PruneReport:
     peak_child_memory_bytes: Optional[int] = None
     model_size_bytes: Optional[int] = None
     memory_target_bytes: Optional[int] = None
+    memory_base_bytes: Optional[int] = None
     out_dir: Optional[str] = None
     report_path: Optional[str] = None
     plot_path: Optional[str] = None
@@ -158,6 +165,7 @@ class PruneReport:
             "peak_child_memory_bytes": self.peak_child_memory_bytes,
             "model_size_bytes": self.model_size_bytes,
             "memory_target_bytes": self.memory_target_bytes,
+            "memory_base_bytes": self.memory_base_bytes,
             "median_reduction_vs_wanda": _finite_or_none(self.median_reduction_vs_wanda()),
             "timings": self.timings,
             "settings": self.settings,
@@ -221,7 +229,8 @@ def format_report(report: PruneReport) -> str:
     if report.model_size_bytes:
         mem += f" (model {_fmt_bytes(report.model_size_bytes)}"
         if report.memory_target_bytes:
-            mem += f"; target 3 × model + one block's hidden states {_fmt_bytes(report.memory_target_bytes)}"
+            mem += (f"; target {_fmt_bytes(report.memory_target_bytes)} = base at load "
+                    f"{_fmt_bytes(report.memory_base_bytes)} + {MODEL_COPIES} × model + one block's hidden states")
         mem += ")"
     if report.peak_child_memory_bytes:
         mem += f"; largest child process {_fmt_bytes(report.peak_child_memory_bytes)}"

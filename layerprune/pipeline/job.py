@@ -19,11 +19,10 @@ from torch import nn
 
 from layerprune import data
 
-from ..report import PruneReport, plot_layer_errors, write_json_atomic
+from ..report import MODEL_COPIES, PruneReport, plot_layer_errors, write_json_atomic
 from .config import Checked, PruneConfig, check_against_model, check_before_loading
 from .loop import prune_model
 from .measure import perplexity, release_memory, sparsity
-
 __all__ = ["PruneConfig", "run"]
 
 
@@ -48,6 +47,7 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
             model, tokenizer = models.load_model(config.model, dtype=checked.dtype, device="cpu",
                                                  cache_dir=config.cache_dir)
             release_memory()  # loader temporaries
+            base = _base_bytes(model)
         check_against_model(model, config)
         with clock("data"):
             calib_ids, evals = _tokenize(tokenizer, checked, config)
@@ -59,7 +59,7 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
             records = _prune(model, calib_ids, checked, config)
         with clock("pruned_eval"):
             pruned = _perplexities(model, evals, config.seqlen, checked.device)
-        report = _report(model, config, checked, calib_ids, evals, dense, pruned, records, clock)
+        report = _report(model, config, checked, calib_ids, evals, dense, pruned, records, clock, base)
         _write_outputs(report, model, tokenizer, config, clock)
     return report
 
@@ -124,7 +124,7 @@ def _prune(model: nn.Module, calib_ids: torch.Tensor, checked: Checked, config: 
 
 def _report(model: nn.Module, config: PruneConfig, checked: Checked, calib_ids: torch.Tensor,
             evals: dict[str, torch.Tensor], dense: dict, pruned: dict, records: list,
-            clock: _Clock) -> PruneReport:
+            clock: _Clock, base: Optional[int]) -> PruneReport:
     from layerprune import models
 
     device = checked.device
@@ -139,7 +139,7 @@ def _report(model: nn.Module, config: PruneConfig, checked: Checked, calib_ids: 
         sparsity=sparsity(model, include_lm_head=config.prune_lm_head),
         seconds=clock.total(), peak_memory_bytes=_peak_rss_bytes(), layers=records, settings=settings,
         timings=clock.timings, model_size_bytes=size,
-        memory_target_bytes=_memory_target(size, model, calib_ids),
+        memory_base_bytes=base, memory_target_bytes=_memory_target(size, base, model, calib_ids),
         peak_device_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
         peak_child_memory_bytes=_peak_rss_bytes(resource.RUSAGE_CHILDREN) or None,
     )
@@ -246,13 +246,35 @@ def _peak_rss_bytes(who: int = resource.RUSAGE_SELF) -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def _memory_target(model_bytes: Optional[int], model: nn.Module, calib_ids: torch.Tensor) -> Optional[int]:
-    """3 × the model's size plus one block's input and output hidden states (calibration set)."""
+def _rss_bytes() -> Optional[int]:
+    """This process's resident set size now (Linux ``/proc/self/statm``), or None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _base_bytes(model: nn.Module) -> Optional[int]:
+    """The process's resident memory just after loading less the model's own weights: Python,
+    torch, transformers with the model's code, the tokenizer and the texts. It does not scale
+    with the model's dtype (about 410 MiB here)."""
+    from layerprune import models
+
+    rss = _rss_bytes()
+    return None if rss is None else max(0, rss - models.model_size_bytes(model))
+
+
+def _memory_target(model_bytes: Optional[int], base_bytes: Optional[int], model: nn.Module,
+                   calib_ids: torch.Tensor) -> Optional[int]:
+    """The job's memory budget: the base measured at load (:func:`_base_bytes`) plus
+    :data:`MODEL_COPIES` × the model's size plus one block's input and output hidden states
+    (calibration set)."""
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    if not model_bytes or not hidden:
+    if not model_bytes or not hidden or base_bytes is None:
         return None
     elem = next(model.parameters()).element_size()
-    return int(3 * model_bytes + 2 * calib_ids.numel() * int(hidden) * elem)
+    return int(base_bytes + MODEL_COPIES * model_bytes + 2 * calib_ids.numel() * int(hidden) * elem)
 
 
 def _versions() -> dict:
