@@ -390,7 +390,8 @@ class Solver:
 
         The view's objective is the problem's minus the constant ``Σ_r c_r``
         (:meth:`LayerProblem.standard_view`), so its mask and weights are the problem's and
-        its bound, plus that constant, is the problem's bound.
+        its bound, plus that constant, is the problem's bound. Objectives the backend reports
+        along the way (``history``, callback events) are the view's, without the constant.
         """
         if not (problem.has_target and problem.objective_kind == "reconstruct"):
             return self._solve(problem, params, init, callback)
