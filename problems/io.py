@@ -23,10 +23,9 @@ def load_instance(path, *, pattern="per-row:0.5", objective: str = "mask") -> La
     """Read ``W`` and ``G`` (or ``X``) from an ``.npz`` and validate them into a problem.
 
     Extra arrays are ignored. The dense targets ``C`` and ``G0`` (CONTRACT.md) must come
-    together, be d_in × d_in and finite; this version solves only ``C = G0 = G`` (the file's
-    own problem without them), so a pair that differs from ``G`` is refused rather than
-    silently solved as another problem. Raises :class:`ProblemError` with one clear line on
-    any fault.
+    together, be d_in × d_in, finite and fit ``G`` (:meth:`LayerProblem.create` checks them);
+    the problem's objective is then the CONTRACT error against the dense outputs. Raises
+    :class:`ProblemError` with one clear line on any fault.
     """
     path = Path(path)
     if not path.exists():
@@ -55,37 +54,13 @@ def load_instance(path, *, pattern="per-row:0.5", objective: str = "mask") -> La
             raise ProblemError(f"{name} must be a float32 or float64 array, got {a.dtype}")
     G = arrays.get("G")
     X = None if G is not None else arrays["X"]
-    problem = LayerProblem.create(arrays["W"], G, X=X, pattern=pattern, objective=objective)
-    _check_dense_targets(arrays, problem)
-    return problem
+    return LayerProblem.create(arrays["W"], G, X=X, pattern=pattern, objective=objective,
+                               C=arrays.get("C"), G0=arrays.get("G0"))
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-def _check_dense_targets(arrays: dict, problem: LayerProblem) -> None:
-    """CONTRACT.md's optional ``C`` and ``G0``: both or neither, d_in × d_in, finite, and (in
-    this version) equal to ``G``, i.e. the file's problem without them."""
-    has_c, has_g0 = "C" in arrays, "G0" in arrays
-    if has_c != has_g0:
-        given, missing = ("C", "G0") if has_c else ("G0", "C")
-        raise ProblemError(f"{given} is given without {missing}: dense targets need both (CONTRACT.md)")
-    if not has_c:
-        return
-    d = problem.d_in
-    G = problem.G.to(torch.float64).cpu().numpy()
-    for name in ("C", "G0"):
-        a = arrays[name]
-        if a.shape != (d, d):
-            raise ProblemError(f"{name} must be d_in × d_in = {d}×{d}, got shape {a.shape}")
-        if not np.isfinite(a).all():
-            raise ProblemError(f"{name} contains NaN or inf")
-    tol = 1e-6 * max(float(np.abs(G).max()), 1e-300)
-    if any(float(np.abs(arrays[n].astype(np.float64) - G).max()) > tol for n in ("C", "G0")):
-        raise ProblemError("dense targets C, G0 different from G are not supported by this version "
-                           "(it solves C = G0 = G); drop them to solve the file's G")
 
 
 def atomic_write(path, write) -> None:
@@ -216,13 +191,17 @@ def atomic_write_all(writes) -> None:
         os.unlink(bak)
 
 
-def save_instance(path, W, G) -> None:
-    """Write an instance file atomically (``W``, ``G`` as float64)."""
-    W = W.detach().cpu().numpy() if isinstance(W, torch.Tensor) else np.asarray(W)
-    G = G.detach().cpu().numpy() if isinstance(G, torch.Tensor) else np.asarray(G)
+def save_instance(path, W, G, *, C=None, G0=None) -> None:
+    """Write an instance file atomically (``W``, ``G`` and the dense targets ``C``, ``G0`` when
+    given, as float64)."""
+    arrays = {"W": W, "G": G}
+    if C is not None or G0 is not None:
+        arrays.update(C=C, G0=G0)
+    arrays = {k: (a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)).astype(np.float64)
+              for k, a in arrays.items() if a is not None}
 
     def write(tmp):
         with open(tmp, "wb") as fh:
-            np.savez(fh, W=W.astype(np.float64), G=G.astype(np.float64))
+            np.savez(fh, **arrays)
 
     atomic_write(path, write)

@@ -12,14 +12,26 @@ For a linear layer with weights ``W`` (d_out × d_in) and calibration Gram matri
     columns of :math:`G_{S S^c}` lie in the range of :math:`G_{SS}` for PSD ``G``, so this is
     exact for singular ``G`` too).
 
+Dense targets (optional, CONTRACT.md)
+    With ``X̃`` the inputs the layer sees in the pruned model and ``X`` the dense model's,
+    ``G = X̃ᵀX̃``, ``C = X̃ᵀX`` and ``G0 = XᵀX``, the error of kept weights ``v_r`` is
+    :math:`‖X̃v_r − Xw_r‖² = v_r^T G v_r − 2 v_r^T C w_r + w_r^T G0 w_r`. With the target
+    :math:`t_r = G^{+} C w_r` (exact: :math:`C w_r = X̃^T(Xw_r) ∈ \mathrm{range}(G)`) it is
+    :math:`(t_r − v_r)^T G (t_r − v_r) + c_r`, :math:`c_r = ‖(I − P_{X̃}) X w_r‖² ≥ 0`:
+    ``reconstruct`` is the standard problem on the weights ``T`` plus the constant ``Σ c_r``
+    (:meth:`LayerProblem.standard_view`), and ``mask`` (``v = w ⊙ m``) gains a linear term in
+    the pruned weights (:meth:`LayerProblem.mask_linear`). Without targets (``C = G0 = G``)
+    every formula is the one above, computed by the same code as before targets existed.
+
 Every value is computed in float64 on the problem's device, rows in chunks.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -84,10 +96,10 @@ def _check_gram(G: torch.Tensor, d_in: int) -> None:
 _MAX_LOG10 = 300.0
 
 
-def _check_magnitudes(W: torch.Tensor, G: torch.Tensor, dtype: torch.dtype) -> None:
+def _check_magnitudes(W: torch.Tensor, G: torch.Tensor, dtype: torch.dtype, gname: str = "G") -> None:
     """W and G (stored in ``dtype``) must be finite there, and every objective must be finite in
     float64: ``E(M) ≤ λ_max(G)·Σ‖w_r‖² ≤ d_in·max|G|·Σ‖w_r‖²`` (and so is every partial sum)."""
-    for name, t in (("W", W), ("G", G)):
+    for name, t in (("W", W), (gname, G)):
         if not bool(torch.isfinite(t).all()):
             raise ProblemError(f"{name} does not fit {str(dtype).replace('torch.', '')}: values overflow to inf")
     w64 = W.to(torch.float64)
@@ -97,8 +109,69 @@ def _check_magnitudes(W: torch.Tensor, G: torch.Tensor, dtype: torch.dtype) -> N
     wsq = float(((w64 / wmax) ** 2).sum())  # Σ‖w_r‖² / wmax², no overflow
     log10 = math.log10(W.shape[1]) + math.log10(gmax) + 2 * math.log10(wmax) + math.log10(wsq)
     if log10 > _MAX_LOG10:
-        raise ProblemError(f"W and G are too large for float64 objectives (max |W| = {wmax:.3g}, "
-                           f"max |G| = {gmax:.3g}): rescale them")
+        raise ProblemError(f"W and {gname} are too large for float64 objectives (max |W| = {wmax:.3g}, "
+                           f"max |{gname}| = {gmax:.3g}): rescale them")
+
+
+def _check_targets(C, G0, G: torch.Tensor, g_dtype: torch.dtype, W: torch.Tensor, dtype: torch.dtype
+                   ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Validate the dense targets; return them stored like ``G`` (None, None without them).
+
+    Both or neither; d_in × d_in; finite; ``G0`` symmetric; ``[[G, C], [Cᵀ, G0]]`` PSD within
+    the tolerance of :func:`_check_gram` (at the lowest input precision): the Gram of ``[X̃ X]``.
+    A pair equal to ``G`` after casting is dropped (today's problem, computed as before).
+    """
+    if C is None and G0 is None:
+        return None, None
+    if (C is None) != (G0 is None):
+        given, missing = ("C", "G0") if G0 is None else ("G0", "C")
+        raise ProblemError(f"{given} is given without {missing}: dense targets need both (CONTRACT.md)")
+    d = W.shape[1]
+    C, G0 = _as_tensor(C, "C"), _as_tensor(G0, "G0")
+    for name, t in (("C", C), ("G0", G0)):
+        if t.dim() != 2 or tuple(t.shape) != (d, d):
+            raise ProblemError(f"{name} must be d_in × d_in = {d}×{d}, got shape {tuple(t.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise ProblemError(f"{name} contains NaN or inf")
+    scale = float(G0.abs().max()) if G0.numel() else 0.0
+    asym = float((G0 - G0.T).abs().max()) if G0.numel() else 0.0
+    if asym > SYMMETRY_RTOL * max(scale, 1e-300):
+        raise ProblemError(f"G0 is not symmetric: max |G0 - G0ᵀ| = {asym:.3g} (max |G0| = {scale:.3g})")
+    f64 = dict(device=G.device, dtype=torch.float64)
+    G64, C64, G064 = G.to(**f64), C.to(**f64), G0.to(**f64)
+    G064 = 0.5 * G064 + 0.5 * G064.T
+    block = torch.cat([torch.cat([G64, C64], dim=1), torch.cat([C64.T, G064], dim=1)], dim=0)
+    diag = float(torch.diagonal(block).abs().max())
+    if diag > 0.0:
+        precise = all(x == torch.float64 for x in (g_dtype, C.dtype, G0.dtype))
+        rtol = PSD_RTOL[torch.float64] if precise else PSD_RTOL_LOW_PRECISION
+        eps = rtol * diag * (2 * d) ** 0.5
+        _, info = torch.linalg.cholesky_ex(block + eps * torch.eye(2 * d, **f64))
+        if int(info) != 0:
+            lam = float(torch.linalg.eigvalsh(block)[0])
+            raise ProblemError(f"C and G0 do not fit G: [[G, C], [Cᵀ, G0]] must be PSD (the Gram of the "
+                               f"pruned and dense inputs), its smallest eigenvalue is {lam:.3g}")
+    C, G0 = C64.to(dtype), G064.to(dtype)
+    _check_magnitudes(W, C, dtype, "C")
+    _check_magnitudes(W, G0, dtype, "G0")
+    if torch.equal(C, G) and torch.equal(G0, G):
+        return None, None
+    return C, G0
+
+
+class _Target(NamedTuple):
+    """Float64 data of a dense target, per row ``r`` (see :meth:`LayerProblem.target`).
+
+    B : (d_out, d_in) rows ``(C w_r)ᵀ``
+    T : (d_out, d_in) rows ``t_rᵀ = (G⁺ C w_r)ᵀ``
+    residual : (d_out, d_in) rows ``(G t_r − C w_r)ᵀ`` (0 in exact arithmetic)
+    offsets : (d_out,) ``c_r``, the error of ``v_r = t_r``
+    """
+
+    B: torch.Tensor
+    T: torch.Tensor
+    residual: torch.Tensor
+    offsets: torch.Tensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,17 +187,22 @@ class LayerProblem:
     pattern : Pattern
         Bound to this layer's shape (fractions resolved to counts).
     objective_kind : {"mask", "reconstruct"}
+    C, G0 : (d_in, d_in) tensors or None
+        Dense targets (CONTRACT.md): the cross-Gram ``X̃ᵀX`` and the dense Gram ``XᵀX``,
+        both or neither; None is today's problem (``C = G0 = G``).
     """
 
     W: torch.Tensor
     G: torch.Tensor
     pattern: Pattern
     objective_kind: str = "mask"
+    C: Optional[torch.Tensor] = None
+    G0: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def create(cls, W, G=None, *, X=None, pattern="per-row:0.5", objective: str = "mask",
-               dtype: torch.dtype = torch.float64, device=None) -> "LayerProblem":
+               dtype: torch.dtype = torch.float64, device=None, C=None, G0=None) -> "LayerProblem":
         """Validate and build a problem; one :class:`ProblemError` per fault.
 
         Parameters
@@ -137,6 +215,11 @@ class LayerProblem:
         pattern : str or Pattern
         objective : {"mask", "reconstruct"}
         dtype, device : storage of W and G (default float64 on W's device).
+        C, G0 : (d_in, d_in) arrays or tensors, optional
+            Dense targets ``X̃ᵀX`` and ``XᵀX`` (CONTRACT.md), with the normalisation of ``G``;
+            both or neither. ``G0`` must be symmetric, and ``[[G, C], [Cᵀ, G0]]`` PSD (it is
+            the Gram matrix of ``[X̃ X]``): otherwise the error is unbounded below. A pair
+            equal to ``G`` (exactly, after casting) is dropped: that is today's problem.
         """
         if objective not in OBJECTIVES:
             raise ProblemError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -160,6 +243,7 @@ class LayerProblem:
                 raise ProblemError(f"X is too large: XᵀX overflows float64 (max |X| = {float(X64.abs().max()):.3g})")
         G = _as_tensor(G, "G")
         _check_gram(G, d_in)
+        g_dtype = G.dtype
         device = W.device if device is None else torch.device(device)
         G = G.to(device=device, dtype=torch.float64)
         G = (0.5 * G + 0.5 * G.T).to(dtype)  # (G + Gᵀ) could overflow
@@ -171,20 +255,25 @@ class LayerProblem:
             raise ProblemError(str(exc)) from None
         W = W.to(device=device, dtype=dtype)
         _check_magnitudes(W, G, dtype)
-        return cls(W, G, pattern, objective)
+        C, G0 = _check_targets(C, G0, G, g_dtype, W, dtype)
+        return cls(W, G, pattern, objective, C, G0)
 
     def replace(self, **changes) -> "LayerProblem":
         """A copy with fields changed, re-validated (pattern given as str or Pattern)."""
-        args = dict(W=self.W, G=self.G, pattern=self.pattern, objective=self.objective_kind)
+        args = dict(W=self.W, G=self.G, pattern=self.pattern, objective=self.objective_kind,
+                    C=self.C, G0=self.G0)
         if "objective_kind" in changes:
             changes["objective"] = changes.pop("objective_kind")
         args.update(changes)
         return LayerProblem.create(args.pop("W"), args.pop("G"), dtype=self.dtype, **args)
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "LayerProblem":
-        """The same problem with W and G moved/cast (no re-validation)."""
+        """The same problem with W and G (and C, G0) moved/cast (no re-validation)."""
         kw = dict(device=device, dtype=dtype or self.dtype)
-        return dataclasses.replace(self, W=self.W.to(**kw), G=self.G.to(**kw))
+        if self.C is None:
+            return dataclasses.replace(self, W=self.W.to(**kw), G=self.G.to(**kw))
+        return dataclasses.replace(self, W=self.W.to(**kw), G=self.G.to(**kw), C=self.C.to(**kw),
+                                   G0=self.G0.to(**kw))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -227,6 +316,71 @@ class LayerProblem:
     def _g64(self) -> torch.Tensor:
         return self.G.to(torch.float64)
 
+    # ------------------------------------------------------------------ dense targets
+    @property
+    def has_target(self) -> bool:
+        """True if the problem carries dense targets ``C``, ``G0`` (CONTRACT.md)."""
+        return self.C is not None
+
+    @functools.cached_property
+    def target(self) -> Optional[_Target]:
+        r"""The targets ``t_r = G⁺ C w_r`` and offsets ``c_r`` in float64 (None without targets).
+
+        ``G = UΛUᵀ`` (eigen-decomposition); ``G⁺`` inverts the eigenvalues above the cut-off
+        ``d_in · ε₆₄ · λ_max`` (numpy's rank rule) and drops the rest. In exact arithmetic
+        ``C w_r = X̃ᵀ(X w_r)`` lies in ``range(G)``, so ``G t_r = C w_r`` and the error is
+        exactly :math:`(t_r − v_r)^T G (t_r − v_r) + c_r`. The cut-off drops the components
+        of ``C w_r`` along eigenvectors with ``λ_k`` below it; each is at most
+        :math:`\sqrt{λ_k}\,‖X w_r‖`, and they are kept in ``residual`` (``G t_r − C w_r``), so
+        :meth:`weight_errors` stays the CONTRACT error while :meth:`standard_view` differs
+        from it by ``2 Σ_r (v_r − t_r)ᵀ residual_r`` (round-off size for consistent data).
+
+        The offset :math:`c_r = w_r^T G0 w_r − 2 t_r^T C w_r + t_r^T G t_r` is the CONTRACT
+        error of ``v_r = t_r``, i.e. :math:`‖(I − P_{X̃}) X w_r‖² ≥ 0` (computed with the
+        cancellation of that difference: absolute error ~ ``ε₆₄ · w_rᵀ G0 w_r``).
+        """
+        if self.C is None:
+            return None
+        W, G = self._w64(), self._g64()
+        B = W @ self.C.to(torch.float64).T
+        lam, U = torch.linalg.eigh(G)
+        cut = self.d_in * torch.finfo(torch.float64).eps * float(lam.abs().max())
+        inv = torch.where(lam > cut, 1.0 / torch.where(lam > cut, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+        T = ((B @ U) * inv) @ U.T
+        TG = T @ G
+        e0 = ((W @ self.G0.to(torch.float64)) * W).sum(dim=1)
+        offsets = e0 - 2.0 * (T * B).sum(dim=1) + (TG * T).sum(dim=1)
+        return _Target(B, T, TG - B, offsets)
+
+    @property
+    def target_offset(self) -> float:
+        """``Σ_r c_r``: what :meth:`standard_view`'s objective lacks (0.0 without targets)."""
+        return 0.0 if self.C is None else float(self.target.offsets.sum())
+
+    def standard_view(self) -> "LayerProblem":
+        r"""The target-free problem on the weights ``T`` (itself without targets).
+
+        For every weights ``V``: ``E(V) = E_view(V) + Σ_r c_r`` (up to the residual of
+        :attr:`target`), so the ``reconstruct`` optimum, its minimiser and every valid lower
+        bound carry over by adding :attr:`target_offset`. Not for ``mask`` (there ``v = w ⊙ m``
+        keeps the dense weights, not ``T``). T is stored in the problem's dtype.
+        """
+        if self.C is None:
+            return self
+        return dataclasses.replace(self, W=self.target.T.to(self.dtype), C=None, G0=None)
+
+    def mask_linear(self) -> Optional[torch.Tensor]:
+        r"""The linear term of the ``mask`` objective with targets; None without them.
+
+        With the pruned weights ``u_r = w_r ⊙ (1 − m_r)``, the CONTRACT error of
+        ``v_r = w_r − u_r`` is :math:`u_r^T G u_r + 2 u_r^T g_r + k_r` with
+        :math:`g_r = (C − G) w_r` (``= G(t_r − w_r)``) and ``k_r`` the error of the dense
+        weights (``u = 0``). Returns the (d_out, d_in) float64 rows ``g_rᵀ``.
+        """
+        if self.C is None:
+            return None
+        return self.target.B - self._w64() @ self._g64()
+
     # ------------------------------------------------------------------ masks
     def check_mask(self, mask) -> torch.Tensor:
         """Return ``mask`` as a bool tensor on the problem's device; raise if infeasible."""
@@ -255,10 +409,20 @@ class LayerProblem:
 
     # ------------------------------------------------------------------ objective
     def weight_errors(self, weights) -> torch.Tensor:
-        """Per-row error ``(w_r - v_r)ᵀ G (w_r - v_r)`` of given weights V. Returns (d_out,) float64."""
+        """Per-row error ``(w_r - v_r)ᵀ G (w_r - v_r)`` of given weights V. Returns (d_out,) float64.
+
+        With targets, the CONTRACT error ``v_rᵀGv_r − 2v_rᵀCw_r + w_rᵀG0w_r`` (see :attr:`target`).
+        """
         V = torch.as_tensor(weights, device=self.device).to(torch.float64)
         if tuple(V.shape) != self.shape:
             raise ProblemError(f"weights have shape {tuple(V.shape)}, W has {self.shape}")
+        if self.C is not None:
+            # the CONTRACT error vᵀGv − 2vᵀCw + wᵀG0w, written about the target t (no
+            # cancellation in the part that depends on v)
+            tg = self.target
+            R = tg.T - V
+            err = ((R @ self._g64()) * R).sum(dim=1) + tg.offsets - 2.0 * (R * tg.residual).sum(dim=1)
+            return err.clamp_min(0.0)
         R = self._w64() - V
         return ((R @ self._g64()) * R).sum(dim=1).clamp_min(0.0)
 
@@ -297,7 +461,7 @@ class LayerProblem:
     def refit(self, mask) -> torch.Tensor:
         """Optimal weights on the support of ``mask`` (the ``reconstruct`` minimiser).
 
-        Per row ``v_S = G_SS⁺ (G w)_S``: batched Cholesky in float64, with an eigen
+        Per row ``v_S = G_SS⁺ (G w)_S`` (``(C w)_S`` with targets): batched Cholesky in float64, with an eigen
         pseudo-inverse for rows whose ``G_SS`` is (numerically) singular.
 
         Returns
@@ -306,7 +470,7 @@ class LayerProblem:
         """
         m = self.check_mask(mask)
         W, G = self._w64(), self._g64()
-        B = W @ G  # (d_out, d_in): row r holds (G w_r)ᵀ
+        B = W @ G if self.C is None else self.target.B  # (d_out, d_in): row r holds (G w_r)ᵀ (C w_r with targets)
         counts = m.sum(dim=1)
         kmax = int(counts.max()) if m.numel() else 0
         out = torch.zeros_like(W)
@@ -334,7 +498,7 @@ class LayerProblem:
     def scaled(self) -> tuple["LayerProblem", torch.Tensor]:
         """Unit-diagonal scaling ``G̃ = D⁻¹GD⁻¹``, ``W̃ = W·D`` with ``D = diag(G)^{1/2}``.
 
-        Both objectives are unchanged: ``E(M; W̃, G̃) = E(M; W, G)``, and ``|W̃|`` is exactly
+        Both objectives are unchanged: ``E(M; W̃, G̃) = E(M; W, G)`` (targets: ``C̃ = D⁻¹CD⁻¹``, ``G̃0 = D⁻¹G0D⁻¹``), and ``|W̃|`` is exactly
         Wanda's score. Dead inputs (``G_jj = 0``) keep ``D_j = 1``.
 
         Returns
@@ -345,10 +509,16 @@ class LayerProblem:
         d = torch.where(d > 0, d, torch.ones_like(d))
         Gs = self._g64() / d[:, None] / d[None, :]
         Ws = self._w64() * d[None, :]
+        if self.C is not None:  # vᵀCw = ṽᵀ(D⁻¹CD⁻¹)w̃, wᵀG0w = w̃ᵀ(D⁻¹G0D⁻¹)w̃
+            Cs = self.C.to(torch.float64) / d[:, None] / d[None, :]
+            G0s = self.G0.to(torch.float64) / d[:, None] / d[None, :]
+            return dataclasses.replace(self, W=Ws.to(self.dtype), G=Gs.to(self.dtype), C=Cs.to(self.dtype),
+                                       G0=G0s.to(self.dtype)), d
         return dataclasses.replace(self, W=Ws.to(self.dtype), G=Gs.to(self.dtype)), d
 
     def describe(self) -> str:
-        return f"{self.d_out}×{self.d_in} {self.pattern} objective={self.objective_kind}"
+        target = " target=dense" if self.C is not None else ""
+        return f"{self.d_out}×{self.d_in} {self.pattern} objective={self.objective_kind}{target}"
 
     def __repr__(self) -> str:
         return f"LayerProblem({self.describe()}, dtype={self.dtype}, device={self.device})"

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from .generators import make_arrays
 from .problem import LayerProblem
 
-__all__ = ["patterns_for", "tiny_problems", "KINDS"]
+__all__ = ["patterns_for", "tiny_problems", "tiny_target_problems", "KINDS"]
 
 #: the instance families :func:`tiny_problems` draws from
 KINDS = ("llm", "ties", "zero_row", "ill_conditioned")
@@ -79,3 +79,36 @@ def tiny_problems(draw, *, max_d_in: int = 6, max_d_out: int = 2, objectives=("m
     pattern = draw(patterns_for(d_in, d_out, coupled=coupled, edges=extremes))
     objective = draw(st.sampled_from(list(objectives)))
     return LayerProblem.create(W, G, pattern=pattern, objective=objective, dtype=dtype)
+
+
+@st.composite
+def tiny_target_problems(draw, *, max_d_in: int = 6, max_d_out: int = 2, objectives=("mask", "reconstruct"),
+                         coupled: bool = True) -> tuple[LayerProblem, np.ndarray, np.ndarray]:
+    """A tiny problem with dense targets, and the inputs it was made from.
+
+    ``X`` (n × d_in, the dense model's inputs) is LLM-like (a few large channels, possibly a
+    dead one, possibly ``n < d_in`` so that ``G`` is singular); ``X̃ = X + σZ`` with σ ∈
+    {0.05, 0.3, 1} (the pruned model's drift), or ``X̃ = X·P`` with some channels dropped.
+    ``G = X̃ᵀX̃/n``, ``C = X̃ᵀX/n``, ``G0 = XᵀX/n``, all float64.
+
+    Returns
+    -------
+    (problem, Xt, X) with Xt, X (n, d_in) float64 arrays.
+    """
+    d_in = draw(st.integers(2, max_d_in))
+    d_out = draw(st.integers(1, max_d_out))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    n = draw(st.sampled_from([max(1, d_in - 2), 3 * d_in]))
+    X = rng.standard_normal((n, d_in)) * np.exp(rng.standard_normal(d_in))
+    if draw(st.booleans()):
+        X[:, rng.integers(d_in)] = 0.0
+    if draw(st.booleans()):
+        Xt = X + float(draw(st.sampled_from([0.05, 0.3, 1.0]))) * rng.standard_normal((n, d_in)) * X.std(axis=0)
+    else:  # some channels dead in the pruned model, the rest rescaled
+        Xt = X * rng.choice([0.0, 0.5, 1.0, 1.5], size=d_in)
+    W = rng.standard_normal((d_out, d_in)) * float(draw(st.sampled_from([1.0, 1e-3, 1e2])))
+    pattern = draw(patterns_for(d_in, d_out, coupled=coupled, edges=False))
+    objective = draw(st.sampled_from(list(objectives)))
+    problem = LayerProblem.create(W, Xt.T @ Xt / n, C=Xt.T @ X / n, G0=X.T @ X / n, pattern=pattern,
+                                  objective=objective)
+    return problem, Xt, X

@@ -231,6 +231,11 @@ class Solver:
         words, help); a value outside its declaration, or a name not declared, is an error
     default_init : registry name of the solver whose mask it starts from when given no ``init``
         (option ``init_solver`` overrides; ``"none"`` = its own cold start)
+    targets : objectives it takes when the problem carries dense targets (CONTRACT.md). Every
+        backend takes ``reconstruct``: :meth:`solve` hands it the problem's standard view
+        (weights ``T``, no target; :meth:`LayerProblem.standard_view`) and adds the view's
+        constant ``Σ_r c_r`` to its bound. ``mask`` only where the mask ignores the objective
+        (magnitude, Wanda, RIA) or the backend models the target's linear term.
     """
 
     name: ClassVar[str] = "base"
@@ -243,6 +248,7 @@ class Solver:
     uses_init: ClassVar[bool] = False
     default_init: ClassVar[Optional[str]] = None
     option_specs: ClassVar[tuple[Option, ...]] = ()
+    targets: ClassVar[frozenset] = frozenset({"reconstruct"})
 
     def __init__(self, **options: Any):
         specs = self.declared_options()
@@ -305,22 +311,27 @@ class Solver:
 
     def why_not(self, problem: LayerProblem) -> Optional[str]:
         """None if this solver can take the problem, else one line saying why not."""
-        why = self.can_take(problem.pattern.name, problem.objective_kind, str(problem.pattern))
+        why = self.can_take(problem.pattern.name, problem.objective_kind, str(problem.pattern),
+                            target=problem.has_target)
         return why or self._size_limit(problem)
 
-    def can_take(self, pattern_kind: str, objective: str, pattern: Optional[str] = None) -> Optional[str]:
-        """None if this solver, with its options, takes the pattern kind and objective, else one
-        line saying why not: the check to make before any work starts."""
-        return self.why_not_kind(pattern_kind, objective, pattern) or self._options_conflict(objective)
+    def can_take(self, pattern_kind: str, objective: str, pattern: Optional[str] = None, *,
+                 target: bool = False) -> Optional[str]:
+        """None if this solver, with its options, takes the pattern kind and objective (with a
+        dense target if ``target``), else one line saying why not: the check to make before any
+        work starts."""
+        return self.why_not_kind(pattern_kind, objective, pattern, target=target) or self._options_conflict(objective)
 
     def _options_conflict(self, objective: str) -> Optional[str]:
         """Override: a line if the given options do not fit the objective."""
         return None
 
     @classmethod
-    def why_not_kind(cls, pattern_kind: str, objective: str, pattern: Optional[str] = None) -> Optional[str]:
-        """None if this solver takes the pattern kind and the objective, else one line saying
-        why not (packages first). ``pattern`` is the pattern as the user wrote it, for the message."""
+    def why_not_kind(cls, pattern_kind: str, objective: str, pattern: Optional[str] = None, *,
+                     target: bool = False) -> Optional[str]:
+        """None if this solver takes the pattern kind and the objective (with a dense target if
+        ``target``), else one line saying why not (packages first). ``pattern`` is the pattern
+        as the user wrote it, for the message."""
         missing = cls.missing_packages()
         if missing:
             return f"solver {cls.name!r} needs the package(s) {', '.join(missing)} (pip install {' '.join(missing)})"
@@ -329,6 +340,9 @@ class Solver:
                     f"(takes {', '.join(sorted(cls.patterns))})")
         if objective not in cls.objectives:
             return f"solver {cls.name!r} cannot take objective {objective!r}"
+        if target and objective not in cls.targets:
+            return (f"solver {cls.name!r} cannot take objective {objective!r} with a dense target "
+                    f"(it does not model the target's linear term)")
         return None
 
     def _size_limit(self, problem: LayerProblem) -> Optional[str]:
@@ -345,6 +359,7 @@ class Solver:
             "certifies": cls.certifies,
             "exact": cls.exact,
             "uses_init": cls.uses_init,
+            "targets": sorted(cls.targets & cls.objectives),
             "description": cls.description,
             "options": [o.describe() for o in cls.declared_options().values()],
         }
@@ -364,7 +379,7 @@ class Solver:
         if init is not None:
             init = problem.check_mask(init)
         start = time.perf_counter()
-        proposal = self._solve(problem, params, init, callback)
+        proposal = self._solve_target(problem, params, init, callback)
         seconds = time.perf_counter() - start
         return finalize(self.name, problem, proposal, seconds, params)
 
@@ -376,7 +391,24 @@ class Solver:
         why = self.why_not(problem)
         if why:
             raise SolverError(why)
-        return self._solve(problem, params or Params(), None, None)
+        return self._solve_target(problem, params or Params(), None, None)
+
+    def _solve_target(self, problem: LayerProblem, params: Params, init: Optional[torch.Tensor],
+                      callback: Optional[Callback]) -> Proposal:
+        """``_solve``, on the standard view for ``reconstruct`` with a dense target.
+
+        The view's objective is the problem's minus the constant ``Σ_r c_r``
+        (:meth:`LayerProblem.standard_view`), so its mask and weights are the problem's and
+        its bound, plus that constant, is the problem's bound. Objectives the backend reports
+        along the way (``history``, callback events) are the view's, without the constant.
+        """
+        if not (problem.has_target and problem.objective_kind == "reconstruct"):
+            return self._solve(problem, params, init, callback)
+        proposal = self._solve(problem.standard_view(), params, init, callback)
+        if proposal.lower_bound is not None:
+            proposal.lower_bound += problem.target_offset
+            proposal.bound_source = f"{proposal.bound_source or 'bound'} + dense-target offset"
+        return proposal
 
     def _solve(self, problem: LayerProblem, params: Params, init: Optional[torch.Tensor],
                callback: Optional[Callback]) -> Proposal:

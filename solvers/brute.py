@@ -63,7 +63,8 @@ def _count_supports(problem: LayerProblem) -> int:
 
 
 def _row_table(problem: LayerProblem, supports: torch.Tensor) -> torch.Tensor:
-    """errors[r, c] of row r on support c, by the problem's own objective. Returns (d_out, C)."""
+    """errors[r, c] of row r on support c, by the problem's own objective (dense targets
+    included). Returns (d_out, C)."""
     C = supports.shape[0]
     out = torch.empty(problem.d_out, C, dtype=torch.float64)
     for r in range(problem.d_out):
@@ -73,7 +74,7 @@ def _row_table(problem: LayerProblem, supports: torch.Tensor) -> torch.Tensor:
         for k in sizes.unique().tolist():
             sel = (sizes == k).nonzero().flatten()
             Wr = problem.W[r:r + 1].expand(len(sel), -1)
-            sub = LayerProblem(Wr, problem.G, PerRow(keep=int(k)), problem.objective_kind)
+            sub = LayerProblem(Wr, problem.G, PerRow(keep=int(k)), problem.objective_kind, problem.C, problem.G0)
             out[r, sel] = sub.row_errors(supports[sel].to(problem.device)).cpu()
     return out
 
@@ -84,6 +85,7 @@ class BruteForce(Solver):
     name = "brute"
     option_specs = (Option("max_supports", int, MAX_SUPPORTS, "largest number of supports per row it enumerates", low=1),)
     description = "exhaustive enumeration (reference optimum, tiny layers)"
+    targets = frozenset({"mask", "reconstruct"})  # enumerates the problem's own objective
     certifies = True
     exact = True
 

@@ -21,6 +21,7 @@ class Magnitude(Solver):
 
     name = "magnitude"
     description = "magnitude pruning: keep the largest |W| (data-free baseline)"
+    targets = frozenset({"mask", "reconstruct"})  # the mask ignores the objective
 
     def _solve(self, problem: LayerProblem, params: Params, init, callback) -> Proposal:
         device, dtype = working(problem, params)

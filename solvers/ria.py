@@ -54,6 +54,7 @@ class RIA(Solver):
     name = "ria"
     option_specs = (Option("a", float, 0.5, "exponent of the input-activation norm", low=0.0),)
     description = "RIA: (|W|/colsum + |W|/rowsum)·‖X_j‖^a (Zhang et al. 2024)"
+    targets = frozenset({"mask", "reconstruct"})  # the mask ignores the objective
 
     def _solve(self, problem: LayerProblem, params: Params, init, callback) -> Proposal:
         a = self.option("a")

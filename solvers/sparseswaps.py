@@ -8,7 +8,12 @@ vector is ``u = w ⊙ (1 − m)``, its error ``uᵀGu`` and ``c = Gu``. Swapping
     Δ_{ij} = a_i + b_j − 2 w_i w_j G_{ij},\qquad
     a_i = w_i^2 G_{ii} + 2 w_i c_i,\quad b_j = w_j^2 G_{jj} − 2 w_j c_j,
 
-and after the swap ``c ← c + w_i G_{:,i} − w_j G_{:,j}``. Each step applies, in every row
+and after the swap ``c ← c + w_i G_{:,i} − w_j G_{:,j}``.
+
+Dense target (CONTRACT.md): the error of ``v = w − u`` is ``uᵀGu + 2uᵀg + k`` with
+``g = (C − G)w`` (:meth:`LayerProblem.mask_linear`) and ``k`` constant. Pruning ``i`` adds
+``2w_i g_i``, keeping ``j`` removes ``2w_j g_j``: the same ``Δ`` with ``c = Gu + g``, and the
+same update of ``c`` (``g`` does not change with the mask). Each step applies, in every row
 still improving, the pair of smallest ``Δ`` (``nm``: ``i`` and ``j`` in the same block of
 ``M``). A row stops when no pair improves its error by more than a round-off tolerance, i.e.
 at a 1-swap local optimum: the search is monotone and never worsens its warm start.
@@ -181,6 +186,7 @@ class SparseSwaps(Solver):
         Option("refresh", int, 50, "steps between exact recomputations of c = G u", low=1),
     )
     description = "SparseSwaps: best-improvement 1-swap local search on the mask objective"
+    targets = frozenset({"mask"})  # the target's linear term enters c (see the module docstring)
     patterns = frozenset({"per-row", "nm"})
     objectives = frozenset({"mask"})
     uses_init = True
@@ -210,7 +216,9 @@ class SparseSwaps(Solver):
             G_blocks = torch.stack([G[s * nm.m:(s + 1) * nm.m, s * nm.m:(s + 1) * nm.m] for s in range(nb)])
 
         kept = start_mask.clone()
-        C = (W * ~kept) @ G
+        lin = problem.mask_linear()  # (d_out, d_in) or None: the dense target's linear term
+        lin = None if lin is None else lin.to(device=device, dtype=dtype)
+        C = (W * ~kept) @ G if lin is None else (W * ~kept) @ G + lin
         active = torch.arange(problem.d_out, device=device)
         steps = swaps = 0
         limit, history = None, []
@@ -225,9 +233,11 @@ class SparseSwaps(Solver):
                     break
                 if steps and steps % refresh == 0:
                     C[active] = (W[active] * ~kept[active]) @ G
+                    if lin is not None:
+                        C[active] += lin[active]
                 w, c, m = W[active], C[active], kept[active]
                 a, b = swap_terms(w, c, gdiag, m)
-                err = ((w * ~m) * c).sum(dim=1)
+                err = ((w * ~m) * c).sum(dim=1)  # uᵀGu (uᵀGu + uᵀg with a target: a scale only)
                 thresh = -tol * err.abs().clamp_min(torch.finfo(dtype).tiny)
                 if nm is not None:
                     delta, i, j = best_block_pairs(a, b, w, G_blocks)

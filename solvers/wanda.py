@@ -22,6 +22,7 @@ class Wanda(Solver):
 
     name = "wanda"
     description = "Wanda: |W|·‖X_j‖₂ per output row (Sun et al. 2023)"
+    targets = frozenset({"mask", "reconstruct"})  # the mask ignores the objective
 
     def _solve(self, problem: LayerProblem, params: Params, init, callback) -> Proposal:
         device, dtype = working(problem, params)

@@ -252,9 +252,13 @@ def test_values_that_overflow_are_refused():
 def test_dense_targets_in_files(tmp_path):
     W, G = np.ones((2, 3)), np.eye(3)
     np.savez(tmp_path / "same.npz", W=W, G=G, C=G, G0=G)  # C = G0 = G: the file's own problem
-    assert load_instance(tmp_path / "same.npz", pattern="per-row:3").objective(np.ones((2, 3), bool)) == 0.0
+    same = load_instance(tmp_path / "same.npz", pattern="per-row:3")
+    assert same.objective(np.ones((2, 3), bool)) == 0.0 and not same.has_target
+    np.savez(tmp_path / "half.npz", W=W, G=G, C=0.5 * G, G0=G)  # X̃, X correlated by 1/2: ‖X̃w − Xw‖² = ‖w‖²
+    half = load_instance(tmp_path / "half.npz", pattern="per-row:3")
+    assert half.has_target and half.objective(np.ones((2, 3), bool)) == pytest.approx(2 * 3)
     for name, extra, match in [("c.npz", dict(C=G), "without G0"), ("g0.npz", dict(G0=G), "without C"),
-                               ("diff.npz", dict(C=0.5 * G, G0=G), "not supported"),
+                               ("diff.npz", dict(C=2.0 * G, G0=G), "do not fit G"),
                                ("nan.npz", dict(C=G, G0=np.full((3, 3), np.nan)), "NaN")]:
         np.savez(tmp_path / name, W=W, G=G, **extra)
         with pytest.raises(ProblemError, match=match):

@@ -54,8 +54,10 @@ def test_bound_le_optimum_le_every_feasible_result(problem):
 
 
 @settings(max_examples=examples(0.6))
-@given(tiny_problems(max_d_in=6, max_d_out=2), st.sampled_from([0.1, 3.0]))
+@given(tiny_problems(max_d_in=6, max_d_out=2), st.sampled_from([0.125, 4.0]))
 def test_scaling_w_scales_the_optimum(problem, c):
+    # powers of two: cW is exact in float32 storage too (0.1·W rounded there, and a nearly
+    # singular G amplified that to 1.4e-7 relative: a float32 instance failed at c = 0.1)
     a = make_solver("brute").solve(problem).objective
     b = make_solver("brute").solve(problem.replace(W=problem.W * c)).objective
     assert b == pytest.approx(c * c * a, rel=1e-7, abs=1e-12 * c * c * problem.scale)

@@ -145,6 +145,65 @@ class _GramAccumulator:
             raise ProblemError("no calibration tokens reached this layer")
         return self.sum / self.n
 
+    def targets(self) -> tuple[None, None]:
+        """No dense targets: the layer's own outputs are the target."""
+        return None, None
+
+
+class _TargetAccumulator:
+    """Pre-hooks on one linear of the pruned block and on the same linear of its dense twin,
+    accumulating in float64, token by token in the same order,
+
+    ``G = Σ x̃ᵀx̃ / n``, ``C = Σ x̃ᵀx / n`` and ``G0 = Σ xᵀx / n``
+
+    with ``x̃`` the pruned model's inputs to the linear and ``x`` the dense model's (CONTRACT.md's
+    dense targets). The pruned block runs first on a batch (its inputs are kept, in their own
+    dtype, until the dense twin has run on the same batch); ``stop=True`` ends each forward
+    right after the linear.
+    """
+
+    def __init__(self, d_in: int, device: torch.device, stop: bool = False):
+        zeros = dict(dtype=torch.float64, device=device)
+        self.sum = torch.zeros(d_in, d_in, **zeros)
+        self.cross = torch.zeros(d_in, d_in, **zeros)
+        self.dense_sum = torch.zeros(d_in, d_in, **zeros)
+        self.n = 0
+        self.stop = stop
+        self._pending: list[torch.Tensor] = []
+
+    def pruned_hook(self, module, args):
+        self._pending.append(args[0].detach())
+        if self.stop:
+            raise _Stop
+
+    def dense_hook(self, module, args):
+        if not self._pending:
+            raise ProblemError("the dense block called a linear the pruned block did not")
+        xt = self._pending.pop(0)
+        x = args[0].detach()
+        if xt.shape != x.shape:
+            raise ProblemError(f"the pruned and dense inputs of a linear differ in shape: "
+                               f"{tuple(xt.shape)} vs {tuple(x.shape)}")
+        xt = xt.reshape(-1, xt.shape[-1]).to(torch.float64)
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        self.sum.addmm_(xt.T, xt)
+        self.cross.addmm_(xt.T, x)
+        self.dense_sum.addmm_(x.T, x)
+        self.n += x.shape[0]
+        if self.stop:
+            raise _Stop
+
+    def gram(self) -> torch.Tensor:
+        """``G = Σ x̃ᵀx̃ / n``: (d_in, d_in) float64."""
+        if self.n == 0:
+            raise ProblemError("no calibration tokens reached this layer")
+        return self.sum / self.n
+
+    def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(C, G0) = (Σ x̃ᵀx / n, Σ xᵀx / n)``: (d_in, d_in) float64 each."""
+        self.gram()
+        return self.cross / self.n, self.dense_sum / self.n
+
 
 def _accumulate(block: nn.Module, batches: list[_Batch], linears: dict[str, nn.Linear],
                 groups: list[list[str]], stop_early: bool) -> dict[str, _GramAccumulator]:
@@ -163,6 +222,33 @@ def _accumulate(block: nn.Module, batches: list[_Batch], linears: dict[str, nn.L
                     _call_block(block, b)
                 except _Stop:
                     pass
+    finally:
+        for h in handles:
+            h.remove()
+    return accs
+
+
+def _accumulate_targets(block: nn.Module, dense_block: nn.Module, batches: list[_Batch], dense_batches: list[_Batch],
+                        linears: dict[str, nn.Linear], dense_linears: dict[str, nn.Linear], groups: list[list[str]],
+                        stop_early: bool) -> dict[str, _TargetAccumulator]:
+    """:func:`_accumulate` with dense targets: per batch the pruned block on the pruned model's
+    hidden states, then its dense twin on the dense model's (same tokens); one
+    :class:`_TargetAccumulator` per group, keyed by its first member."""
+    accs, handles = {}, []
+    for g in groups:
+        lin = linears[g[0]]
+        acc = _TargetAccumulator(lin.in_features, lin.weight.device, stop=stop_early)
+        accs[g[0]] = acc
+        handles.append(lin.register_forward_pre_hook(acc.pruned_hook))
+        handles.append(dense_linears[g[0]].register_forward_pre_hook(acc.dense_hook))
+    try:
+        with torch.no_grad():
+            for b, db in zip(batches, dense_batches, strict=True):
+                for module, batch in ((block, b), (dense_block, db)):
+                    try:
+                        _call_block(module, batch)
+                    except _Stop:
+                        pass
     finally:
         for h in handles:
             h.remove()

@@ -17,6 +17,7 @@ from layerprune.settings import (SettingError, check_values, nonempty, nonnegati
                                  parse_solver_options, positive_float, positive_int, setting, split_list)
 from layerprune.solvers import Params
 
+from .loop import TARGETS, check_target
 from .plan import DEFAULT_SOLVER, _plan, build_solvers, check_settings
 from .structure import find_blocks, resolve_device
 
@@ -44,6 +45,9 @@ class PruneConfig:
     pattern: str = setting("per-row:0.5", "per-row:0.5 | nm:2:4 | unstructured:0.6 | columns:0.3 (pruned fractions)",
                            metavar="PATTERN", type=nonempty)
     objective: str = setting("mask", "layer error with the kept weights fixed or refitted", choices=OBJECTIVES)
+    target: str = setting("layer", "match each layer's own outputs on the pruned model's inputs, or the dense "
+                          "model's outputs (dense: one more copy of the calibration hidden states)",
+                          choices=TARGETS)
     nsamples: int = setting(64, "calibration sequences", type=positive_int)
     seqlen: int = setting(256, "tokens per calibration sequence and per evaluation window", type=window_length)
     calib: Optional[str] = setting(None, "calibration text: bundled name, file, directory or datasets name",
@@ -131,7 +135,9 @@ def check_solvers(config: PruneConfig) -> None:
     its options (the option checks include ``init_solver``, the solver it starts from)."""
     overrides = dict(config.overrides or {})
     check_settings(config.pattern, config.objective, config.solver, overrides, config.init)
-    build_solvers(config.solver, overrides, config.init, config.solver_options, config.pattern, config.objective)
+    solvers = build_solvers(config.solver, overrides, config.init, config.solver_options, config.pattern,
+                            config.objective)
+    check_target(config.target, solvers, config.pattern, config.objective, config.prune_lm_head)
 
 
 def _check_no_overlap(calib_source: str, eval_sources: list[str]) -> None:

@@ -119,7 +119,7 @@ def _prune(model: nn.Module, calib_ids: torch.Tensor, checked: Checked, config: 
                        objective=config.objective, overrides=config.overrides,
                        solver_options=config.solver_options, init=config.init, params=checked.params,
                        device=checked.device, sequential_order=config.sequential_order,
-                       prune_lm_head=config.prune_lm_head, progress=config.progress)
+                       prune_lm_head=config.prune_lm_head, progress=config.progress, target=config.target)
 
 
 def _report(model: nn.Module, config: PruneConfig, checked: Checked, calib_ids: torch.Tensor,

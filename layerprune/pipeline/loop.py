@@ -10,23 +10,27 @@ takes its place in :func:`_prune_block`.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
-from layerprune.problems import LayerProblem, ProblemError
+from layerprune.problems import LayerProblem, ProblemError, parse_pattern
 from layerprune.solvers import Params, Result, Solver, SolverError, make_solver
 
 from ..report import LayerRecord, pack_mask
-from .capture import (CALIB_BATCH, _accumulate, _Batch, _GramAccumulator, _propagate, _Stop,
+from .capture import (CALIB_BATCH, _accumulate, _accumulate_targets, _Batch, _GramAccumulator, _propagate, _Stop,
                       capture_block_inputs, linear_groups)
 from .measure import release_memory
 from .plan import DEFAULT_SOLVER, _Layer, _plan, build_solvers
-from .structure import _eval_mode, _model_device, _on_device, find_blocks
+from .structure import _eval_mode, _model_device, _on_device, find_blocks, find_linears
 
-__all__ = ["PruningInterrupted", "prune_model", "BlockState", "SolveSettings"]
+__all__ = ["PruningInterrupted", "prune_model", "BlockState", "SolveSettings", "TARGETS", "check_target"]
+
+#: what each layer's pruned outputs should match (``prune_model(target=…)``, ``--target``)
+TARGETS = ("layer", "dense")
 
 
 class PruningInterrupted(KeyboardInterrupt):
@@ -70,11 +74,30 @@ class BlockState:
     layers: dict[str, _Layer]
     batches: list[_Batch]
     groups: list[list[str]] = field(default_factory=list)
+    dense: Optional["DenseTwin"] = None
 
     @property
     def linears(self) -> dict[str, nn.Linear]:
         """The target linears by name inside the block."""
         return {local: layer.linear for local, layer in self.layers.items()}
+
+
+@dataclass
+class DenseTwin:
+    """The dense model beside the pruned one (``target="dense"``).
+
+    module : a copy of the block being pruned, with its dense weights (one block)
+    batches : the dense model's inputs to the block, one per calibration mini-batch (the
+        hidden states differ from :attr:`BlockState.batches`; the rest of the call is shared)
+    """
+
+    module: nn.Module
+    batches: list[_Batch]
+
+    @property
+    def linears(self) -> dict[str, nn.Linear]:
+        """The copy's target linears by name inside the block (the names of the pruned block's)."""
+        return find_linears(self.module)
 
 
 @dataclass
@@ -119,7 +142,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
                 device: Union[None, str, torch.device] = None, sequential_order: bool = False,
                 prune_lm_head: bool = False, progress: bool = True,
                 callback: Optional[Callable[[LayerRecord], Any]] = None,
-                batch_size: int = CALIB_BATCH) -> list[LayerRecord]:
+                batch_size: int = CALIB_BATCH, target: str = "layer") -> list[LayerRecord]:
     """Prune every target linear of every decoder block, block after block.
 
     Parameters
@@ -143,6 +166,12 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
     prune_lm_head : also prune the output projection (untied from the embeddings first)
     progress : tqdm bars over blocks and layers
     callback : called with each :class:`LayerRecord` once the layer is written
+    target : what each layer's pruned outputs should match. ``"layer"``: the layer's own dense
+        weights on the inputs it sees in the pruned model (``‖X̃(w − v)‖²``). ``"dense"``: the
+        dense model's outputs (``‖X̃v − Xw‖²``, CONTRACT.md's dense targets): a dense copy of
+        the current block and a dense stream of hidden states run beside the pruned ones, and
+        each layer's problem gets ``C = X̃ᵀX``, ``G0 = XᵀX`` (memory: one more copy of the
+        calibration hidden states and of one block's weights; the block runs twice per pass)
 
     Returns
     -------
@@ -155,6 +184,8 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
     PruningInterrupted : on Ctrl-C; the layers in ``.records`` have been written
     """
     _check_calibration_ids(calib_ids)
+    if target not in TARGETS:
+        raise ProblemError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     overrides = dict(overrides or {})
     home = _model_device(model)
     device = torch.device(device) if device is not None else home
@@ -162,19 +193,43 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
     plan = _plan(model, blocks, path, pattern, objective, solver, overrides, init, prune_lm_head)
     settings = SolveSettings(pattern, objective, build_solvers(solver, overrides, init, solver_options, pattern, objective),
                              init, params or Params())
+    check_target(target, settings.solvers, pattern, objective, prune_lm_head)
     written = _Progress(plan.total, callback, progress)
     with _eval_mode(model), _interrupted_after(written), contextlib.closing(written):
         batches = capture_block_inputs(model, blocks, calib_ids, device, batch_size)
+        dense_batches = [_Batch(b.hidden.clone(), b.args, b.kwargs) for b in batches] if target == "dense" else None
         for index, layers in enumerate(plan.blocks):
             state = BlockState(index, blocks[index], {layer.local: layer for layer in layers}, batches)
             written.block(index, len(blocks))
             with _on_device(state.module, device, home):
+                if dense_batches is not None:
+                    state.dense = DenseTwin(copy.deepcopy(state.module), dense_batches)
                 _prune_block(state, settings, sequential_order, written)
                 _propagate(state.module, state.batches)
+                if state.dense is not None:
+                    _propagate(state.dense.module, state.dense.batches)
+                    state.dense = None
             release_memory()  # the block's forward and solver temporaries
         if plan.lm_head is not None:
             written.add(_prune_lm_head(model, plan.lm_head, calib_ids, device, batch_size, settings))
     return written.records
+
+
+def check_target(target: str, solvers: dict[str, Solver], pattern: str, objective: str,
+                 prune_lm_head: bool) -> None:
+    """One line (``SolverError``) if ``target="dense"`` cannot run with these settings: a
+    solver that does not take the objective with a dense target (``Solver.can_take``), or the
+    output projection (its dense inputs are not followed)."""
+    if target != "dense":
+        return
+    if prune_lm_head:
+        raise SolverError("--target dense does not cover --prune-lm-head (the head's dense inputs are not "
+                          "followed); prune lm_head with --target layer")
+    kind = parse_pattern(pattern).name
+    for solver in solvers.values():
+        why = solver.can_take(kind, objective, pattern, target=True)
+        if why:
+            raise SolverError(f"--target dense: {why}")
 
 
 def _check_calibration_ids(calib_ids: torch.Tensor) -> None:
@@ -194,13 +249,15 @@ def _interrupted_after(written: _Progress) -> Iterator[None]:
 # ---------------------------------------------------------------------------- one block
 def _prune_block(state: BlockState, settings: SolveSettings, sequential_order: bool,
                  written: _Progress) -> None:
-    """Group the block's linears, then per group: its Gram matrix, each layer solved and written."""
+    """Group the block's linears, then per group: its Gram matrix (and dense targets), each layer
+    solved and written."""
     _group_linears(state)
     for group, acc in _group_grams(state, sequential_order):
         G = acc.gram()
+        C, G0 = acc.targets()
         for local in group:
             layer = state.layers[local]
-            solved = _solve_layer(layer, G, acc.n, settings)
+            solved = _solve_layer(layer, G, acc.n, settings, C, G0)
             _write_back(layer.linear, solved.weights)
             written.add(solved.record)
     written.skip(len(state.layers) - sum(len(g) for g in state.groups))  # never called: stay dense
@@ -216,13 +273,20 @@ def _group_grams(state: BlockState, sequential_order: bool) -> Iterator[tuple[li
 
     All groups' Gram matrices come from one pass over the block's inputs; with
     ``sequential_order`` each group's is captured only when the generator resumes, i.e. after
-    the groups before it have been written back.
+    the groups before it have been written back. With a dense twin (``state.dense``) each pass
+    also runs the twin on the dense inputs, and the accumulators hold ``C`` and ``G0`` too.
     """
+    def accumulate(groups, stop_early):
+        if state.dense is None:
+            return _accumulate(state.module, state.batches, state.linears, groups, stop_early=stop_early)
+        return _accumulate_targets(state.module, state.dense.module, state.batches, state.dense.batches,
+                                   state.linears, state.dense.linears, groups, stop_early=stop_early)
+
     if sequential_order:
         for group in state.groups:
-            yield group, _accumulate(state.module, state.batches, state.linears, [group], stop_early=True)[group[0]]
+            yield group, accumulate([group], True)[group[0]]
         return
-    accs = _accumulate(state.module, state.batches, state.linears, state.groups, stop_early=False)
+    accs = accumulate(state.groups, False)
     for group in state.groups:
         yield group, accs[group[0]]
 
@@ -233,11 +297,13 @@ def _write_back(linear: nn.Linear, weights: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------- one layer
-def _solve_layer(layer: _Layer, G: torch.Tensor, ntokens: int, settings: SolveSettings) -> _Solved:
-    """Build the layer's problem (``G``: (d_in, d_in) float64 over ``ntokens`` tokens), solve it
-    with its solver, and return the weights to write and the layer's record."""
+def _solve_layer(layer: _Layer, G: torch.Tensor, ntokens: int, settings: SolveSettings,
+                 C: Optional[torch.Tensor] = None, G0: Optional[torch.Tensor] = None) -> _Solved:
+    """Build the layer's problem (``G``: (d_in, d_in) float64 over ``ntokens`` tokens; with dense
+    targets ``C``, ``G0`` alike), solve it with its solver, and return the weights to write and
+    the layer's record."""
     problem = LayerProblem.create(layer.linear.weight.detach(), G, pattern=settings.pattern,
-                                  objective=settings.objective)
+                                  objective=settings.objective, C=C, G0=G0)
     wanda = _wanda_reference(problem, settings.params)
     solver = settings.solvers[layer.solver]
     init_mask = _start_mask(problem, solver, wanda, settings)
