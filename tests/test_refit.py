@@ -147,3 +147,16 @@ def test_sparsegpt_start_is_improved_on_a_real_like_layer():
     res = make_solver("sparsegpt").solve(p, params=Params(refit="cg"))
     assert res.objective <= res.info["own_weights_objective"]
     assert _relative_excess(p, res.weights, res.mask) <= 1e-4 * max(1.0, res.objective / p.scale)
+
+
+def test_finalize_keeps_own_rows_that_cg_would_worsen():
+    """From the exact minimiser, float32 CG can only add rounding: every row keeps its own weights."""
+    from layerprune.solvers.base import _refit
+
+    p = _problem(16, 64, seed=9)
+    mask = _wanda_mask(p)
+    own = p.refit(mask)
+    info = {}
+    weights, objective = _refit(p, mask, own, Params(refit="cg", refit_max_iter=2), info)
+    assert (p.weight_errors(weights) <= p.weight_errors(own)).all()
+    assert info["refit"]["rows_kept_own_weights"] > 0 and objective <= info["own_weights_objective"]
