@@ -10,7 +10,7 @@
     relative index, on a DCT eigenbasis with random signs and permutation (``scipy.fft``: no
     d³ work); ``D`` are channel scales ``sqrt(G_jj)`` drawn from the same real layer, outlier
     channels included; ``W`` entries drawn from its weights. Each method runs in its own
-    subprocess (peak RSS = that process's ``ru_maxrss``, loading included) on the first
+    subprocess (peak RSS = that process's ``VmHWM``, loading included) on the first
     ``--rows`` rows; SparseGPT's factorisation is timed whole, its sweep, PCG and the exact
     refit (``--exact-rows`` rows) per row and extrapolated linearly to all ``d_out`` rows.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -43,7 +42,12 @@ def _commit() -> str:
 
 
 def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak RSS (``VmHWM``: unlike ``ru_maxrss`` it is not inherited from the
+    parent that forked the process)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def _timed(f):
