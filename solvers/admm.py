@@ -29,9 +29,10 @@ uses that mask, the next ``T_m − 1`` re-select at the final pattern (the publi
 has no warm start; docs/DECISIONS.md records why it is the default here).
 
 The damping makes this a heuristic for the undamped objective: no lower bound. Its own
-weights ``Z`` are returned; the solver contract then refits the mask exactly (DESIGN.md:
-"an exact refit on the final support is cheap and helps") and records the ADMM weights'
-error as ``info["own_weights_objective"]``.
+weights ``Z`` are returned; the solver contract then refits the mask (DESIGN.md: "an exact
+refit on the final support is cheap and helps"; on large layers ``Params.refit`` makes it CG
+from these weights, never worse per row) and records the ADMM weights' error as
+``info["own_weights_objective"]``.
 """
 from __future__ import annotations
 

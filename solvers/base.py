@@ -4,8 +4,10 @@ Every backend subclasses :class:`Solver`, declares what it can take as class att
 implements :meth:`Solver._solve`, which returns a :class:`Proposal` (a mask, optionally its
 own weights, and a lower bound with its source). :meth:`Solver.solve` wraps it: it checks
 the problem fits, times the run, re-scores the mask with the problem's own objective, for
-``reconstruct`` refits the kept weights exactly, and keeps the status honest (a run that
-stopped on a limit is ``feasible``; ``optimal`` only when the bound proves it).
+``reconstruct`` refits the kept weights (exactly, or by CG on large layers: the objective is
+then the returned weights' exact error, an upper bound, and ``info`` says so), and keeps the
+status honest (a run that stopped on a limit is ``feasible``; ``optimal`` only when the bound
+proves it).
 
 Heavy packages (pyscipopt, ortools, cvxpy) are imported inside ``_solve``, never at module
 import, so listing and checking solvers costs nothing.
@@ -22,6 +24,7 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 
 from layerprune.problems import LayerProblem
+from layerprune.problems.refit import DEFAULT_MAX_ITER, DEFAULT_TOL, REFIT_METHODS, refit_weights
 
 from .options import Option, OptionError
 
@@ -104,6 +107,10 @@ class Params:
     verbose : let the backend print its log
     max_iter : iteration cap of iterative solvers (None = the solver's default)
     threads : CPU threads a MIP backend may use (None = its default)
+    refit : how ``reconstruct`` results are refitted: ``exact`` (batched Cholesky), ``cg``
+        (batched preconditioned CG from the solver's own weights, :mod:`problems.refit`) or
+        ``auto`` (exact on small layers, CG above :data:`problems.refit.EXACT_MAX_FLOPS`)
+    refit_tol, refit_max_iter : CG's relative residual tolerance and iteration cap per row
     """
 
     time_limit: Optional[float] = None
@@ -114,8 +121,15 @@ class Params:
     verbose: bool = False
     max_iter: Optional[int] = None
     threads: Optional[int] = None
+    refit: str = "auto"
+    refit_tol: float = DEFAULT_TOL
+    refit_max_iter: int = DEFAULT_MAX_ITER
 
     def __post_init__(self):
+        if self.refit not in REFIT_METHODS:
+            raise ValueError(f"refit must be one of {REFIT_METHODS}, got {self.refit!r}")
+        if not self.refit_tol > 0 or self.refit_max_iter < 0:
+            raise ValueError("refit_tol must be > 0 and refit_max_iter ≥ 0")
         tl = self.time_limit
         if tl is not None:
             if isinstance(tl, bool) or not isinstance(tl, (int, float)) or math.isnan(tl) or tl <= 0:
@@ -166,10 +180,13 @@ class Result:
     """A solved layer: everything says how good it is.
 
     mask : (d_out, d_in) bool tensor (True = kept) or None
-    weights : (d_out, d_in) float64 pruned weights: ``W ⊙ mask`` for ``mask``, the exact
-        refit on the mask for ``reconstruct`` (the solver's own weights' error is kept in
+    weights : (d_out, d_in) float64 pruned weights: ``W ⊙ mask`` for ``mask``; for
+        ``reconstruct`` the refit on the mask (``Params.refit``): exact, or CG weights, each row
+        never worse than the solver's own (whose error is kept in
         ``info["own_weights_objective"]`` when it returned any)
-    objective : the problem's own exact score of ``mask``
+    objective : the problem's own exact score of ``mask``; under a CG refit the exact float64
+        error of the returned weights, an upper bound on the mask's ``reconstruct`` objective
+        (``info["refit"]`` says how it was obtained and ``info["objective_is_upper_bound"]``)
     lower_bound, bound_source : certified bound on the optimum and how it was obtained
     status : see :class:`Status`
     limit : why it stopped early, a :class:`Limit` word (a ``str``) or None; ``limit_detail``
@@ -445,10 +462,7 @@ def finalize(name: str, problem: LayerProblem, p: Proposal, seconds: float, para
     mask = problem.check_mask(p.mask.to(problem.device))
     res.mask = mask
     if problem.objective_kind == "reconstruct":
-        if p.weights is not None:
-            res.info["own_weights_objective"] = problem.objective(mask, weights=p.weights.to(problem.device) * mask)
-        res.weights = problem.refit(mask)
-        res.objective = float(problem.weight_errors(res.weights).sum())
+        res.weights, res.objective = _refit(problem, mask, p.weights, params, res.info)
     else:
         res.weights = problem.W.to(torch.float64) * mask
         res.objective = float(problem.weight_errors(res.weights).sum())
@@ -471,3 +485,32 @@ def finalize(name: str, problem: LayerProblem, p: Proposal, seconds: float, para
                 res.limit_detail = "claimed optimal; the exact re-score leaves a gap above gap_tol"
             res.info["claimed_optimal"] = True
     return res
+
+
+def _refit(problem: LayerProblem, mask: torch.Tensor, own: Optional[torch.Tensor], params: Params,
+           info: dict) -> tuple[torch.Tensor, float]:
+    """The ``reconstruct`` weights of ``mask`` and their exact float64 error, per ``params.refit``.
+
+    CG starts from the solver's own weights ``own`` (else ``W ⊙ M``); any row it left worse
+    than ``own`` (float32 rounding) takes ``own``'s row. ``info`` gets ``own_weights_objective``
+    and ``refit`` (method, iterations, residual, tolerance, converged).
+    """
+    own_errors = None
+    if own is not None:
+        own = own.to(device=problem.device, dtype=torch.float64) * mask
+        own_errors = problem.weight_errors(own)
+        info["own_weights_objective"] = float(own_errors.sum())
+    dtype = params.dtype if params.dtype in (torch.float32, torch.float64) else torch.float32
+    fit = refit_weights(problem, mask, own, method=params.refit, tol=params.refit_tol,
+                        max_iter=params.refit_max_iter, dtype=dtype)
+    weights, errors = fit.weights, problem.weight_errors(fit.weights)
+    info["refit"] = fit.describe()
+    if not fit.exact:
+        if own_errors is not None:
+            worse = errors > own_errors
+            weights[worse], errors[worse] = own[worse], own_errors[worse]
+            info["refit"]["rows_kept_own_weights"] = int(worse.sum())
+        info["objective_is_upper_bound"] = True
+        info["refit"]["objective"] = ("the exact error of the CG weights: an upper bound on the "
+                                      "mask's exact reconstruct objective")
+    return weights, float(errors.sum())

@@ -31,7 +31,8 @@ Mask selection, made exact for each pattern (the reference's rules with exact co
 
 Damping makes this a heuristic for the undamped objective: no lower bound. The solver returns
 its own OBS weights; ``finalize`` records their error as ``info["own_weights_objective"]``
-and then refits the mask exactly. If a Cholesky factorisation fails the damping is raised
+and then refits the mask (``Params.refit``: exactly on small layers, else by CG from these
+weights, never worse per row). If a Cholesky factorisation fails the damping is raised
 ×10 (up to ``max_damp_tries`` times); the value used is ``info["percdamp"]``.
 """
 from __future__ import annotations

@@ -184,6 +184,30 @@ def test_nm_pattern_and_reconstruct_objective():
     assert sparsity(model) == pytest.approx(0.5, abs=1e-3)
 
 
+def test_reconstruct_under_cg_refit_is_no_better_than_exact():
+    """The same prune with the CG refit forced: same masks (SparseGPT's do not depend on the
+    refit), every layer's objective the CG weights' error, an upper bound on the exact one."""
+    from layerprune.solvers import Params
+
+    records = {}
+    for refit in ("exact", "cg"):
+        model = tiny_llama()
+        records[refit] = prune_model(model, calib(), solver="sparsegpt", pattern="per-row:0.5",
+                                     objective="reconstruct", params=Params(refit=refit, refit_max_iter=3),
+                                     progress=False)
+        assert sparsity(model) == pytest.approx(0.5, abs=1e-3)
+    assert len(records["exact"]) == len(records["cg"]) > 0
+    above = []
+    for ex, cg in zip(records["exact"], records["cg"]):
+        assert ex.name == cg.name
+        # q, k, v of the first block see the same inputs in both runs; later layers do not
+        if ex.block == records["exact"][0].block and ex.name.endswith(("q_proj", "k_proj", "v_proj")):
+            assert torch.equal(ex.mask, cg.mask)
+            assert cg.objective >= ex.objective * (1 - 1e-9)
+            above.append(cg.objective > ex.objective * (1 + 1e-9))
+    assert len(above) == 3 and any(above)  # 3 CG iterations leave some layer above the exact refit
+
+
 def test_perplexity_matches_manual_computation():
     model = tiny_llama()
     g = torch.Generator().manual_seed(5)

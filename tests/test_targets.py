@@ -271,3 +271,19 @@ def test_solve_on_a_file_with_targets(tmp_path, capsys):
     err = capsys.readouterr().err
     if get_solver_class("scip").is_installed():
         assert code == 2 and "dense target" in err and err.count("\n") == 1
+
+
+def test_cg_refit_fits_the_dense_target():
+    """Under targets the CG refit converges to the exact (target) refit, not to W's."""
+    from layerprune.problems.refit import refit_weights
+
+    gen = torch.Generator().manual_seed(5)
+    Xt, X = torch.randn(200, 24, generator=gen, dtype=torch.float64), torch.randn(200, 24, generator=gen, dtype=torch.float64)
+    X = 0.7 * Xt + 0.3 * X
+    W = torch.randn(6, 24, generator=gen, dtype=torch.float64)
+    p = LayerProblem.create(W, Xt.T @ Xt, C=Xt.T @ X, G0=X.T @ X, pattern="per-row:12", objective="reconstruct")
+    mask = p.round(torch.rand(6, 24, generator=gen, dtype=torch.float64))
+    exact = p.refit(mask)
+    cg = refit_weights(p, mask, method="cg", tol=1e-10, max_iter=500, dtype=torch.float64)
+    assert torch.allclose(cg.weights, exact, atol=1e-6 * float(exact.abs().max()))
+    assert p.objective(mask, weights=cg.weights) <= p.objective(mask) * (1 + 1e-9)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from layerprune.problems import LayerProblem, ProblemError, parse_pattern
+from layerprune.problems import LayerProblem, ProblemError, parse_pattern, refit_weights
 from layerprune.solvers import Params, Result, Solver, SolverError, make_solver
 
 from ..report import LayerRecord, pack_mask
@@ -313,9 +313,10 @@ def _solve_layer(layer: _Layer, G: torch.Tensor, ntokens: int, settings: SolveSe
         fallback = init_mask if settings.init is not None else (wanda.mask if wanda is not None else None)
         if fallback is None:
             raise SolverError(f"layer {layer.qualified}: solver {layer.solver!r} found no mask ({status})")
-        weights = problem.refit(fallback) if settings.objective == "reconstruct" else \
-            problem.W.to(torch.float64) * fallback
-        mask, value = fallback, problem.objective(fallback)
+        p = settings.params
+        weights = refit_weights(problem, fallback, method=p.refit, tol=p.refit_tol, max_iter=p.refit_max_iter).weights \
+            if settings.objective == "reconstruct" else problem.W.to(torch.float64) * fallback
+        mask, value = fallback, float(problem.weight_errors(weights).sum())
         limit = f"{limit or status}; fell back to {'init' if settings.init is not None else 'wanda'} mask"
     else:
         weights, mask, value = res.weights, res.mask, res.objective

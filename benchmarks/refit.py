@@ -1,0 +1,249 @@
+"""What the reconstruct refit costs: exact batched Cholesky against batched PCG (problems/refit.py).
+
+(a) ``real``: every linear of block ``--block`` of the bundled SmolLM2 (calibrated as ``layerprune
+    prune`` does: Austen, 64 × 256 tokens, seed 0), per-row 50%; SparseGPT's mask and own weights;
+    the exact refit and PCG from SparseGPT's weights (float32), each timed, and their objectives
+    (float64 re-score) against the exact one.
+(b) ``synthetic``: LLaMA-7B-shaped layers 4096×11008 (``down_proj``) and 11008×4096 (``up``/``gate``).
+    ``G = D·G̃·D``: ``G̃`` has the eigenvalues of a real SmolLM2 layer's unit-diagonal Gram
+    (``down_proj``'s for 11008 inputs, ``q_proj``'s for 4096), interpolated in log scale over the
+    relative index, on a DCT eigenbasis with random signs and permutation (``scipy.fft``: no
+    d³ work); ``D`` are channel scales ``sqrt(G_jj)`` drawn from the same real layer, outlier
+    channels included; ``W`` entries drawn from its weights. Each method runs in its own
+    subprocess (peak RSS = that process's ``VmHWM``, loading included) on the first
+    ``--rows`` rows; SparseGPT's factorisation is timed whole, its sweep, PCG and the exact
+    refit (``--exact-rows`` rows) per row and extrapolated linearly to all ``d_out`` rows.
+
+Usage (one run, ratios from the same load)::
+
+    python benchmarks/refit.py --out benchmarks/results/refit
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SHAPES = ((4096, 11008, "down_proj"), (11008, 4096, "q_proj"))
+
+
+def _commit() -> str:
+    def git(*a):
+        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def _peak_mib() -> float:
+    """This process's peak RSS (``VmHWM``: unlike ``ru_maxrss`` it is not inherited from the
+    parent that forked the process)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _timed(f):
+    t = time.perf_counter()
+    out = f()
+    return out, time.perf_counter() - t
+
+
+# ---------------------------------------------------------------------------- (a) real layers
+def real_part(problems: dict, tol: float, max_iter: int) -> list[dict]:
+    from layerprune.problems import LayerProblem, pcg_refit
+    from layerprune.solvers import Params, make_solver
+
+    rows = []
+    for name, p in problems.items():
+        p = LayerProblem.create(p.W, p.G, pattern="per-row:0.5", objective="reconstruct")
+        prop = make_solver("sparsegpt").propose(p, Params())
+        exact, t_exact = _timed(lambda: p.refit(prop.mask))
+        fit, t_cg = _timed(lambda: pcg_refit(p.W, p.G, prop.mask, prop.weights, tol=tol, max_iter=max_iter))
+        e_exact = float(p.weight_errors(exact).sum())
+        e_cg = float(p.weight_errors(fit.weights).sum())
+        e_own = float(p.weight_errors(prop.weights.to(torch.float64) * prop.mask).sum())
+        rows.append({"layer": name.split(".")[-1], "shape": list(p.shape), "exact_s": t_exact, "cg_s": t_cg,
+                     "cg_iterations": fit.iterations, "cg_max_relative_residual": fit.max_relative_residual,
+                     "cg_converged": fit.converged, "cg_over_exact_objective": e_cg / e_exact,
+                     "sparsegpt_own_over_exact_objective": e_own / e_exact})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------- (b) synthetic 7B shapes
+def _interpolated_spectrum(G: torch.Tensor, d: int) -> np.ndarray:
+    """Eigenvalues of ``G``'s unit-diagonal form, log-interpolated over the relative index to ``d``."""
+    g = torch.diagonal(G).clamp_min(0).sqrt()
+    g = torch.where(g > 0, g, torch.ones_like(g))
+    lam = torch.linalg.eigvalsh(G / g[:, None] / g[None, :]).clamp_min(0).numpy()[::-1]
+    floor = lam.max() * 1e-12
+    x = np.linspace(0, 1, len(lam))
+    return np.exp(np.interp(np.linspace(0, 1, d), x, np.log(lam + floor)))
+
+
+def synthetic_arrays(real, d_out: int, d_in: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W, G)`` float32 of a ``d_out × d_in`` layer modelled on the real problem ``real``."""
+    from scipy.fft import dct
+
+    rng = np.random.default_rng(seed)
+    lam = _interpolated_spectrum(real.G.to(torch.float64), d_in)
+    Gt = dct(dct(np.diag(lam), axis=0, norm="ortho"), axis=1, norm="ortho")  # C Λ Cᵀ, C the DCT
+    perm, signs = rng.permutation(d_in), rng.choice([-1.0, 1.0], size=d_in)
+    Gt = Gt[perm][:, perm] * signs[:, None] * signs[None, :]
+    scales = rng.choice(torch.diagonal(real.G).clamp_min(0).sqrt().numpy(), size=d_in)
+    G = Gt * scales[:, None] * scales[None, :]
+    W = rng.choice(real.W.to(torch.float64).numpy().ravel(), size=(d_out, d_in))
+    return torch.from_numpy(W.astype(np.float32)), torch.from_numpy((0.5 * (G + G.T)).astype(np.float32))
+
+
+def child(args) -> dict:
+    """One method on the cached synthetic layer, in its own process (for its peak RSS)."""
+    from layerprune.problems import LayerProblem, parse_pattern, pcg_refit
+    from layerprune.solvers.sparsegpt import inverse_hessian_factor, obs_prune
+
+    torch.set_num_threads(args.threads)
+    cache = Path(args.cache)
+    W, G = torch.load(cache / "layer.pt")
+    d_out, d_in = W.shape
+    rows = min(args.rows, d_out)
+    loaded = _peak_mib()
+    out = {"method": args.child, "rows_timed": rows}
+    if args.child == "sparsegpt":
+        (U, dead, _), t_factor = _timed(lambda: inverse_hessian_factor(G, 0.01))
+        Wr = W[:rows].clone()
+        Wr[:, dead] = 0.0
+        (keep, Q, _), t_sweep = _timed(lambda: obs_prune(Wr, U, "per-row", prune=d_in // 2))
+        torch.save((keep, Q), cache / "sparsegpt.pt")
+        out.update(factor_s=t_factor, sweep_s=t_sweep, seconds=t_factor + t_sweep * d_out / rows)
+    elif args.child == "cg":
+        keep, Q = torch.load(cache / "sparsegpt.pt")
+        fit, t = _timed(lambda: pcg_refit(W[:rows], G, keep, Q, tol=args.tol, max_iter=args.max_iter))
+        p = LayerProblem(W[:rows].to(torch.float64), G.to(torch.float64), parse_pattern("per-row:0.5").bind(rows, d_in),
+                         "reconstruct")
+        e_cg, t_score = _timed(lambda: float(p.weight_errors(fit.weights).sum()))
+        e_own = float(p.weight_errors(Q.to(torch.float64)).sum())
+        torch.save(fit.weights[:args.exact_rows], cache / "cg_weights.pt")
+        out.update(seconds=t * d_out / rows, rescore_float64_s=t_score * d_out / rows, iterations=fit.iterations,
+                   max_relative_residual=fit.max_relative_residual, converged=fit.converged,
+                   cg_over_own_objective=e_cg / e_own)
+    else:  # exact, on the first exact_rows rows
+        keep, _ = torch.load(cache / "sparsegpt.pt")
+        r = min(args.exact_rows, rows)
+        p = LayerProblem(W[:r].to(torch.float64), G.to(torch.float64), parse_pattern("per-row:0.5").bind(r, d_in),
+                         "reconstruct")
+        V, t = _timed(lambda: p.refit(keep[:r]))
+        cg = torch.load(cache / "cg_weights.pt")[:r]
+        out.update(rows_timed=r, seconds=t * d_out / r, extrapolated_from_rows=r,
+                   cg_over_exact_objective_on_these_rows=float(p.weight_errors(cg).sum() / p.weight_errors(V).sum()))
+    out.update(rss_after_load_mib=loaded, peak_rss_mib=_peak_mib())
+    return out
+
+
+def synthetic_part(args, real_by_kind: dict) -> list[dict]:
+    results = []
+    for d_out, d_in, kind in SHAPES:
+        cache = Path(args.cache) / f"{d_out}x{d_in}"
+        cache.mkdir(parents=True, exist_ok=True)
+        W, G = synthetic_arrays(real_by_kind[kind], d_out, d_in, args.seed)
+        torch.save((W, G), cache / "layer.pt")
+        del W, G
+        rec = {"shape": [d_out, d_in], "spectrum_from": f"smollm2 block {args.block} {kind}", "methods": {}}
+        for method in ("sparsegpt", "cg", "exact"):
+            cmd = [sys.executable, __file__, "--child", method, "--cache", str(cache), "--rows", str(args.rows),
+                   "--exact-rows", str(args.exact_rows), "--tol", str(args.tol), "--max-iter", str(args.max_iter),
+                   "--threads", str(args.threads)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"refit benchmark: {method} on {d_out}x{d_in} failed:\n{proc.stderr[-2000:]}")
+            rec["methods"][method] = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(d_out, d_in, json.dumps(rec["methods"][method]), flush=True)
+        m = rec["methods"]
+        rec["cg_over_sparsegpt_time"] = m["cg"]["seconds"] / m["sparsegpt"]["seconds"]
+        rec["exact_over_sparsegpt_time"] = m["exact"]["seconds"] / m["sparsegpt"]["seconds"]
+        results.append(rec)
+    return results
+
+
+def markdown(rec: dict) -> str:
+    lines = [f"Command: `{rec['command']}`  ", f"Commit {rec['commit']}; load average before/after "
+             f"{rec['load_before']} / {rec['load_after']}; {rec['threads']} torch threads; "
+             f"CG tol {rec['tol']}, max_iter {rec['max_iter']}, float32; objectives re-scored in float64.", ""]
+    if rec.get("real"):
+        lines += ["## (a) SmolLM2 block {} layers, per-row 50%, SparseGPT's mask".format(rec["block"]), "",
+                  "| layer | shape | exact s | CG s | CG iterations | max rel. residual | CG / exact objective "
+                  "| SparseGPT own / exact |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in rec["real"]:
+            lines.append(f"| {r['layer']} | {r['shape'][0]}×{r['shape'][1]} | {r['exact_s']:.2f} | {r['cg_s']:.2f} | "
+                         f"{r['cg_iterations']} | {r['cg_max_relative_residual']:.1e} | "
+                         f"{r['cg_over_exact_objective']:.6f} | {r['sparsegpt_own_over_exact_objective']:.4f} |")
+        lines.append("")
+    if rec.get("synthetic"):
+        lines += ["## (b) LLaMA-7B-shaped synthetic layers, per-row 50%", "",
+                  f"Timed on the first {rec['rows']} rows (exact refit: first {rec['exact_rows']}), extrapolated "
+                  "linearly to all rows; SparseGPT's Cholesky factorisation timed whole. Peak RSS per "
+                  "method process (loading W and G included).", "",
+                  "| shape | spectrum from | SparseGPT s | CG refit s (iterations) | exact refit s (extrapolated) "
+                  "| CG / SparseGPT time | CG / SparseGPT-own objective | CG / exact objective (exact rows) "
+                  "| peak RSS MiB: SparseGPT / CG / exact |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in rec["synthetic"]:
+            m = r["methods"]
+            lines.append(
+                f"| {r['shape'][0]}×{r['shape'][1]} | {r['spectrum_from']} | {m['sparsegpt']['seconds']:.1f} | "
+                f"{m['cg']['seconds']:.1f} ({m['cg']['iterations']}) | {m['exact']['seconds']:.0f} | "
+                f"{r['cg_over_sparsegpt_time']:.2f} | {m['cg']['cg_over_own_objective']:.4f} | "
+                f"{m['exact']['cg_over_exact_objective_on_these_rows']:.6f} | "
+                f"{m['sparsegpt']['peak_rss_mib']:.0f} / {m['cg']['peak_rss_mib']:.0f} / {m['exact']['peak_rss_mib']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="benchmarks/results/refit", help="writes OUT.json and OUT.md")
+    ap.add_argument("--parts", default="real,synthetic")
+    ap.add_argument("--block", type=int, default=14)
+    ap.add_argument("--rows", type=int, default=128, help="rows of a synthetic layer timed")
+    ap.add_argument("--exact-rows", type=int, default=4, help="rows of a synthetic layer refitted exactly")
+    ap.add_argument("--tol", type=float, default=1e-4)
+    ap.add_argument("--max-iter", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default="/tmp/layerprune-refit-bench")
+    ap.add_argument("--child", choices=("sparsegpt", "cg", "exact"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    torch.set_num_threads(args.threads)
+    from layerprune import data, models
+    from layerprune.pipeline import layer_problems
+
+    rec = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": _commit(),
+           "load_before": os.getloadavg()[0], "threads": args.threads, "tol": args.tol, "max_iter": args.max_iter,
+           "block": args.block, "rows": args.rows, "exact_rows": args.exact_rows}
+    model, tokenizer = models.load_model("smollm2")
+    ids = data.calibration_batch(tokenizer, data.load_text("austen-calib"), 64, 256, 0)
+    problems = layer_problems(model, ids, block=args.block)
+    del model
+    parts = args.parts.split(",")
+    if "real" in parts:
+        rec["real"] = real_part(problems, args.tol, args.max_iter)
+    if "synthetic" in parts:
+        by_kind = {n.split(".")[-1]: p for n, p in problems.items()}
+        rec["synthetic"] = synthetic_part(args, by_kind)
+    rec["load_after"] = os.getloadavg()[0]
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(rec, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(rec))
+    print(markdown(rec))
+
+
+if __name__ == "__main__":
+    main()
