@@ -119,7 +119,8 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
                 device: Union[None, str, torch.device] = None, sequential_order: bool = False,
                 prune_lm_head: bool = False, progress: bool = True,
                 callback: Optional[Callable[[LayerRecord], Any]] = None,
-                batch_size: int = CALIB_BATCH) -> list[LayerRecord]:
+                batch_size: int = CALIB_BATCH,
+                sparsity_map: Optional[dict[str, float]] = None) -> list[LayerRecord]:
     """Prune every target linear of every decoder block, block after block.
 
     Parameters
@@ -143,6 +144,9 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
     prune_lm_head : also prune the output projection (untied from the embeddings first)
     progress : tqdm bars over blocks and layers
     callback : called with each :class:`LayerRecord` once the layer is written
+    sparsity_map : {qualified layer name: pruned fraction}: those layers take ``pattern``'s
+        kind with their own fraction (:mod:`.allocate`); the pattern must be a fraction
+        (``per-row:F``, ``unstructured:F``, ``columns:F``) and every name a target layer
 
     Returns
     -------
@@ -159,7 +163,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
     home = _model_device(model)
     device = torch.device(device) if device is not None else home
     blocks, path = find_blocks(model)
-    plan = _plan(model, blocks, path, pattern, objective, solver, overrides, init, prune_lm_head)
+    plan = _plan(model, blocks, path, pattern, objective, solver, overrides, init, prune_lm_head, sparsity_map)
     settings = SolveSettings(pattern, objective, build_solvers(solver, overrides, init, solver_options, pattern, objective),
                              init, params or Params())
     written = _Progress(plan.total, callback, progress)
@@ -236,7 +240,7 @@ def _write_back(linear: nn.Linear, weights: torch.Tensor) -> None:
 def _solve_layer(layer: _Layer, G: torch.Tensor, ntokens: int, settings: SolveSettings) -> _Solved:
     """Build the layer's problem (``G``: (d_in, d_in) float64 over ``ntokens`` tokens), solve it
     with its solver, and return the weights to write and the layer's record."""
-    problem = LayerProblem.create(layer.linear.weight.detach(), G, pattern=settings.pattern,
+    problem = LayerProblem.create(layer.linear.weight.detach(), G, pattern=layer.pattern,
                                   objective=settings.objective)
     wanda = _wanda_reference(problem, settings.params)
     solver = settings.solvers[layer.solver]
@@ -259,7 +263,8 @@ def _solve_layer(layer: _Layer, G: torch.Tensor, ntokens: int, settings: SolveSe
         pattern=str(problem.pattern), objective_kind=settings.objective, solver=layer.solver,
         objective=value, wanda_objective=None if wanda is None else wanda.objective,
         lower_bound=res.lower_bound, bound_source=res.bound_source, gap=gap, status=status, limit=limit,
-        seconds=res.seconds, ntokens=ntokens, packed_mask=pack_mask(mask))
+        seconds=res.seconds, ntokens=ntokens, sparsity=1.0 - float(mask.double().mean()),
+        packed_mask=pack_mask(mask))
     return _Solved(weights, record)
 
 
