@@ -671,6 +671,8 @@ CUDA = torch.cuda.is_available()
     (["--allocate", "owl", "--pattern", "nm:2:4"], "--allocate owl cannot be used with pattern nm:2:4"),
     (["--allocate", "owl", "--pattern", "per-row:4"], "needs the pattern as a pruned fraction"),
     (["--allocate", "knap"], "invalid choice"),
+    (["--allocate", "knapsack", "--pattern", "nm:2:4"], "--allocate knapsack cannot be used with pattern nm:2:4"),
+    (["--knapsack-norm", "log"], "invalid choice"),
     (["--allocate", "owl", "--pattern", "per-row:0.1"], "outside [0, 1)"),
     (["--owl-lambda", "0.5"], "expected a number in (0, 0.5)"),
     (["--owl-m", "0"], "finite positive number"),
@@ -996,3 +998,59 @@ def test_uniform_run_writes_the_uniform_map_and_nm_writes_none(tiny_job, tmp_pat
     rep = tmp_path / "nm" / "r.json"
     run(_config(tiny_job, solver="wanda", pattern="nm:2:4", report=str(rep)), log=lambda s: None)
     assert json.loads(rep.read_text())["allocation"] is None and not (rep.parent / "sparsity_map.json").exists()
+
+
+def test_knapsack_is_solved_to_optimality():
+    import itertools
+
+    from layerprune.pipeline.allocate import solve_knapsack
+
+    g = torch.Generator().manual_seed(7)
+    for _ in range(20):
+        n, k = 4, 3
+        costs = torch.rand(n, k, generator=g).tolist()
+        weights = torch.randint(1, 20, (n, k), generator=g).tolist()
+        budget = int(torch.randint(10, 60, (1,), generator=g))
+        feasible = [c for c in itertools.product(range(k), repeat=n)
+                    if sum(weights[i][j] for i, j in enumerate(c)) <= budget]
+        if not feasible:
+            with pytest.raises(Exception, match="no choice"):
+                solve_knapsack(costs, weights, budget)
+            continue
+        best = min(sum(costs[i][j] for i, j in enumerate(c)) for c in feasible)
+        got = solve_knapsack(costs, weights, budget)
+        assert sum(weights[i][j] for i, j in enumerate(got)) <= budget
+        assert sum(costs[i][j] for i, j in enumerate(got)) == pytest.approx(best, abs=1e-9)
+
+
+def test_error_curves_are_wandas_objective_on_the_dense_model():
+    from layerprune.pipeline.allocate import knapsack_levels, layer_error_curves
+
+    model, ids = tiny_llama(), calib()
+    levels = knapsack_levels(0.5)
+    assert levels == [0.4, 0.45, 0.5, 0.55, 0.6]
+    curves = layer_error_curves(model, ids, "per-row:0.5", levels, batch_size=4)
+    assert len(curves) == 14
+    records = prune_model(copy.deepcopy(model), ids, solver="wanda", pattern="per-row:0.5", progress=False)
+    mods = dict(model.named_modules())
+    for r in records[:7]:   # block 0 sees the dense inputs in both
+        c = curves[r.name]
+        assert c["error"][2] == pytest.approx(r.objective, rel=1e-9)
+        W = mods[r.name].weight.detach().double()
+        assert c["dense"] == pytest.approx(float(((W @ gram(linear_inputs(model, ids, mods[r.name]))) * W).sum()),
+                                           rel=1e-9)
+        assert c["kept"] == [W.shape[0] * (W.shape[1] - round(s * W.shape[1])) for s in levels]
+
+
+def test_knapsack_run_keeps_uniforms_budget_and_beats_its_proxy(tiny_job, tmp_path):
+    from layerprune.pipeline import run
+
+    rep = tmp_path / "k" / "r.json"
+    report = run(_config(tiny_job, solver="wanda", allocate="knapsack", report=str(rep)), log=lambda s: None)
+    alloc = json.loads(rep.read_text())["allocation"]
+    assert alloc["method"] == "knapsack" and alloc["norm"] == "relative"
+    assert alloc["kept"] <= alloc["budget_kept"] and alloc["cost"] <= alloc["uniform_cost"] + 1e-12
+    assert set(alloc["fractions"].values()) <= set(alloc["levels"])
+    assert json.loads((rep.parent / "sparsity_map.json").read_text()) == alloc["fractions"]
+    kept = sum(r.shape[0] * r.shape[1] * (1 - r.sparsity) for r in report.layers)
+    assert round(kept) == alloc["kept"] and report.sparsity >= 0.5

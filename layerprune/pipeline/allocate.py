@@ -25,6 +25,15 @@ Three ways to get a per-layer map ``{qualified layer name: pruned fraction}``:
     more outliers, lower sparsity. Every linear of a block takes its block's fraction. The
     ratios need every block's LOD (min, max and mean over blocks), so they cannot be decided
     inside the pruning loop; the dense first pass costs about one calibration forward.
+``knapsack``
+    our own, an optimisation problem: on the dense model (first pass as for OWL, full Gram
+    matrices this time) each layer's error curve is measured at a few sparsity levels
+    (``target + k·step``, ``|k| ≤ 2``, step 0.05): the mask objective of Wanda's mask at that
+    level (:func:`layer_error_curves`), normalised by the layer's dense output energy
+    ``tr(W G Wᵀ)`` (``relative``, the default) or not (``raw``). One level per layer is then
+    chosen to minimise the sum of the normalised errors with the kept weights no more than
+    uniform's: a multiple-choice knapsack, solved to optimality by OR-Tools CP-SAT on the
+    errors scaled to integers (:func:`solve_knapsack`).
 ``--sparsity-map FILE.json``
     the fractions read from a file (the map a previous run wrote, or one's own); layers the
     map does not name take ``--pattern``'s fraction. A name that is no target layer is an error.
@@ -53,10 +62,16 @@ from .structure import _eval_mode, _model_device, _on_device, _qualified, find_b
 
 __all__ = ["ALLOCATIONS", "Allocation", "target_fraction", "layer_pattern", "read_sparsity_map",
            "sparsity_map_json", "owl_sparsities", "outlier_ratio", "block_outlier_ratios", "owl_allocation",
-           "check_owl_range", "check_allocatable", "check_map_names", "uniform_allocation", "MAP_FILE"]
+           "check_owl_range", "check_allocatable", "layer_error_curves", "solve_knapsack",
+           "knapsack_allocation", "check_map_names", "uniform_allocation", "MAP_FILE"]
 
 #: the ``--allocate`` choices
-ALLOCATIONS = ("uniform", "owl")
+ALLOCATIONS = ("uniform", "owl", "knapsack")
+#: the knapsack's sparsity levels per layer: target + k · KNAPSACK_STEP, |k| ≤ KNAPSACK_LEVELS
+KNAPSACK_STEP = 0.05
+KNAPSACK_LEVELS = 2
+#: how a layer's error is normalised before the errors are summed over layers
+KNAPSACK_NORMS = ("relative", "raw")
 #: the file a job writes beside its report (and into its model directory)
 MAP_FILE = "sparsity_map.json"
 
@@ -282,3 +297,106 @@ def uniform_allocation(layer_names: Sequence[str], pattern: str,
         return None
     fractions = {name: (given or {}).get(name, target) for name in layer_names}
     return Allocation("map" if given else "uniform", target, fractions)
+
+
+# ---------------------------------------------------------------------------- knapsack
+def knapsack_levels(target: float, step: float = KNAPSACK_STEP, levels: int = KNAPSACK_LEVELS) -> list[float]:
+    """The sparsity levels every layer may take: ``target + k·step`` inside ``[0, 1)``."""
+    out = [round(target + k * step, 12) for k in range(-levels, levels + 1)]
+    return [v for v in out if 0.0 <= v < 1.0]
+
+
+def layer_error_curves(model: nn.Module, calib_ids: torch.Tensor, pattern: str, levels: Sequence[float], *,
+                       device: Union[None, str, torch.device] = None,
+                       batch_size: int = CALIB_BATCH) -> dict[str, dict]:
+    """Each target linear's error curve on the dense model: ``{name: {"kept": [...],
+    "error": [...], "dense": tr(W G Wᵀ)}}`` with, per level, the kept weight count and the
+    mask objective of Wanda's mask of ``pattern``'s kind at that level. Nothing changes."""
+    from layerprune.problems import LayerProblem
+    from layerprune.solvers import make_solver
+
+    from .capture import _accumulate, linear_groups
+
+    wanda = make_solver("wanda")
+    blocks, path = find_blocks(model)
+    home = _model_device(model)
+    device = torch.device(device) if device is not None else home
+    curves: dict[str, dict] = {}
+    with _eval_mode(model):
+        batches = capture_block_inputs(model, blocks, calib_ids, device, batch_size)
+        for i, block in enumerate(blocks):
+            with _on_device(block, device, home):
+                linears = find_linears(block)
+                groups = linear_groups(block, linears, batches[0])
+                accs = _accumulate(block, batches, linears, groups, stop_early=False)
+                for g in groups:
+                    G = accs[g[0]].gram()
+                    for local in g:
+                        W = linears[local].weight.detach().to(torch.float64)
+                        curve = {"kept": [], "error": [], "dense": float(((W @ G) * W).sum())}
+                        for s in levels:
+                            problem = LayerProblem.create(W, G, pattern=layer_pattern(pattern, s), objective="mask")
+                            curve["kept"].append(int(problem.pattern.budget(*W.shape)))
+                            curve["error"].append(float(wanda.solve(problem).objective))
+                        curves[_qualified(path, i, local)] = curve
+                del accs
+                _propagate(block, batches)
+    return curves
+
+
+def solve_knapsack(costs: Sequence[Sequence[float]], weights: Sequence[Sequence[int]], budget: int,
+                   time_limit: float = 60.0) -> list[int]:
+    """One option per item minimising the total cost with the total weight ≤ ``budget``
+    (a multiple-choice knapsack), solved to optimality by CP-SAT. Costs are scaled to
+    integers (the largest total to 10¹²), so the optimum is exact up to that rounding.
+
+    Raises
+    ------
+    SettingError
+        No choice fits the budget, or CP-SAT proved nothing optimal within ``time_limit``.
+    """
+    from ortools.sat.python import cp_model
+
+    top = sum(max(c) for c in costs) or 1.0
+    scale = 1e12 / top
+    m = cp_model.CpModel()
+    x = [[m.NewBoolVar(f"x{i}_{j}") for j in range(len(c))] for i, c in enumerate(costs)]
+    for row in x:
+        m.AddExactlyOne(row)
+    m.Add(sum(int(w) * v for ws, row in zip(weights, x) for w, v in zip(ws, row)) <= int(budget))
+    m.Minimize(sum(int(round(c * scale)) * v for cs, row in zip(costs, x) for c, v in zip(cs, row)))
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = time_limit
+    solver.parameters.num_workers = 1
+    status = solver.Solve(m)
+    if status == cp_model.INFEASIBLE:
+        raise SettingError(f"knapsack: no choice of levels keeps at most {budget} weights")
+    if status != cp_model.OPTIMAL:
+        raise SettingError(f"knapsack: CP-SAT proved no optimum within {time_limit:g} s "
+                           f"({solver.StatusName(status)})")
+    return [next(j for j, v in enumerate(row) if solver.Value(v)) for row in x]
+
+
+def knapsack_allocation(model: nn.Module, calib_ids: torch.Tensor, pattern: str, *, norm: str = "relative",
+                        device: Union[None, str, torch.device] = None,
+                        batch_size: int = CALIB_BATCH) -> Allocation:
+    """Each layer's level chosen by :func:`solve_knapsack` over its measured error curve,
+    the kept weights at most uniform's (the model-wide sparsity at least the target)."""
+    if norm not in KNAPSACK_NORMS:
+        raise SettingError(f"knapsack normalisation must be one of {', '.join(KNAPSACK_NORMS)}, got {norm!r}")
+    target = check_allocatable(pattern, "--allocate knapsack")
+    levels = knapsack_levels(target)
+    curves = layer_error_curves(model, calib_ids, pattern, levels, device=device, batch_size=batch_size)
+    names = list(curves)
+    at = levels.index(round(target, 12))
+    budget = sum(curves[n]["kept"][at] for n in names)
+    costs = [[e / (curves[n]["dense"] if norm == "relative" and curves[n]["dense"] > 0 else 1.0)
+              for e in curves[n]["error"]] for n in names]
+    choice = solve_knapsack(costs, [curves[n]["kept"] for n in names], budget)
+    fractions = {n: levels[j] for n, j in zip(names, choice)}
+    kept = sum(curves[n]["kept"][j] for n, j in zip(names, choice))
+    details = {"norm": norm, "levels": levels, "budget_kept": budget, "kept": kept,
+               "cost": sum(c[j] for c, j in zip(costs, choice)),
+               "uniform_cost": sum(c[at] for c in costs),
+               "curves": {n: {"error": curves[n]["error"], "dense": curves[n]["dense"]} for n in names}}
+    return Allocation("knapsack", target, fractions, details)

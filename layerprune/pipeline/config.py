@@ -17,7 +17,7 @@ from layerprune.settings import (SettingError, check_values, nonempty, nonnegati
                                  parse_solver_options, positive_float, positive_int, setting, split_list)
 from layerprune.solvers import Params
 
-from .allocate import ALLOCATIONS, MAP_FILE, check_allocatable, check_owl_range, read_sparsity_map
+from .allocate import ALLOCATIONS, KNAPSACK_NORMS, MAP_FILE, check_allocatable, check_owl_range, read_sparsity_map
 from .plan import DEFAULT_SOLVER, Plan, _plan, build_solvers, check_settings
 from .structure import find_blocks, resolve_device
 
@@ -52,13 +52,16 @@ class PruneConfig:
     solver: str = setting(DEFAULT_SOLVER, "backend (layerprune solvers)", metavar="NAME", type=nonempty)
     pattern: str = setting("per-row:0.5", "per-row:0.5 | nm:2:4 | unstructured:0.6 | columns:0.3 (pruned fractions)",
                            metavar="PATTERN", type=nonempty)
-    allocate: str = setting("uniform", "each layer's sparsity: uniform (the pattern's everywhere) or owl "
-                            "(outlier-weighted per block, Yin et al. 2024); mean = the pattern's fraction",
+    allocate: str = setting("uniform", "each layer's sparsity: uniform (the pattern's everywhere), owl "
+                            "(outlier-weighted per block, Yin et al. 2024) or knapsack (measured error "
+                            "curves, exact choice at uniform's kept-weight budget)",
                             choices=ALLOCATIONS)
     owl_m: float = setting(5.0, "OWL: a Wanda score is an outlier above M × its block's mean", metavar="M",
                            type=positive_float)
     owl_lambda: float = setting(0.08, "OWL: block sparsities span 2λ around the target", metavar="LAMBDA",
                                 type=owl_lambda)
+    knapsack_norm: str = setting("relative", "knapsack: each layer's error divided by its dense output "
+                                 "energy (relative) or not (raw)", choices=KNAPSACK_NORMS)
     sparsity_map: Optional[str] = setting(None, "per-layer pruned fractions, a JSON object {layer name: "
                                           "fraction} (as the report names layers); layers not in it take "
                                           "--pattern's", metavar="FILE.json", type=nonempty)

@@ -20,7 +20,7 @@ from torch import nn
 from layerprune import data
 
 from ..report import PruneReport, plot_layer_errors, write_json_atomic
-from .allocate import MAP_FILE, Allocation, owl_allocation, sparsity_map_json, uniform_allocation
+from .allocate import MAP_FILE, Allocation, knapsack_allocation, owl_allocation, sparsity_map_json, uniform_allocation
 from .config import Checked, PruneConfig, check_against_model, check_before_loading
 from .loop import prune_model
 from .measure import perplexity, release_memory, sparsity
@@ -130,6 +130,10 @@ def _allocate(model: nn.Module, calib_ids: torch.Tensor, checked: Checked, confi
                              device=checked.device)
         owl.fractions = {name: owl.fractions.get(name, owl.target) for name in names}
         return owl
+    if config.allocate == "knapsack":
+        knap = knapsack_allocation(model, calib_ids, config.pattern, norm=config.knapsack_norm, device=checked.device)
+        knap.fractions = {name: knap.fractions.get(name, knap.target) for name in names}
+        return knap
     return uniform_allocation(names, config.pattern, checked.sparsity_map)
 
 
