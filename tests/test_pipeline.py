@@ -1054,3 +1054,34 @@ def test_knapsack_run_keeps_uniforms_budget_and_beats_its_proxy(tiny_job, tmp_pa
     assert json.loads((rep.parent / "sparsity_map.json").read_text()) == alloc["fractions"]
     kept = sum(r.shape[0] * r.shape[1] * (1 - r.sparsity) for r in report.layers)
     assert round(kept) == alloc["kept"] and report.sparsity >= 0.5
+
+
+def test_allocation_benchmark_collects_run_directories(tiny_job, tmp_path, capsys):
+    from pathlib import Path
+
+    from layerprune.pipeline import run
+
+    spec = importlib.util.spec_from_file_location(
+        "allocation_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "allocation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    dirs = []
+    for allocate in ("uniform", "owl"):
+        d = tmp_path / allocate
+        run(_config(tiny_job, solver="wanda", allocate=allocate, owl_m=2.0, report=str(d / "report.json")),
+            log=lambda s: None)
+        (d / "command").write_text(f"layerprune prune --allocate {allocate}\n")
+        (d / "commit").write_text("abc1234\n")
+        (d / "load_start").write_text("1.5 1.0 0.5 1/100 42\n")
+        (d / "load_end").write_text("2.5 1.0 0.5 1/100 42\n")
+        dirs.append(d)
+    out = tmp_path / "res" / "allocation.json"
+    assert bench.main([str(d) for d in dirs] + ["--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    by = {r["allocate"]: r for r in data["runs"]}
+    assert by["owl"]["owl_blocks"] and by["uniform"]["layer_sparsity_min"] == by["uniform"]["layer_sparsity_max"] == 0.5
+    assert by["owl"]["commit"] == "abc1234" and by["owl"]["load_start"] == [1.5, 1.0, 0.5]
+    md = out.with_suffix(".md").read_text()
+    assert "| per-row:0.5 | owl |" in md and "`layerprune prune --allocate owl`" in md and "1.5 → 2.5" in md
+    assert bench.main([str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    capsys.readouterr()
