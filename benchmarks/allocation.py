@@ -63,10 +63,10 @@ def collect(run_dir: Path) -> dict:
     return rec
 
 
-def markdown(runs: list[dict]) -> str:
+def markdown(runs: list[dict], note: str = "") -> str:
     texts = list(runs[0]["perplexity"]) if runs else []
     first = runs[0]["settings"] if runs else {}
-    lines = ["# Sparsity across layers: uniform vs OWL on SmolLM2 (Wanda masks)", "",
+    lines = ["# Sparsity across layers on SmolLM2: uniform, OWL, knapsack (Wanda masks)", "",
              f"Model `{first.get('model')}`; calibration {first.get('calib')}: {first.get('nsamples')} × "
              f"{first.get('seqlen')} tokens, seed {first.get('seed')}; evaluation: the first "
              f"{first.get('eval_tokens')} tokens of each text in {first.get('seqlen')}-token windows; "
@@ -89,6 +89,8 @@ def markdown(runs: list[dict]) -> str:
                                               for t in texts)]
     if mismatch:
         lines += ["", f"Warning: dense perplexity differs in {', '.join(mismatch)}."]
+    if note:
+        lines += ["", note]
     lines += ["", "Commands:", ""]
     lines += [f"- `{r['command']}`" for r in runs]
     owl = [r for r in runs if r.get("owl_blocks")]
@@ -112,15 +114,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="run directories (report.json, command, commit, load_*)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--note", default="", help="a paragraph to print under the table (how the runs were made)")
     args = p.parse_args(argv)
     missing = [str(d) for d in args.runs if not (d / "report.json").is_file()]
     if missing:
         print(f"allocation: error: no report.json in {', '.join(missing)}", file=sys.stderr)
         return 2
     runs = [collect(d) for d in args.runs]
-    _atomic_text(args.out, json.dumps({"benchmark": "allocation", "runs": runs}, indent=2) + "\n")
-    _atomic_text(args.out.with_suffix(".md"), markdown(runs))
-    print(markdown(runs))
+    _atomic_text(args.out, json.dumps({"benchmark": "allocation", "note": args.note, "runs": runs}, indent=2) + "\n")
+    text = markdown(runs, args.note)
+    _atomic_text(args.out.with_suffix(".md"), text)
+    print(text)
     return 0
 
 
