@@ -17,6 +17,12 @@ The JSON written by ``layerprune prune --report FILE.json`` is :meth:`PruneRepor
     input and output hidden states for the calibration set.
 ``layers``
     one record per pruned linear (see :class:`LayerRecord`)
+``allocation``
+    how each layer's sparsity was chosen, for a pattern given as a fraction: ``method``
+    (``uniform``, ``owl``, ``map``), ``target``, OWL's ``owl_m``, ``owl_lambda`` and per-block
+    ``lod`` / ``sparsity``, and ``fractions`` (layer name → pruned fraction asked for; the file
+    ``sparsity_map.json`` written beside the report holds the same). Each layer record's
+    ``sparsity`` is what its mask got.
 ``settings``
     everything needed to reproduce the run (model, solver, pattern, calibration source,
     nsamples, seqlen, seed, …)
@@ -88,6 +94,7 @@ class LayerRecord:
     seconds : solver wall time for this layer (the Wanda reference, and a start reused from it,
         excluded)
     ntokens : calibration tokens in this layer's Gram matrix
+    sparsity : pruned fraction of the layer's written mask (what the layer got)
     packed_mask : the mask packed to bits (:func:`pack_mask`); the property ``mask`` gives the
         (d_out, d_in) bool CPU tensor (True = kept). Not written to JSON.
     """
@@ -107,6 +114,7 @@ class LayerRecord:
     limit: Optional[str]
     seconds: float
     ntokens: int
+    sparsity: Optional[float] = None
     packed_mask: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -152,6 +160,8 @@ class PruneReport:
     out_dir: Optional[str] = None
     report_path: Optional[str] = None
     plot_path: Optional[str] = None
+    allocation: Optional[dict] = None   # how each layer's sparsity was chosen (pipeline.allocate)
+    map_path: Optional[str] = None      # the sparsity map written beside the report
 
     # ------------------------------------------------------------------ views
     def to_json(self) -> dict:
@@ -170,6 +180,7 @@ class PruneReport:
             "timings": self.timings,
             "settings": self.settings,
             "out_dir": self.out_dir,
+            "allocation": self.allocation,
             "layers": [r.to_json() for r in self.layers],
         }
 
@@ -221,6 +232,11 @@ def format_report(report: PruneReport) -> str:
     if certified:
         gaps = sorted(r.gap for r in certified)
         lines.append(f"certified layers   {len(certified)}, median gap {100 * statistics.median(gaps):.2f}%")
+    alloc = report.allocation
+    if alloc and alloc.get("method") != "uniform" and alloc.get("fractions"):
+        values = list(alloc["fractions"].values())
+        lines.append(f"allocation         {alloc['method']}: layer sparsity {100 * min(values):.2f}% … "
+                     f"{100 * max(values):.2f}%")
     lines.append(f"time               {report.seconds:.1f} s"
                  + (f" (pruning {report.timings['prune']:.1f} s)" if "prune" in report.timings else ""))
     mem = f"peak memory        {_fmt_bytes(report.peak_memory_bytes)} RSS"
@@ -236,7 +252,7 @@ def format_report(report: PruneReport) -> str:
         mem += f"; largest child process {_fmt_bytes(report.peak_child_memory_bytes)}"
     lines.append(mem)
     for label, path in (("saved model", report.out_dir), ("report", report.report_path),
-                        ("plot", report.plot_path)):
+                        ("plot", report.plot_path), ("sparsity map", report.map_path)):
         if path:
             lines.append(f"{label:<18} {path}")
     return "\n".join(lines)

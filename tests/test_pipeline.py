@@ -638,6 +638,15 @@ def _bad_files(root):
         (bad / "tiny.txt").write_text("the of and\n")
         (bad / "notes.txt").write_text("not a model\n")
         (bad / "existing_out").mkdir()
+        (bad / "map_syntax.json").write_text('{"model.layers.0.mlp.up_proj": 0.5,')
+        (bad / "map_list.json").write_text('[0.5]')
+        (bad / "map_one.json").write_text('{"model.layers.0.mlp.up_proj": 1.0}')
+        (bad / "map_negative.json").write_text('{"model.layers.0.mlp.up_proj": -0.1}')
+        (bad / "map_bool.json").write_text('{"model.layers.0.mlp.up_proj": true}')
+        (bad / "map_nan.json").write_text('{"model.layers.0.mlp.up_proj": NaN}')
+        (bad / "map_twice.json").write_text('{"model.layers.0.mlp.up_proj": 0.5, "model.layers.0.mlp.up_proj": 0.4}')
+        (bad / "map_nolayer.json").write_text('{"model.layers.0.mlp.up_proj": 0.4, "model.layers.7.mlp.up_proj": 0.5}')
+        (bad / "map_ok.json").write_text('{"model.layers.0.mlp.up_proj": 0.4}')
     return bad
 
 
@@ -685,6 +694,26 @@ CUDA = torch.cuda.is_available()
     (["--calib", "{bad}/binary.txt"], "is not UTF-8 text"),
     (["--calib", "{bad}/missing.txt"], "unknown text source"),
     (["--eval", "{root}/calib.txt"], "overlaps the calibration text"),
+    (["--allocate", "owl", "--pattern", "nm:2:4"], "--allocate owl cannot be used with pattern nm:2:4"),
+    (["--allocate", "owl", "--pattern", "per-row:4"], "needs the pattern as a pruned fraction"),
+    (["--allocate", "knap"], "invalid choice"),
+    (["--allocate", "knapsack", "--pattern", "nm:2:4"], "--allocate knapsack cannot be used with pattern nm:2:4"),
+    (["--knapsack-norm", "log"], "invalid choice"),
+    (["--allocate", "owl", "--pattern", "per-row:0.1"], "outside [0, 1)"),
+    (["--owl-lambda", "0.5"], "expected a number in (0, 0.5)"),
+    (["--owl-m", "0"], "finite positive number"),
+    (["--sparsity-map", "{bad}/map_ok.json", "--allocate", "owl"], "give one"),
+    (["--sparsity-map", "{bad}/map_ok.json", "--pattern", "nm:2:4"], "--sparsity-map cannot be used with pattern"),
+    (["--sparsity-map", "{bad}/missing.json"], "no such file"),
+    (["--sparsity-map", "{bad}/dir"], "is a directory"),
+    (["--sparsity-map", "{bad}/binary.txt"], "cannot read it"),
+    (["--sparsity-map", "{bad}/map_syntax.json"], "not valid JSON"),
+    (["--sparsity-map", "{bad}/map_list.json"], "expected a JSON object"),
+    (["--sparsity-map", "{bad}/map_one.json"], "must lie in [0, 1), got 1.0"),
+    (["--sparsity-map", "{bad}/map_negative.json"], "must lie in [0, 1), got -0.1"),
+    (["--sparsity-map", "{bad}/map_nan.json"], "must lie in [0, 1), got nan"),
+    (["--sparsity-map", "{bad}/map_bool.json"], "expected a pruned fraction, got true"),
+    (["--sparsity-map", "{bad}/map_twice.json"], "is given twice"),
 ])
 def test_prune_bad_input_fails_before_loading(tiny_job, tmp_path, capsys, never_loaded, extra, err):
     from layerprune.cli import main
@@ -706,6 +735,7 @@ def test_prune_bad_input_fails_before_loading(tiny_job, tmp_path, capsys, never_
     (["--override", "no_such_layer=magnitude"], "names no layer"),
     (["--nsamples", "100000"], "too short"),
     (["--eval", "{bad}/tiny.txt"], "fewer than one window of --seqlen 16"),
+    (["--sparsity-map", "{bad}/map_nolayer.json"], "entry 'model.layers.7.mlp.up_proj' names no layer"),
 ])
 def test_prune_bad_input_needing_the_model_fails_before_pruning(tiny_job, tmp_path, capsys, monkeypatch, extra, err):
     from layerprune.cli import main
@@ -857,3 +887,240 @@ def test_a_report_that_cannot_be_written_leaves_no_model_directory(tiny_job, tmp
         run(_config(tiny_job, solver="wanda", out=str(tmp_path / "o"), report=str(tmp_path / "rep" / "r.json")),
             log=lambda s: None)
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- sparsity across layers
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(lods=st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=1, max_size=40),
+       target=st.floats(0.3, 0.7), lam=st.floats(0.01, 0.14))
+def test_owl_sparsities_average_to_the_target_and_span_two_lambda(lods, target, lam):
+    from layerprune.pipeline.allocate import owl_sparsities
+
+    s = owl_sparsities(lods, target, lam)
+    assert len(s) == len(lods)
+    assert sum(s) / len(s) == pytest.approx(target, abs=1e-12)
+    assert all(target - 2 * lam - 1e-12 <= v <= target + 2 * lam + 1e-12 for v in s)
+    if max(lods) - min(lods) > 0:
+        assert max(s) - min(s) == pytest.approx(2 * lam, abs=1e-12)
+        # more outliers, lower sparsity
+        assert s[lods.index(max(lods))] == pytest.approx(min(s)) and s[lods.index(min(lods))] == pytest.approx(max(s))
+    else:
+        assert s == [target] * len(lods)
+
+
+def test_owl_sparsities_published_example():
+    """LODs 1, 2, 4 with λ = 0.08 at 50%: normalised 0, 1/3, 1 → kept 0.16·(0, 1/3, 1) − mean + 0.5."""
+    from layerprune.pipeline.allocate import owl_sparsities
+
+    d = [0.0, 0.16 / 3, 0.16]
+    mean = sum(d) / 3
+    assert owl_sparsities([1.0, 2.0, 4.0], 0.5, 0.08) == pytest.approx([1 - (x - mean + 0.5) for x in d], abs=1e-15)
+
+
+def test_block_outlier_ratios_are_measured_on_the_dense_model():
+    from layerprune.pipeline.allocate import block_outlier_ratios, outlier_ratio
+
+    model, ids = tiny_llama(layers=3), calib()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lods = block_outlier_ratios(model, ids, m=2.0, batch_size=4)
+    assert len(lods) == 3 and all(0.0 <= v <= 1.0 for v in lods)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    blocks, _ = find_blocks(model)
+    for i, block in enumerate(blocks):
+        scores = []
+        for lin in find_linears(block).values():
+            X = linear_inputs(model, ids, lin)   # the dense model's inputs to the linear
+            scores.append(lin.weight.detach().abs().double() * (X * X).mean(0).sqrt())
+        flat = torch.cat([s.reshape(-1) for s in scores])
+        assert lods[i] == pytest.approx(float((flat > 2.0 * flat.mean()).double().mean()), abs=1e-12)
+        assert lods[i] == pytest.approx(outlier_ratio(scores, 2.0), abs=1e-12)
+    assert len(set(lods)) > 1   # the test can tell blocks apart
+
+
+def _layer_sparsity(w: torch.Tensor) -> float:
+    return float((w == 0).double().mean())
+
+
+def test_prune_model_follows_a_sparsity_map():
+    model, ids = tiny_llama(), calib()
+    fractions = {"model.layers.0.mlp.down_proj": 0.25, "model.layers.1.self_attn.q_proj": 0.75}
+    records = prune_model(model, ids, solver="wanda", pattern="per-row:0.5", sparsity_map=fractions, progress=False)
+    mods = dict(model.named_modules())
+    for r in records:
+        w = mods[r.name].weight
+        f = fractions.get(r.name, 0.5)
+        assert r.sparsity == _layer_sparsity(w) == round(f * w.shape[1]) / w.shape[1]
+        assert r.pattern == f"per-row:{w.shape[1] - round(f * w.shape[1])}"
+    with pytest.raises(Exception, match="names no layer"):
+        prune_model(tiny_llama(), ids, solver="wanda", sparsity_map={"model.layers.2.mlp.down_proj": 0.5},
+                    progress=False)
+
+
+def test_sparsity_map_with_dense_targets():
+    """The allocation and the dense target compose: each layer its fraction, objectives its own."""
+    model, ids = tiny_llama(), calib()
+    fractions = {"model.layers.1.mlp.down_proj": 0.25, "model.layers.1.self_attn.o_proj": 0.75}
+    records = prune_model(model, ids, solver="sparsegpt", objective="reconstruct", pattern="per-row:0.5",
+                          sparsity_map=fractions, target="dense", progress=False)
+    mods = dict(model.named_modules())
+    for r in records:
+        w = mods[r.name].weight
+        assert r.sparsity == _layer_sparsity(w) == round(fractions.get(r.name, 0.5) * w.shape[1]) / w.shape[1]
+        assert math.isfinite(r.objective) and r.objective >= 0
+
+
+def test_unstructured_map_prunes_each_layer_to_its_fraction():
+    model, ids = tiny_llama(), calib()
+    fractions = {"model.layers.0.mlp.up_proj": 0.3, "model.layers.1.mlp.gate_proj": 0.7}
+    records = prune_model(model, ids, solver="wanda", pattern="unstructured:0.5", sparsity_map=fractions,
+                          progress=False)
+    mods = dict(model.named_modules())
+    for r in records:
+        w = mods[r.name].weight
+        assert r.sparsity == _layer_sparsity(w) == round(fractions.get(r.name, 0.5) * w.numel()) / w.numel()
+
+
+def test_owl_run_records_each_layer_and_its_map_round_trips(tiny_job, tmp_path, capsys):
+    from layerprune.cli import main
+    from layerprune.pipeline import run
+
+    rep = tmp_path / "owl" / "report.json"
+    report = run(_config(tiny_job, solver="wanda", allocate="owl", owl_m=2.0, owl_lambda=0.1,
+                         out=str(tmp_path / "owl_model"), report=str(rep)), log=lambda s: None)
+    data = json.loads(rep.read_text())
+    alloc = data["allocation"]
+    assert alloc["method"] == "owl" and alloc["target"] == 0.5 and (alloc["owl_m"], alloc["owl_lambda"]) == (2.0, 0.1)
+    blocks = [b["sparsity"] for b in alloc["blocks"]]
+    assert len(blocks) == 2 and sum(blocks) / 2 == pytest.approx(0.5, abs=1e-12)
+    assert max(blocks) - min(blocks) == pytest.approx(0.2, abs=1e-12)
+    assert all(0.4 - 1e-12 <= b <= 0.6 + 1e-12 for b in blocks)   # two blocks: exactly target ± λ
+    written = json.loads((rep.parent / "sparsity_map.json").read_text())
+    assert written == alloc["fractions"] and len(written) == 14
+    assert json.loads((tmp_path / "owl_model" / "sparsity_map.json").read_text()) == written
+    for layer in data["layers"]:
+        assert written[layer["name"]] == blocks[layer["block"]]
+        d_in = layer["shape"][1]
+        assert layer["sparsity"] == round(written[layer["name"]] * d_in) / d_in
+    # the saved model's weights carry the map
+    from layerprune import models
+
+    saved, _ = models.load_model(str(tmp_path / "owl_model"), device="cpu")
+    mods = dict(saved.named_modules())
+    for layer in data["layers"]:
+        assert _layer_sparsity(mods[layer["name"]].weight) == layer["sparsity"]
+    assert report.sparsity == pytest.approx(0.5, abs=0.02)
+    # the written map fed back in: the same masks, and the same map written out
+    rep2 = tmp_path / "again" / "report.json"
+    assert main(_prune_argv(tiny_job, "--sparsity-map", str(rep.parent / "sparsity_map.json"),
+                            "--report", str(rep2))) == 0
+    capsys.readouterr()
+    again = json.loads(rep2.read_text())
+    assert again["allocation"]["method"] == "map"
+    assert json.loads((rep2.parent / "sparsity_map.json").read_text()) == written
+    assert [(r["name"], r["pattern"], r["sparsity"]) for r in again["layers"]] == \
+        [(r["name"], r["pattern"], r["sparsity"]) for r in data["layers"]]
+    assert again["perplexity"] == pytest.approx(data["perplexity"], rel=1e-9)
+
+
+def test_uniform_run_writes_the_uniform_map_and_nm_writes_none(tiny_job, tmp_path):
+    from layerprune.pipeline import run
+
+    rep = tmp_path / "u" / "r.json"
+    run(_config(tiny_job, solver="wanda", report=str(rep)), log=lambda s: None)
+    data = json.loads(rep.read_text())
+    assert data["allocation"]["method"] == "uniform"
+    assert set(json.loads((rep.parent / "sparsity_map.json").read_text()).values()) == {0.5}
+    assert {r["sparsity"] for r in data["layers"]} == {0.5}
+    rep = tmp_path / "nm" / "r.json"
+    run(_config(tiny_job, solver="wanda", pattern="nm:2:4", report=str(rep)), log=lambda s: None)
+    assert json.loads(rep.read_text())["allocation"] is None and not (rep.parent / "sparsity_map.json").exists()
+
+
+def test_knapsack_is_solved_to_optimality():
+    import itertools
+
+    from layerprune.pipeline.allocate import solve_knapsack
+
+    g = torch.Generator().manual_seed(7)
+    for _ in range(20):
+        n, k = 4, 3
+        costs = torch.rand(n, k, generator=g).tolist()
+        weights = torch.randint(1, 20, (n, k), generator=g).tolist()
+        budget = int(torch.randint(10, 60, (1,), generator=g))
+        feasible = [c for c in itertools.product(range(k), repeat=n)
+                    if sum(weights[i][j] for i, j in enumerate(c)) <= budget]
+        if not feasible:
+            with pytest.raises(Exception, match="no choice"):
+                solve_knapsack(costs, weights, budget)
+            continue
+        best = min(sum(costs[i][j] for i, j in enumerate(c)) for c in feasible)
+        got = solve_knapsack(costs, weights, budget)
+        assert sum(weights[i][j] for i, j in enumerate(got)) <= budget
+        assert sum(costs[i][j] for i, j in enumerate(got)) == pytest.approx(best, abs=1e-9)
+
+
+def test_error_curves_are_wandas_objective_on_the_dense_model():
+    from layerprune.pipeline.allocate import knapsack_levels, layer_error_curves
+
+    model, ids = tiny_llama(), calib()
+    levels = knapsack_levels(0.5)
+    assert levels == [0.4, 0.45, 0.5, 0.55, 0.6]
+    curves = layer_error_curves(model, ids, "per-row:0.5", levels, batch_size=4)
+    assert len(curves) == 14
+    records = prune_model(copy.deepcopy(model), ids, solver="wanda", pattern="per-row:0.5", progress=False)
+    mods = dict(model.named_modules())
+    for r in records[:7]:   # block 0 sees the dense inputs in both
+        c = curves[r.name]
+        assert c["error"][2] == pytest.approx(r.objective, rel=1e-9)
+        W = mods[r.name].weight.detach().double()
+        assert c["dense"] == pytest.approx(float(((W @ gram(linear_inputs(model, ids, mods[r.name]))) * W).sum()),
+                                           rel=1e-9)
+        assert c["kept"] == [W.shape[0] * (W.shape[1] - round(s * W.shape[1])) for s in levels]
+
+
+def test_knapsack_run_keeps_uniforms_budget_and_beats_its_proxy(tiny_job, tmp_path):
+    from layerprune.pipeline import run
+
+    rep = tmp_path / "k" / "r.json"
+    report = run(_config(tiny_job, solver="wanda", allocate="knapsack", report=str(rep)), log=lambda s: None)
+    alloc = json.loads(rep.read_text())["allocation"]
+    assert alloc["method"] == "knapsack" and alloc["norm"] == "relative"
+    assert alloc["kept"] <= alloc["budget_kept"] and alloc["cost"] <= alloc["uniform_cost"] + 1e-12
+    assert set(alloc["fractions"].values()) <= set(alloc["levels"])
+    assert json.loads((rep.parent / "sparsity_map.json").read_text()) == alloc["fractions"]
+    kept = sum(r.shape[0] * r.shape[1] * (1 - r.sparsity) for r in report.layers)
+    assert round(kept) == alloc["kept"] and report.sparsity >= 0.5
+
+
+def test_allocation_benchmark_collects_run_directories(tiny_job, tmp_path, capsys):
+    from pathlib import Path
+
+    from layerprune.pipeline import run
+
+    spec = importlib.util.spec_from_file_location(
+        "allocation_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "allocation.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    dirs = []
+    for allocate in ("uniform", "owl"):
+        d = tmp_path / allocate
+        run(_config(tiny_job, solver="wanda", allocate=allocate, owl_m=2.0, report=str(d / "report.json")),
+            log=lambda s: None)
+        (d / "command").write_text(f"layerprune prune --allocate {allocate}\n")
+        (d / "commit").write_text("abc1234\n")
+        (d / "load_start").write_text("1.5 1.0 0.5 1/100 42\n")
+        (d / "load_end").write_text("2.5 1.0 0.5 1/100 42\n")
+        dirs.append(d)
+    out = tmp_path / "res" / "allocation.json"
+    assert bench.main([str(d) for d in dirs] + ["--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    by = {r["allocate"]: r for r in data["runs"]}
+    assert by["owl"]["owl_blocks"] and by["uniform"]["layer_sparsity_min"] == by["uniform"]["layer_sparsity_max"] == 0.5
+    assert by["owl"]["commit"] == "abc1234" and by["owl"]["load_start"] == [1.5, 1.0, 0.5]
+    md = out.with_suffix(".md").read_text()
+    assert "| per-row:0.5 | owl |" in md and "`layerprune prune --allocate owl`" in md and "1.5 → 2.5" in md
+    assert bench.main([str(tmp_path / "nothing"), "--out", str(out)]) == 2
+    capsys.readouterr()

@@ -27,9 +27,11 @@ prune, measure pruned, save, report.
 The code lives in one module per stage: :mod:`.structure` (blocks, linears, devices),
 :mod:`.capture` (block inputs, linear groups, Gram matrices, propagation), :mod:`.plan` (the
 validated layer → solver plan), :mod:`.loop` (:func:`prune_model`), :mod:`.measure`
-(perplexity, sparsity, memory), :mod:`.config` (:class:`PruneConfig` and the checks before
+(perplexity, sparsity, memory), :mod:`.allocate` (each layer's sparsity: uniform, OWL,
+knapsack, a map file), :mod:`.config` (:class:`PruneConfig` and the checks before
 loading) and :mod:`.job` (:func:`run`).
 """
+from .allocate import knapsack_allocation, owl_allocation, read_sparsity_map
 from .capture import CALIB_BATCH, capture_block_inputs, layer_problems, linear_groups
 from .config import PruneConfig
 from .job import run
@@ -39,4 +41,5 @@ from .structure import find_blocks, find_linears
 
 __all__ = ["PruneConfig", "PruningInterrupted", "prune_model", "perplexity", "sparsity", "run", "release_memory",
            "find_blocks", "find_linears", "capture_block_inputs", "linear_groups", "layer_problems",
+           "owl_allocation", "knapsack_allocation", "read_sparsity_map",
            "CALIB_BATCH", "EVAL_BATCH", "EVAL_LOGITS_BYTES", "NLL_CHUNK_ELEMENTS"]

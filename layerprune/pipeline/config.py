@@ -17,13 +17,22 @@ from layerprune.settings import (SettingError, check_values, nonempty, nonnegati
                                  parse_solver_options, positive_float, positive_int, setting, split_list)
 from layerprune.solvers import Params
 
+from .allocate import ALLOCATIONS, KNAPSACK_NORMS, MAP_FILE, check_allocatable, check_owl_range, read_sparsity_map
 from .loop import TARGETS, check_target
-from .plan import DEFAULT_SOLVER, _plan, build_solvers, check_settings
+from .plan import DEFAULT_SOLVER, Plan, _plan, build_solvers, check_settings
 from .structure import find_blocks, resolve_device
 
 __all__ = ["PruneConfig", "Checked", "check_before_loading", "check_outputs", "check_against_model"]
 
 DTYPES = ("float32", "bfloat16", "float16")
+
+
+def owl_lambda(value) -> float:
+    """A number in (0, 0.5) (OWL's block sparsities span 2λ)."""
+    v = positive_float(value)
+    if not v < 0.5:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 0.5), got {value!r}")
+    return v
 
 
 def window_length(value) -> int:
@@ -44,6 +53,19 @@ class PruneConfig:
     solver: str = setting(DEFAULT_SOLVER, "backend (layerprune solvers)", metavar="NAME", type=nonempty)
     pattern: str = setting("per-row:0.5", "per-row:0.5 | nm:2:4 | unstructured:0.6 | columns:0.3 (pruned fractions)",
                            metavar="PATTERN", type=nonempty)
+    allocate: str = setting("uniform", "each layer's sparsity: uniform (the pattern's everywhere), owl "
+                            "(outlier-weighted per block, Yin et al. 2024) or knapsack (measured error "
+                            "curves, exact choice at uniform's kept-weight budget)",
+                            choices=ALLOCATIONS)
+    owl_m: float = setting(5.0, "OWL: a Wanda score is an outlier above M × its block's mean", metavar="M",
+                           type=positive_float)
+    owl_lambda: float = setting(0.08, "OWL: block sparsities span 2λ around the target", metavar="LAMBDA",
+                                type=owl_lambda)
+    knapsack_norm: str = setting("relative", "knapsack: each layer's error divided by its dense output "
+                                 "energy (relative) or not (raw)", choices=KNAPSACK_NORMS)
+    sparsity_map: Optional[str] = setting(None, "per-layer pruned fractions, a JSON object {layer name: "
+                                          "fraction} (as the report names layers); layers not in it take "
+                                          "--pattern's", metavar="FILE.json", type=nonempty)
     objective: str = setting("mask", "layer error with the kept weights fixed or refitted", choices=OBJECTIVES)
     target: str = setting("layer", "match each layer's own outputs on the pruned model's inputs, or the dense "
                           "model's outputs (dense: one more copy of the calibration hidden states)",
@@ -102,6 +124,7 @@ class Checked:
     eval_sources: list[str]
     calib_text: str
     eval_texts: dict[str, str]      # by text name (:func:`layerprune.data.text_name`)
+    sparsity_map: Optional[dict] = None   # the --sparsity-map file's entries, read and checked
 
 
 def check_before_loading(config: PruneConfig) -> Checked:
@@ -120,6 +143,7 @@ def check_before_loading(config: PruneConfig) -> Checked:
     device = resolve_device(config.device)
     dtype = _dtype(config.dtype)
     check_solvers(config)
+    fractions = check_allocation(config)
     check_outputs(config.out, config.report, config.force)
     calib_source = config.calib if config.calib is not None else data.DEFAULT_CALIBRATION
     eval_sources = list(config.eval) if config.eval else list(data.DEFAULT_EVALUATION)
@@ -127,7 +151,24 @@ def check_before_loading(config: PruneConfig) -> Checked:
     calib_text = data.load_text(calib_source, cache_dir=config.cache_dir)
     eval_texts = {data.text_name(src): data.load_text(src, cache_dir=config.cache_dir) for src in eval_sources}
     params = Params(time_limit=config.time_limit_per_layer, max_iter=config.max_iter, seed=config.seed)
-    return Checked(device, dtype, params, calib_source, eval_sources, calib_text, eval_texts)
+    return Checked(device, dtype, params, calib_source, eval_sources, calib_text, eval_texts, fractions)
+
+
+def check_allocation(config: PruneConfig) -> Optional[dict]:
+    """``--allocate`` and ``--sparsity-map`` against the pattern, and the map file's syntax and
+    values (read here); returns the map's entries (None without a map)."""
+    if config.allocate != "uniform":
+        if config.sparsity_map is not None:
+            raise SettingError(f"--sparsity-map and --allocate {config.allocate} both set each layer's "
+                               f"sparsity: give one")
+        target = check_allocatable(config.pattern, f"--allocate {config.allocate}")
+        if config.allocate == "owl":
+            check_owl_range(target, config.owl_lambda)
+        return None
+    if config.sparsity_map is None:
+        return None
+    check_allocatable(config.pattern, "--sparsity-map")
+    return read_sparsity_map(config.sparsity_map)
 
 
 def check_solvers(config: PruneConfig) -> None:
@@ -162,7 +203,8 @@ def check_outputs(out: Optional[str], report: Optional[str], force: bool) -> Non
         _check_out_dir(Path(out).expanduser(), force)
     if report is not None:
         rep = Path(report).expanduser()
-        for path, flag in ((rep, "--report"), (rep.parent / "layer_errors.png", "--report's plot")):
+        for path, flag in ((rep, "--report"), (rep.parent / "layer_errors.png", "--report's plot"),
+                           (rep.parent / MAP_FILE, "--report's sparsity map")):
             if path.is_dir():
                 raise SettingError(f"{flag} {path} is a directory")
             _check_writable_parent(path, flag)
@@ -196,12 +238,14 @@ def _check_writable_parent(path: Path, flag: str) -> None:
 
 
 # ---------------------------------------------------------------------------- with the model
-def check_against_model(model: nn.Module, config: PruneConfig) -> None:
+def check_against_model(model: nn.Module, config: PruneConfig, fractions: Optional[dict] = None) -> Plan:
     """The checks that need the loaded model: the plan (the pattern fits every layer, each
-    override names a layer) and windows no longer than the model's positions."""
+    override and each sparsity-map entry names a layer) and windows no longer than the
+    model's positions. Returns the plan."""
     blocks, path = find_blocks(model)
-    _plan(model, blocks, path, config.pattern, config.objective, config.solver,
-          dict(config.overrides or {}), config.init, config.prune_lm_head)
+    plan = _plan(model, blocks, path, config.pattern, config.objective, config.solver,
+          dict(config.overrides or {}), config.init, config.prune_lm_head, fractions)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and config.seqlen > limit:
         raise SettingError(f"--seqlen {config.seqlen} is longer than the model's {limit} positions")
+    return plan

@@ -20,6 +20,7 @@ from torch import nn
 from layerprune import data
 
 from ..report import MODEL_COPIES, PruneReport, plot_layer_errors, write_json_atomic
+from .allocate import MAP_FILE, Allocation, knapsack_allocation, owl_allocation, sparsity_map_json, uniform_allocation
 from .config import Checked, PruneConfig, check_against_model, check_before_loading
 from .loop import prune_model
 from .measure import perplexity, release_memory, sparsity
@@ -48,18 +49,24 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
                                                  cache_dir=config.cache_dir)
             release_memory()  # loader temporaries
             base = _base_bytes(model)
-        check_against_model(model, config)
+        plan = check_against_model(model, config, checked.sparsity_map)
         with clock("data"):
             calib_ids, evals = _tokenize(tokenizer, checked, config)
         with clock("dense_eval"):
             dense = _perplexities(model, evals, config.seqlen, checked.device)
         for name, v in dense.items():
             log(f"dense perplexity {name}: {v:.3f}")
+        with clock("allocate"):
+            allocation = _allocate(model, calib_ids, checked, config, plan.names)
+        if allocation is not None and allocation.method != "uniform":
+            values = list(allocation.fractions.values())
+            log(f"allocation {allocation.method}: layer sparsity {min(values):.4f} … {max(values):.4f}")
         with clock("prune"):
-            records = _prune(model, calib_ids, checked, config)
+            records = _prune(model, calib_ids, checked, config, allocation)
         with clock("pruned_eval"):
             pruned = _perplexities(model, evals, config.seqlen, checked.device)
         report = _report(model, config, checked, calib_ids, evals, dense, pruned, records, clock, base)
+        report.allocation = None if allocation is None else allocation.to_json()
         _write_outputs(report, model, tokenizer, config, clock)
     return report
 
@@ -114,12 +121,31 @@ def _perplexities(model: nn.Module, evals: dict[str, torch.Tensor], seqlen: int,
     return {name: perplexity(model, ids, seqlen, device) for name, ids in evals.items()}
 
 
-def _prune(model: nn.Module, calib_ids: torch.Tensor, checked: Checked, config: PruneConfig) -> list:
+def _allocate(model: nn.Module, calib_ids: torch.Tensor, checked: Checked, config: PruneConfig,
+              names: list[str]) -> Optional[Allocation]:
+    """Each layer's pruned fraction (every layer of the plan named), or None for a pattern
+    that gives none (``nm:N:M``, counts) with no allocation asked for."""
+    if config.allocate == "owl":
+        owl = owl_allocation(model, calib_ids, config.pattern, m=config.owl_m, lam=config.owl_lambda,
+                             device=checked.device)
+        owl.fractions = {name: owl.fractions.get(name, owl.target) for name in names}
+        return owl
+    if config.allocate == "knapsack":
+        knap = knapsack_allocation(model, calib_ids, config.pattern, norm=config.knapsack_norm, device=checked.device)
+        knap.fractions = {name: knap.fractions.get(name, knap.target) for name in names}
+        return knap
+    return uniform_allocation(names, config.pattern, checked.sparsity_map)
+
+
+def _prune(model: nn.Module, calib_ids: torch.Tensor, checked: Checked, config: PruneConfig,
+           allocation: Optional[Allocation]) -> list:
+    own = allocation is not None and allocation.method != "uniform"
     return prune_model(model, calib_ids, solver=config.solver, pattern=config.pattern,
                        objective=config.objective, overrides=config.overrides,
                        solver_options=config.solver_options, init=config.init, params=checked.params,
                        device=checked.device, sequential_order=config.sequential_order,
-                       prune_lm_head=config.prune_lm_head, progress=config.progress, target=config.target)
+                       prune_lm_head=config.prune_lm_head, progress=config.progress, target=config.target,
+                       sparsity_map=allocation.fractions if own else None)
 
 
 def _report(model: nn.Module, config: PruneConfig, checked: Checked, calib_ids: torch.Tensor,
@@ -162,13 +188,14 @@ def _write_outputs(report: PruneReport, model: nn.Module, tokenizer, config: Pru
     try:
         png = _plot_png(report) if config.out is not None or config.report is not None else None
         plot = _stage_plot(png, config, staged)
+        map_path = _stage_map(report, config, staged)
         report_tmp = staged.file(Path(config.report).expanduser()) if config.report is not None else None
         if config.out is not None:
             report.out_dir = str(config.out)
             models.save_pruned(model, tokenizer, config.out, masks={r.name: r.packed_mask for r in report.layers},
                                force=config.force, extra_files=_model_extras(report, png))
         if report_tmp is not None:
-            report.report_path, report.plot_path = str(config.report), plot
+            report.report_path, report.plot_path, report.map_path = str(config.report), plot, map_path
         clock.timings["save"] = time.perf_counter() - started
         report.seconds = clock.total()
         if report_tmp is not None:
@@ -198,11 +225,31 @@ def _stage_plot(png: Optional[bytes], config: PruneConfig, staged: "_Staged") ->
     return str(Path(config.report).parent / "layer_errors.png")
 
 
+def _stage_map(report: PruneReport, config: PruneConfig, staged: "_Staged") -> Optional[str]:
+    """Write the sparsity map beside the report under a temporary name; its final path, or
+    None without a report or without a map."""
+    text = _map_text(report)
+    if config.report is None or text is None:
+        return None
+    staged.file(Path(config.report).expanduser().parent / MAP_FILE).write_text(text)
+    return str(Path(config.report).parent / MAP_FILE)
+
+
+def _map_text(report: PruneReport) -> Optional[str]:
+    """The sparsity map file's text (every layer's pruned fraction), None without one."""
+    if not report.allocation:
+        return None
+    return sparsity_map_json(report.allocation["fractions"])
+
+
 def _model_extras(report: PruneReport, png: Optional[bytes]) -> dict[str, bytes]:
-    """The report and its plot, as saved inside the model directory."""
+    """The report, its plot and the sparsity map, as saved inside the model directory."""
     extra = {"prune_report.json": json.dumps(report.to_json(), indent=2) + "\n"}
     if png is not None:
         extra["layer_errors.png"] = png
+    map_text = _map_text(report)
+    if map_text is not None:
+        extra[MAP_FILE] = map_text
     return extra
 
 

@@ -142,7 +142,8 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
                 device: Union[None, str, torch.device] = None, sequential_order: bool = False,
                 prune_lm_head: bool = False, progress: bool = True,
                 callback: Optional[Callable[[LayerRecord], Any]] = None,
-                batch_size: int = CALIB_BATCH, target: str = "layer") -> list[LayerRecord]:
+                batch_size: int = CALIB_BATCH, target: str = "layer",
+                sparsity_map: Optional[dict[str, float]] = None) -> list[LayerRecord]:
     """Prune every target linear of every decoder block, block after block.
 
     Parameters
@@ -172,6 +173,9 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
         the current block and a dense stream of hidden states run beside the pruned ones, and
         each layer's problem gets ``C = X̃ᵀX``, ``G0 = XᵀX`` (memory: one more copy of the
         calibration hidden states and of one block's weights; the block runs twice per pass)
+    sparsity_map : {qualified layer name: pruned fraction}: those layers take ``pattern``'s
+        kind with their own fraction (:mod:`.allocate`); the pattern must be a fraction
+        (``per-row:F``, ``unstructured:F``, ``columns:F``) and every name a target layer
 
     Returns
     -------
@@ -190,7 +194,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
     home = _model_device(model)
     device = torch.device(device) if device is not None else home
     blocks, path = find_blocks(model)
-    plan = _plan(model, blocks, path, pattern, objective, solver, overrides, init, prune_lm_head)
+    plan = _plan(model, blocks, path, pattern, objective, solver, overrides, init, prune_lm_head, sparsity_map)
     settings = SolveSettings(pattern, objective, build_solvers(solver, overrides, init, solver_options, pattern, objective),
                              init, params or Params())
     check_target(target, settings.solvers, pattern, objective, prune_lm_head)
@@ -302,7 +306,7 @@ def _solve_layer(layer: _Layer, G: torch.Tensor, ntokens: int, settings: SolveSe
     """Build the layer's problem (``G``: (d_in, d_in) float64 over ``ntokens`` tokens; with dense
     targets ``C``, ``G0`` alike), solve it with its solver, and return the weights to write and
     the layer's record."""
-    problem = LayerProblem.create(layer.linear.weight.detach(), G, pattern=settings.pattern,
+    problem = LayerProblem.create(layer.linear.weight.detach(), G, pattern=layer.pattern,
                                   objective=settings.objective, C=C, G0=G0)
     wanda = _wanda_reference(problem, settings.params)
     solver = settings.solvers[layer.solver]
@@ -326,7 +330,8 @@ def _solve_layer(layer: _Layer, G: torch.Tensor, ntokens: int, settings: SolveSe
         pattern=str(problem.pattern), objective_kind=settings.objective, solver=layer.solver,
         objective=value, wanda_objective=None if wanda is None else wanda.objective,
         lower_bound=res.lower_bound, bound_source=res.bound_source, gap=gap, status=status, limit=limit,
-        seconds=res.seconds, ntokens=ntokens, packed_mask=pack_mask(mask))
+        seconds=res.seconds, ntokens=ntokens, sparsity=1.0 - float(mask.double().mean()),
+        packed_mask=pack_mask(mask))
     return _Solved(weights, record)
 
 

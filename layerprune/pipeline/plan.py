@@ -48,6 +48,7 @@ class _Layer:
     qualified: str      # name in the model
     linear: nn.Linear
     solver: str
+    pattern: str        # its pattern (the job's, or its own fraction from a sparsity map)
 
 
 @dataclass
@@ -56,6 +57,12 @@ class Plan:
 
     blocks: list[list[_Layer]]          # per decoder block, its target linears in registration order
     lm_head: Optional[_Layer] = None    # the output projection, when it is pruned too
+
+    @property
+    def names(self) -> list[str]:
+        """Qualified names of every layer to prune, in pruning order."""
+        return [layer.qualified for layers in self.blocks for layer in layers] + \
+            ([self.lm_head.qualified] if self.lm_head is not None else [])
 
     @property
     def total(self) -> int:
@@ -81,34 +88,52 @@ def check_settings(pattern: str, objective: str, solver: Union[str, Solver], ove
 
 def _plan(model: nn.Module, blocks: Sequence[nn.Module], path: str, pattern: str, objective: str,
           solver: Union[str, Solver], overrides: dict[str, str], init: Optional[str],
-          prune_lm_head: bool = False) -> Plan:
-    """Every target linear, validated against the pattern and its solver *before* any change."""
+          prune_lm_head: bool = False, fractions: Optional[dict[str, float]] = None) -> Plan:
+    """Every target linear, validated against the pattern and its solver *before* any change.
+
+    ``fractions`` ({qualified name: pruned fraction}, a sparsity map) gives a layer its own
+    pattern of ``pattern``'s kind; every key must name a target layer."""
     check_settings(pattern, objective, solver, overrides, init)
-    pat = parse_pattern(pattern)
+    if fractions:
+        from .allocate import check_allocatable
+        check_allocatable(pattern, "--sparsity-map")
     default = getattr(solver, "name", solver)
     plan, used = Plan([]), set()
     for i, block in enumerate(blocks):
         layers = []
         for local, lin in find_linears(block).items():
             qualified = _qualified(path, i, local)
-            _check_fits(pat, pattern, qualified, lin)
+            own = _own_pattern(pattern, qualified, fractions)
+            _check_fits(parse_pattern(own), own, qualified, lin)
             used.update(k for k in overrides if k == qualified or k in qualified)
-            layers.append(_Layer(i, local, qualified, lin, _resolve_solver(qualified, default, overrides)))
+            layers.append(_Layer(i, local, qualified, lin, _resolve_solver(qualified, default, overrides), own))
         plan.blocks.append(layers)
     if prune_lm_head:
         head = model.get_output_embeddings()
         if not isinstance(head, nn.Linear):
             raise ProblemError(f"the output projection is a {type(head).__name__}, not a Linear")
+        own = _own_pattern(pattern, "lm_head", fractions)
         try:
-            pat.bind(*head.weight.shape)
+            parse_pattern(own).bind(*head.weight.shape)
         except PatternError as exc:
-            raise ProblemError(f"pattern {pattern} does not fit layer lm_head: {exc}") from None
+            raise ProblemError(f"pattern {own} does not fit layer lm_head: {exc}") from None
         used.update(k for k in overrides if k in "lm_head")
-        plan.lm_head = _Layer(-1, "lm_head", "lm_head", head, _resolve_solver("lm_head", default, overrides))
+        plan.lm_head = _Layer(-1, "lm_head", "lm_head", head, _resolve_solver("lm_head", default, overrides), own)
     unused = sorted(set(overrides) - used)
     if unused:
         raise SolverError(f"--override names no layer of the model: {', '.join(unused)}")
+    if fractions:
+        from .allocate import check_map_names
+        check_map_names(fractions, plan.names)
     return plan
+
+
+def _own_pattern(pattern: str, qualified: str, fractions: Optional[dict[str, float]]) -> str:
+    """The layer's pattern: its fraction from the map in ``pattern``'s kind, else ``pattern``."""
+    if fractions and qualified in fractions:
+        from .allocate import layer_pattern
+        return layer_pattern(pattern, fractions[qualified])
+    return pattern
 
 
 def _check_fits(pat, pattern: str, qualified: str, lin: nn.Linear) -> None:
