@@ -493,7 +493,7 @@ def _refit(problem: LayerProblem, mask: torch.Tensor, own: Optional[torch.Tensor
 
     CG starts from the solver's own weights ``own`` (else ``W ⊙ M``); any row it left worse
     than ``own`` (float32 rounding) takes ``own``'s row. ``info`` gets ``own_weights_objective``
-    and ``refit`` (method, iterations, residual, tolerance, converged).
+    and ``refit`` (method, iterations, residual, tolerance, converged, seconds).
     """
     own_errors = None
     if own is not None:
@@ -501,10 +501,12 @@ def _refit(problem: LayerProblem, mask: torch.Tensor, own: Optional[torch.Tensor
         own_errors = problem.weight_errors(own)
         info["own_weights_objective"] = float(own_errors.sum())
     dtype = params.dtype if params.dtype in (torch.float32, torch.float64) else torch.float32
+    started = time.perf_counter()
     fit = refit_weights(problem, mask, own, method=params.refit, tol=params.refit_tol,
                         max_iter=params.refit_max_iter, dtype=dtype)
     weights, errors = fit.weights, problem.weight_errors(fit.weights)
     info["refit"] = fit.describe()
+    info["refit"]["seconds"] = time.perf_counter() - started  # not in Result.seconds (the solve's)
     if not fit.exact:
         if own_errors is not None:
             worse = errors > own_errors
