@@ -13,14 +13,7 @@ from layerprune.pipeline import prune_model, sparsity
 from layerprune.problems import ProblemError
 from layerprune.solvers import SolverError
 
-from test_pipeline import Recording, calib, gram, linear_inputs, tiny_llama
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_pipeline import _one_thread, Recording, calib, gram, linear_inputs, tiny_llama  # noqa: F401 (fixture)
 
 
 def test_dense_target_grams_and_errors_against_the_dense_model():

@@ -150,7 +150,7 @@ class _GramAccumulator:
         return None, None
 
 
-class _TargetAccumulator:
+class _TargetAccumulator(_GramAccumulator):
     """Pre-hooks on one linear of the pruned block and on the same linear of its dense twin,
     accumulating in float64, token by token in the same order,
 
@@ -163,18 +163,17 @@ class _TargetAccumulator:
     """
 
     def __init__(self, d_in: int, device: torch.device, stop: bool = False):
-        zeros = dict(dtype=torch.float64, device=device)
-        self.sum = torch.zeros(d_in, d_in, **zeros)
-        self.cross = torch.zeros(d_in, d_in, **zeros)
-        self.dense_sum = torch.zeros(d_in, d_in, **zeros)
-        self.n = 0
-        self.stop = stop
+        super().__init__(d_in, device, stop)  # ``sum``, ``n``, ``stop`` and ``gram()``
+        self.cross = torch.zeros_like(self.sum)
+        self.dense_sum = torch.zeros_like(self.sum)
         self._pending: list[torch.Tensor] = []
 
     def pruned_hook(self, module, args):
         self._pending.append(args[0].detach())
         if self.stop:
             raise _Stop
+
+    __call__ = pruned_hook  # the hook on the pruned block (it accumulates with the dense one)
 
     def dense_hook(self, module, args):
         if not self._pending:
@@ -192,12 +191,6 @@ class _TargetAccumulator:
         self.n += x.shape[0]
         if self.stop:
             raise _Stop
-
-    def gram(self) -> torch.Tensor:
-        """``G = Σ x̃ᵀx̃ / n``: (d_in, d_in) float64."""
-        if self.n == 0:
-            raise ProblemError("no calibration tokens reached this layer")
-        return self.sum / self.n
 
     def targets(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(C, G0) = (Σ x̃ᵀx / n, Σ xᵀx / n)``: (d_in, d_in) float64 each."""
