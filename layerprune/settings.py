@@ -19,7 +19,7 @@ import math
 from typing import Any, Callable, Optional
 
 __all__ = ["SettingError", "setting", "add_flags", "from_args", "check_values", "flag_name",
-           "positive_int", "positive_float", "nonnegative_int", "nonempty", "split_list",
+           "positive_int", "positive_float", "nonnegative_float", "nonnegative_int", "nonempty", "split_list",
            "parse_overrides", "parse_solver_options"]
 
 #: largest seed every random generator used here accepts (torch: signed 64-bit)
@@ -167,6 +167,17 @@ def nonnegative_int(value: Any) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**63 - 1, got {value!r}") from None
     if not 0 <= v <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**63 - 1, got {value!r}")
+    return v
+
+
+def nonnegative_float(value: Any) -> float:
+    """A finite number ≥ 0."""
+    try:
+        v = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {value!r}") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number ≥ 0, got {value!r}")
     return v
 
 

@@ -2,11 +2,11 @@
 from .generators import make_arrays, make_instance
 from .io import atomic_write, atomic_write_all, check_writable, load_instance, save_instance
 from .patterns import NM, Columns, Pattern, PatternError, PerRow, Unstructured, parse_pattern, topk_mask
-from .problem import OBJECTIVES, LayerProblem, ProblemError
+from .problem import OBJECTIVES, LayerProblem, ProblemError, ridge_targets
 from .refit import REFIT_METHODS, RefitResult, pcg_refit, refit_weights
 
 __all__ = [
-    "LayerProblem", "ProblemError", "OBJECTIVES",
+    "LayerProblem", "ProblemError", "OBJECTIVES", "ridge_targets",
     "Pattern", "PatternError", "PerRow", "NM", "Unstructured", "Columns", "parse_pattern", "topk_mask",
     "load_instance", "save_instance", "atomic_write", "atomic_write_all", "check_writable",
     "make_instance", "make_arrays",

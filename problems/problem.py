@@ -38,7 +38,7 @@ import torch
 
 from .patterns import Pattern, PatternError, parse_pattern
 
-__all__ = ["LayerProblem", "ProblemError", "OBJECTIVES"]
+__all__ = ["LayerProblem", "ProblemError", "OBJECTIVES", "ridge_targets"]
 
 OBJECTIVES = ("mask", "reconstruct")
 
@@ -522,6 +522,36 @@ class LayerProblem:
 
     def __repr__(self) -> str:
         return f"LayerProblem({self.describe()}, dtype={self.dtype}, device={self.device})"
+
+
+def ridge_targets(G: torch.Tensor, C: torch.Tensor, G0: torch.Tensor, fraction: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Dense targets with a ridge toward the dense weights: ``(G + δI, C + δI, G0 + δI)``.
+
+    ``δ = fraction · mean(diag G)``. With these, the CONTRACT error of kept weights ``v_r`` is
+
+    .. math:: ‖X̃v_r − Xw_r‖² + δ‖v_r − w_r‖²
+
+    (the Grams of ``X̃`` and ``X`` each stacked over ``√δ·I``, so the triple stays a valid
+    PSD Gram block). Without it, ``T = G⁺CW`` follows ``G``'s smallest eigenvalues, which carry
+    no signal beyond the calibration tokens (docs/DECISIONS.md: weights 85× the dense ones on a
+    real ``q_proj``); the ridge keeps every direction the data do not determine at the dense
+    weights. ``fraction = 0`` returns the inputs.
+
+    Parameters
+    ----------
+    G, C, G0 : (d_in, d_in) tensors
+        ``X̃ᵀX̃``, ``X̃ᵀX`` and ``XᵀX`` with one normalisation.
+    fraction : float ≥ 0
+        ``δ`` relative to the mean diagonal of ``G``.
+    """
+    if not (math.isfinite(fraction) and fraction >= 0):
+        raise ProblemError(f"the ridge fraction must be a finite number ≥ 0, got {fraction!r}")
+    if fraction == 0:
+        return G, C, G0
+    delta = fraction * float(torch.diagonal(G).mean())
+    eye = delta * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    return G + eye, C + eye.to(C.dtype), G0 + eye.to(G0.dtype)
 
 
 def _psd_solve(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -13,12 +13,12 @@ from torch import nn
 from layerprune import data
 from layerprune.problems import OBJECTIVES, ProblemError
 from layerprune.problems.io import check_parent_writable
-from layerprune.settings import (SettingError, check_values, nonempty, nonnegative_int, parse_overrides,
+from layerprune.settings import (SettingError, check_values, nonempty, nonnegative_float, nonnegative_int, parse_overrides,
                                  parse_solver_options, positive_float, positive_int, setting, split_list)
 from layerprune.solvers import Params
 
 from .allocate import ALLOCATIONS, KNAPSACK_NORMS, MAP_FILE, check_allocatable, check_owl_range, read_sparsity_map
-from .loop import TARGETS, check_target
+from .loop import DENSE_TARGET_RIDGE, TARGETS, check_target
 from .plan import DEFAULT_SOLVER, Plan, _plan, build_solvers, check_settings
 from .structure import find_blocks, resolve_device
 
@@ -70,6 +70,9 @@ class PruneConfig:
     target: str = setting("layer", "match each layer's own outputs on the pruned model's inputs, or the dense "
                           "model's outputs (dense: one more copy of the calibration hidden states)",
                           choices=TARGETS)
+    target_ridge: Optional[float] = setting(None, "dense target: add δ‖v − w‖² to each layer's error, δ = FRAC × "
+                                            "mean diag of its Gram (0: none)", metavar="FRAC",
+                                            type=nonnegative_float, default_text=f"{DENSE_TARGET_RIDGE} with --target dense")
     nsamples: int = setting(64, "calibration sequences", type=positive_int)
     seqlen: int = setting(256, "tokens per calibration sequence and per evaluation window", type=window_length)
     calib: Optional[str] = setting(None, "calibration text: bundled name, file, directory or datasets name",
@@ -179,6 +182,15 @@ def check_solvers(config: PruneConfig) -> None:
     solvers = build_solvers(config.solver, overrides, config.init, config.solver_options, config.pattern,
                             config.objective)
     check_target(config.target, solvers, config.pattern, config.objective, config.prune_lm_head)
+    if config.target_ridge is not None and config.target != "dense":
+        raise SettingError(f"--target-ridge {config.target_ridge:g} applies to --target dense only")
+
+
+def target_ridge(config: PruneConfig) -> float:
+    """The ridge fraction the job uses: ``--target-ridge``, else the default with a dense target."""
+    if config.target != "dense":
+        return 0.0
+    return DENSE_TARGET_RIDGE if config.target_ridge is None else config.target_ridge
 
 
 def _check_no_overlap(calib_source: str, eval_sources: list[str]) -> None:

@@ -21,7 +21,7 @@ from layerprune import data
 
 from ..report import MODEL_COPIES, PruneReport, plot_layer_errors, write_json_atomic
 from .allocate import MAP_FILE, Allocation, knapsack_allocation, owl_allocation, sparsity_map_json, uniform_allocation
-from .config import Checked, PruneConfig, check_against_model, check_before_loading
+from .config import Checked, PruneConfig, check_against_model, check_before_loading, target_ridge
 from .loop import prune_model
 from .measure import perplexity, release_memory, sparsity
 __all__ = ["PruneConfig", "run"]
@@ -145,7 +145,7 @@ def _prune(model: nn.Module, calib_ids: torch.Tensor, checked: Checked, config: 
                        solver_options=config.solver_options, init=config.init, params=checked.params,
                        device=checked.device, sequential_order=config.sequential_order,
                        prune_lm_head=config.prune_lm_head, progress=config.progress, target=config.target,
-                       sparsity_map=allocation.fractions if own else None)
+                       sparsity_map=allocation.fractions if own else None, target_ridge=target_ridge(config))
 
 
 def _report(model: nn.Module, config: PruneConfig, checked: Checked, calib_ids: torch.Tensor,
@@ -158,7 +158,8 @@ def _report(model: nn.Module, config: PruneConfig, checked: Checked, calib_ids: 
     settings.update(calib=data.text_name(checked.calib_source), calib_source=str(checked.calib_source),
                     eval=list(evals), eval_sources=[str(s) for s in checked.eval_sources],
                     eval_tokens_used={k: int(v.numel()) for k, v in evals.items()},
-                    calibration_tokens=int(calib_ids.numel()), device=str(device), versions=_versions())
+                    calibration_tokens=int(calib_ids.numel()), device=str(device), versions=_versions(),
+                    target_ridge=target_ridge(config))
     size = models.model_size_bytes(model)
     return PruneReport(
         dense_perplexity=dense, perplexity=pruned,

@@ -10,6 +10,7 @@ takes its place in :func:`_prune_block`.
 from __future__ import annotations
 
 import contextlib
+import math
 import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
@@ -17,7 +18,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from layerprune.problems import LayerProblem, ProblemError, parse_pattern, refit_weights
+from layerprune.problems import LayerProblem, ProblemError, parse_pattern, refit_weights, ridge_targets
 from layerprune.solvers import Params, Result, Solver, SolverError, make_solver
 
 from ..report import LayerRecord, pack_mask
@@ -27,10 +28,12 @@ from .measure import release_memory
 from .plan import DEFAULT_SOLVER, _Layer, _plan, build_solvers
 from .structure import _eval_mode, _model_device, _on_device, find_blocks, find_linears
 
-__all__ = ["PruningInterrupted", "prune_model", "BlockState", "SolveSettings", "TARGETS", "check_target"]
+__all__ = ["PruningInterrupted", "prune_model", "BlockState", "SolveSettings", "TARGETS", "DENSE_TARGET_RIDGE", "check_target"]
 
 #: what each layer's pruned outputs should match (``prune_model(target=…)``, ``--target``)
 TARGETS = ("layer", "dense")
+#: default ridge of ``--target dense``, relative to mean(diag G) (docs/DECISIONS.md)
+DENSE_TARGET_RIDGE = 0.01
 
 
 class PruningInterrupted(KeyboardInterrupt):
@@ -52,6 +55,7 @@ class SolveSettings:
     solvers: dict[str, Solver]      # every solver of the plan, by registry name
     init: Optional[str]             # solver whose mask starts every solve, or None
     params: Params
+    target_ridge: float = 0.0       # dense targets: δ/mean(diag G) of the ridge δ‖v − w‖²
 
 
 @dataclass
@@ -143,7 +147,8 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
                 prune_lm_head: bool = False, progress: bool = True,
                 callback: Optional[Callable[[LayerRecord], Any]] = None,
                 batch_size: int = CALIB_BATCH, target: str = "layer",
-                sparsity_map: Optional[dict[str, float]] = None) -> list[LayerRecord]:
+                sparsity_map: Optional[dict[str, float]] = None,
+                target_ridge: float = DENSE_TARGET_RIDGE) -> list[LayerRecord]:
     """Prune every target linear of every decoder block, block after block.
 
     Parameters
@@ -173,6 +178,9 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
         the current block and a dense stream of hidden states run beside the pruned ones, and
         each layer's problem gets ``C = X̃ᵀX``, ``G0 = XᵀX`` (memory: one more copy of the
         calibration hidden states and of one block's weights; the block runs twice per pass)
+    target_ridge : with ``target="dense"``, each layer's error gains ``δ‖v − w‖²``,
+        ``δ = target_ridge · mean(diag G)`` (:func:`~layerprune.problems.ridge_targets`); 0 for
+        none. Ignored with ``target="layer"``.
     sparsity_map : {qualified layer name: pruned fraction}: those layers take ``pattern``'s
         kind with their own fraction (:mod:`.allocate`); the pattern must be a fraction
         (``per-row:F``, ``unstructured:F``, ``columns:F``) and every name a target layer
@@ -196,7 +204,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
     blocks, path = find_blocks(model)
     plan = _plan(model, blocks, path, pattern, objective, solver, overrides, init, prune_lm_head, sparsity_map)
     settings = SolveSettings(pattern, objective, build_solvers(solver, overrides, init, solver_options, pattern, objective),
-                             init, params or Params())
+                             init, params or Params(), _checked_ridge(target, target_ridge))
     check_target(target, settings.solvers, pattern, objective, prune_lm_head)
     written = _Progress(plan.total, callback, progress)
     with _eval_mode(model), _interrupted_after(written), contextlib.closing(written):
@@ -236,6 +244,14 @@ def check_target(target: str, solvers: dict[str, Solver], pattern: str, objectiv
             raise SolverError(f"--target dense: {why}")
 
 
+def _checked_ridge(target: str, fraction: float) -> float:
+    """The dense target's ridge fraction (0 for the layer target); one line if not ≥ 0."""
+    if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and math.isfinite(fraction)
+            and fraction >= 0):
+        raise ProblemError(f"target_ridge must be a finite number ≥ 0, got {fraction!r}")
+    return float(fraction) if target == "dense" else 0.0
+
+
 def _check_calibration_ids(calib_ids: torch.Tensor) -> None:
     if calib_ids.dim() != 2 or calib_ids.shape[0] == 0 or calib_ids.shape[1] < 2:
         raise ProblemError(f"calibration ids must be (nsamples, seqlen) with seqlen ≥ 2, got {tuple(calib_ids.shape)}")
@@ -259,6 +275,8 @@ def _prune_block(state: BlockState, settings: SolveSettings, sequential_order: b
     for group, acc in _group_grams(state, sequential_order):
         G = acc.gram()
         C, G0 = acc.targets()
+        if C is not None:
+            G, C, G0 = ridge_targets(G, C, G0, settings.target_ridge)
         for local in group:
             layer = state.layers[local]
             solved = _solve_layer(layer, G, acc.n, settings, C, G0)
