@@ -161,6 +161,10 @@ class Proposal:
     limit : why it stopped early: a :class:`Limit` word (or a backend's raw reason, which
         :func:`finalize` maps to one) or None
     limit_detail : free text about the limit (e.g. the backend's own status)
+    history : the backend's events (dicts). Events with ``seconds`` (since the solve began)
+        and ``objective`` (the incumbent's exact objective then), and where certified
+        ``lower_bound`` (valid at that moment), make its anytime curve
+        (:func:`layerprune.studies.analysis.anytime`)
     """
 
     mask: Optional[torch.Tensor]

@@ -100,7 +100,8 @@ class SparseFW(Solver):
     uses_init = True
 
     def _solve(self, problem: LayerProblem, params: Params, init, callback) -> Proposal:
-        deadline = params.deadline(time.perf_counter())
+        start_time = time.perf_counter()
+        deadline = params.deadline(start_time)
         alpha = self.option("alpha")
         refresh = self.option("refresh")
         check_every = self.option("check_every")
@@ -138,7 +139,7 @@ class SparseFW(Solver):
             elif float(err.sum()) < float(best_err.sum()):
                 best_mask, best_err = rounded, err
             history.append({"iteration": t, "lower_bound": float(bound.sum()),
-                            "objective": float(best_err.sum())})
+                            "objective": float(best_err.sum()), "seconds": time.perf_counter() - start_time})
 
         C = (W * (1.0 - M)) @ G
         try:

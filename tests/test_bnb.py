@@ -408,3 +408,27 @@ def test_an_sdp_that_cannot_finish_in_time_is_not_started():
     assert _qcr.build(Q, np.zeros(n, dtype=int), np.array([n // 2]), Params(), t + 0.5) is None
     assert time.perf_counter() - t < 0.5
     assert _qcr.predicted_sdp_seconds(2 * n) > 5 * _qcr.predicted_sdp_seconds(n)
+
+
+@pytest.mark.parametrize("objective, pattern", [("mask", "per-row:0.5"), ("reconstruct", "nm:2:4"),
+                                                ("mask", "columns:0.5")])
+def test_anytime_history_brackets_the_optimum_and_ends_at_the_result(objective, pattern):
+    """Every event's objective is a mask's exact error and its bound valid: bound ≤ optimum ≤
+    objective at every moment; objectives never rise; the last event is the result."""
+    from layerprune.studies.analysis import anytime
+
+    W, G = _well_conditioned(3, 12, seed=2)
+    p = LayerProblem.create(W, G, pattern=pattern, objective=objective)
+    opt = make_solver("brute").solve(p).objective
+    res = make_solver("bnb").solve(p, params=Params(time_limit=60))
+    events = [e for e in res.history if "seconds" in e]
+    assert len(events) >= (2 if pattern.startswith("columns") else 2 * p.d_out)  # start and end of each block
+    objs = [e["objective"] for e in events]
+    assert all(b <= opt * (1 + 1e-9) + 1e-12 for b in (e["lower_bound"] for e in events))
+    assert all(o >= opt * (1 - 1e-9) for o in objs)
+    assert all(later <= earlier * (1 + 1e-12) for earlier, later in zip(objs, objs[1:]))
+    assert objs[-1] == pytest.approx(res.objective, rel=1e-9)
+    assert events[-1]["lower_bound"] == pytest.approx(res.lower_bound, rel=1e-12)
+    assert [e["seconds"] for e in events] == sorted(e["seconds"] for e in events)
+    curve = anytime(res)
+    assert list(curve.columns) == ["seconds", "objective", "lower_bound"] and len(curve) == len(events) + 1

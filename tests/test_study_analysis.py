@@ -70,3 +70,24 @@ def test_loss_matrix_and_plots(tmp_path):
     assert sorted(p.name for p in written) == ["gaps.png", "loss_heatmap_mask.png", "performance_profile_mask.png"]
     assert all(p.stat().st_size > 1000 for p in written)
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(p.name for p in written)  # no temp left
+
+
+def test_anytime_curves_of_a_certifying_and_a_heuristic_backend():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from layerprune.problems import make_instance
+    from layerprune.solvers import Params, make_solver
+
+    p = make_instance(2, 16, pattern="per-row:0.5", objective="mask", seed=3)
+    fw = make_solver("sparsefw", check_every=2).solve(p, params=Params(max_iter=40))
+    wanda = make_solver("wanda").solve(p)
+    curves = {"sparsefw": analysis.anytime(fw), "wanda": analysis.anytime(wanda)}
+    assert len(curves["wanda"]) == 1 and math.isnan(curves["wanda"]["lower_bound"].iloc[0])
+    fw_curve = curves["sparsefw"]
+    assert len(fw_curve) == len(fw.history) + 1 >= 2 and fw_curve["seconds"].is_monotonic_increasing
+    assert fw_curve["objective"].iloc[-1] == pytest.approx(fw.objective, rel=1e-9)
+    assert (fw_curve["lower_bound"] <= fw.objective * (1 + 1e-9)).all()
+    ax = analysis.plot_anytime(curves, best_bound=fw.lower_bound)
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["sparsefw objective", "sparsefw bound", "wanda objective", "best bound"]

@@ -27,7 +27,8 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["PROBLEM", "SOLVED", "gap_table", "excess", "performance_ratios", "performance_profile",
-           "loss_matrix", "plot_performance_profile", "plot_loss_heatmap", "plot_gaps", "save_plots"]
+           "loss_matrix", "anytime", "plot_anytime", "plot_performance_profile", "plot_loss_heatmap",
+           "plot_gaps", "save_plots"]
 
 #: the columns that name one problem the solvers compete on
 PROBLEM = ["instance", "pattern", "objective_kind"]
@@ -111,7 +112,45 @@ def loss_matrix(df: pd.DataFrame, columns: Sequence[str] = ("pattern", "d_in")) 
     return solved.pivot_table(index="solver", columns=list(columns), values="excess", aggfunc="median")
 
 
+def anytime(result) -> pd.DataFrame:
+    """A solve's incumbent objective and certified bound over time.
+
+    Columns ``seconds``, ``objective``, ``lower_bound`` (NaN where the backend certifies
+    nothing): the history events that carry ``seconds`` and ``objective`` (see
+    ``Proposal.history``), then the final result (its re-scored objective and bound at
+    ``result.seconds``). A backend without such events gives the final point only.
+    """
+    rows = [(e["seconds"], e["objective"], e.get("lower_bound", math.nan))
+            for e in result.history if "seconds" in e and "objective" in e]
+    rows.append((result.seconds, result.objective if result.objective is not None else math.nan,
+                 result.lower_bound if result.lower_bound is not None else math.nan))
+    return pd.DataFrame(rows, columns=["seconds", "objective", "lower_bound"])
+
+
 # ---------------------------------------------------------------------------- figures
+def plot_anytime(curves: dict, ax=None, *, best_bound: Optional[float] = None,
+                 title: str = "objective and certified bound over time"):
+    """Each solver's :func:`anytime` curve: incumbent (solid steps), bound (dashed steps), a
+    marker at the final result; ``best_bound`` as a horizontal line. ``curves``: {label: frame}."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.figure(figsize=(6, 4)).gca()
+    for label, frame in curves.items():
+        line, = ax.step(frame["seconds"], frame["objective"], where="post", label=f"{label} objective")
+        ax.plot(frame["seconds"].iloc[-1:], frame["objective"].iloc[-1:], "o", color=line.get_color())
+        if frame["lower_bound"].notna().any():
+            ax.step(frame["seconds"], frame["lower_bound"], where="post", linestyle="--", color=line.get_color(),
+                    label=f"{label} bound")
+    if best_bound is not None:
+        ax.axhline(best_bound, color="black", linewidth=0.8, linestyle=":", label="best bound")
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("layer error")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return ax
+
+
 def plot_performance_profile(profile: pd.DataFrame, ax=None, *, title: str = "performance profile"):
     """Step plot of :func:`performance_profile` (log-scaled τ)."""
     import matplotlib.pyplot as plt

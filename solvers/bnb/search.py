@@ -20,7 +20,7 @@ import heapq
 import itertools
 import math
 import time
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -42,6 +42,8 @@ SHIFT_EVERY = 10
 #: at most this share of a block's time goes to root strong branching (2n children; at
 #: n = 128 they take ~0.4 s, but a whole-layer ``columns`` block can be far wider)
 ROOT_SHARE = 0.1
+#: seconds between two ``trace`` calls of a search that finds no better incumbent
+TRACE_EVERY = 0.25
 
 
 class Pseudocosts:
@@ -120,10 +122,12 @@ class BlockOutcome(NamedTuple):
 
 def solve_block(blk, start: np.ndarray, ub: float, group: np.ndarray, deadline: float, gap_tol: float,
                 device, max_nodes: Optional[int], kept: Optional[np.ndarray] = None,
-                floor: float = math.inf) -> BlockOutcome:
+                floor: float = math.inf, trace: Optional[Callable[[float, float], None]] = None) -> BlockOutcome:
     """Best-first branch-and-bound of one block. ``start``: (n,) bool pruned indicators, worth ``ub``;
     ``kept`` (n,) bool: entries fixed kept at the root, every point with one of them pruned
-    being worth at least ``floor``."""
+    being worth at least ``floor``. ``trace(incumbent, bound)``, if given, is called after a
+    batch that improves the incumbent and at least every :data:`TRACE_EVERY` seconds, with the
+    block's bound at that moment (the least of the open and pruned nodes' bounds, as returned)."""
     n = start.size
     best = start.copy()
     counter = itertools.count()
@@ -145,9 +149,13 @@ def solve_block(blk, start: np.ndarray, ub: float, group: np.ndarray, deadline: 
         root = root._replace(bound=float(relaxed.lb[0]), lo=relaxed.lo[0], hi=relaxed.hi[0], x=relaxed.x[0])
     heap: list[Node] = [root]
     shifts = blk.node_shifts and SHIFT_EVERY > 0
+    next_trace = time.perf_counter() + TRACE_EVERY
 
     def thr():
         return prune_level(ub, gap_tol)
+
+    def current_bound() -> float:
+        return max(min(min((node.bound for node in heap), default=math.inf), pruned_min, ub), 0.0)
 
     while heap and time.perf_counter() < deadline and (max_nodes is None or nodes < max_nodes):
         batch: list[Node] = []
@@ -174,7 +182,8 @@ def solve_block(blk, start: np.ndarray, ub: float, group: np.ndarray, deadline: 
         cand = blk.round(x, lo, hi).cpu().numpy() > 0.5
         vals = blk.value(cand)
         i = int(np.argmin(vals))
-        if vals[i] < ub * (1 - 1e-12):
+        improved = vals[i] < ub * (1 - 1e-12)
+        if improved:
             p = blk.polish(cand[i], group, time.perf_counter() + 0.1 * max(deadline - time.perf_counter(), 0.0))
             best, ub = p, float(blk.value(p[None])[0])
         lbs = lb.cpu().numpy()
@@ -191,7 +200,7 @@ def solve_block(blk, start: np.ndarray, ub: float, group: np.ndarray, deadline: 
             p = lo[j].cpu().numpy() > 0.5
             v = float(blk.value(p[None])[0])
             if v < ub:
-                best, ub = p, v
+                best, ub, improved = p, v, True
             pruned_min = min(pruned_min, v)
         go = np.flatnonzero(~pruned & free.any(axis=1))
         if go.size:
@@ -218,6 +227,9 @@ def solve_block(blk, start: np.ndarray, ub: float, group: np.ndarray, deadline: 
                         clo, chi = children[up]
                         heapq.heappush(heap, Node(float(lbs[j]), next(counter), clo[a], chi[a], x[j],
                                                   Branching(e, up, dist), shift_l[j], base_l[j]))
+        if trace is not None and (improved or time.perf_counter() >= next_trace):
+            trace(ub, current_bound())
+            next_trace = time.perf_counter() + TRACE_EVERY
     open_min = min((node.bound for node in heap), default=math.inf)
     bound = min(open_min, pruned_min, ub)
     proved = not heap or open_min >= thr()

@@ -49,6 +49,37 @@ class _BlockData(NamedTuple):
     kept: np.ndarray
 
 
+class _Anytime:
+    """The layer's incumbent and certified bound over time, as the blocks are searched.
+
+    At any moment the layer's objective is the sum of each block's current value (its start's
+    until it is searched), and its bound the sum of the finished blocks' bounds plus the
+    current block's (unsearched blocks count 0, valid as every error is ≥ 0). ``history``
+    holds ``{"seconds", "objective", "lower_bound", "block"}`` events."""
+
+    def __init__(self, start_time: float, sp: LayerProblem, kept: np.ndarray, rows: list):
+        self.start_time = start_time
+        errors = sp.row_errors(torch.from_numpy(np.ascontiguousarray(kept))).numpy()
+        self.values = [float(errors.sum()) if r is None else float(errors[r]) for r in rows]
+        self.done_bound = 0.0
+        self.history: list[dict] = []
+
+    def event(self, i: int, value: float, bound: float) -> None:
+        """Block ``i`` is at ``value`` with the bound ``bound`` (itself not yet finished)."""
+        objective = sum(self.values) - self.values[i] + value
+        self._append(i, objective, self.done_bound + bound)
+
+    def finish(self, i: int, value: float, bound: float) -> None:
+        """Block ``i`` ends at ``value``, certified ``≥ bound``."""
+        self.values[i] = value
+        self.done_bound += bound
+        self._append(i, sum(self.values), self.done_bound)
+
+    def _append(self, i: int, objective: float, bound: float) -> None:
+        self.history.append({"seconds": time.perf_counter() - self.start_time, "objective": objective,
+                             "lower_bound": bound, "block": i})
+
+
 class BranchAndBound(Solver):
     """Batched best-first branch-and-bound on the QCR (``mask``) or perspective
     (``reconstruct``) relaxation (see :mod:`layerprune.solvers.bnb`).
@@ -106,6 +137,7 @@ class BranchAndBound(Solver):
                       for r in range(sp.d_out)]
         mask = kept.copy()
         bounds, proved, nodes, limit, qcr_blocks, probed = [], [], 0, None, 0, 0
+        anytime = _Anytime(start_time, sp, kept, [b.row for b in blocks])
         for i, (r, data, k, m, c, kr) in enumerate(blocks):
             left = deadline - time.perf_counter()
             if left <= 0.01:
@@ -123,10 +155,12 @@ class BranchAndBound(Solver):
             if self.option("polish"):  # at most a fifth of the block's time
                 p = blk.polish(p, group, time.perf_counter() + 0.2 * (block_deadline - time.perf_counter()))
             value = float(blk.value(p[None])[0])
+            anytime.event(i, value, 0.0)
             if value <= 1e-13 * blk.scale:
                 bounds.append(value)                                  # nothing to gain: optimal
                 proved.append(True)
                 mask[r if r is not None else slice(None)] = ~p
+                anytime.finish(i, value, value)
                 continue
             fixed_kept, floor = None, math.inf
             if not recon:  # probing: entries too costly to prune leave Q, then the SDP-chosen form
@@ -135,7 +169,9 @@ class BranchAndBound(Solver):
                 probed += int(fixed_kept.sum())
             qcr_blocks += qcr
             best, bound, ok, cnt = solve_block(blk, p, value, group, block_deadline, params.gap_tol, device,
-                                               self.option("max_nodes"), fixed_kept, floor)
+                                               self.option("max_nodes"), fixed_kept, floor,
+                                               trace=lambda ub, lb, i=i: anytime.event(i, ub, lb))
+            anytime.finish(i, float(blk.value(best[None])[0]), bound)
             nodes += cnt
             mask[r if r is not None else slice(None)] = ~best
             bounds.append(bound)
@@ -153,5 +189,5 @@ class BranchAndBound(Solver):
         return Proposal(mask=torch.from_numpy(np.ascontiguousarray(mask)).to(problem.device),
                         lower_bound=float(sum(bounds)), bound_source=source,
                         status=Status.OPTIMAL if done else Status.FEASIBLE, limit=None if done else (limit or "time"),
-                        iterations=nodes, info={"nodes": nodes, "blocks_proved": int(sum(proved)),
+                        iterations=nodes, history=anytime.history, info={"nodes": nodes, "blocks_proved": int(sum(proved)),
                                                 "qcr_blocks": qcr_blocks, "probed_kept": probed})
