@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -1124,3 +1125,41 @@ def test_allocation_benchmark_collects_run_directories(tiny_job, tmp_path, capsy
     assert "| per-row:0.5 | owl |" in md and "`layerprune prune --allocate owl`" in md and "1.5 → 2.5" in md
     assert bench.main([str(tmp_path / "nothing"), "--out", str(out)]) == 2
     capsys.readouterr()
+
+
+def test_no_reference_skips_the_wanda_refit_and_nothing_else(monkeypatch):
+    """``reference=False`` under ``reconstruct``: one refit per layer instead of two, the same
+    masks and objectives, records without ``wanda_objective``."""
+    import layerprune.solvers.base as base
+
+    ids = calib()
+    runs = {}
+    for reference in (True, False):
+        calls = []
+        real = base._refit
+        monkeypatch.setattr(base, "_refit", lambda *a, **k: calls.append(1) or real(*a, **k))
+        model = tiny_llama(layers=1)
+        records = prune_model(model, ids, solver="sparsegpt", objective="reconstruct", progress=False,
+                              reference=reference)
+        runs[reference] = (records, len(calls))
+        monkeypatch.setattr(base, "_refit", real)
+    (with_ref, n_with), (without, n_without) = runs[True], runs[False]
+    assert n_with == 2 * len(with_ref) and n_without == len(without) == 7
+    assert all(r.wanda_objective is None and r.reduction_vs_wanda is None for r in without)
+    assert all(r.wanda_objective is not None for r in with_ref)
+    for a, b in zip(with_ref, without):
+        assert a.name == b.name and a.packed_mask[0] == b.packed_mask[0]
+        assert np.array_equal(a.packed_mask[1], b.packed_mask[1])
+        assert a.objective == pytest.approx(b.objective, rel=1e-12)
+
+
+def test_no_reference_job_reports_without_the_ratio(tiny_job, tmp_path):
+    from layerprune.pipeline import run
+    from layerprune.report import format_report
+
+    rep = tmp_path / "report.json"
+    report = run(_config(tiny_job, report=str(rep), objective="reconstruct", solver="sparsegpt", reference=False),
+                 log=lambda s: None)
+    assert json.loads(rep.read_text())["settings"]["reference"] is False
+    assert not (tmp_path / "layer_errors.png").exists()
+    assert "sparsegpt" in format_report(report)

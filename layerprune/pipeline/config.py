@@ -99,6 +99,8 @@ class PruneConfig:
     overrides: dict = setting(help="another backend for layers whose name contains NAME (repeatable)",
                               metavar="NAME=SOLVER", flag="--override", repeat=parse_overrides,
                               default_factory=dict)
+    reference: bool = setting(True, "no Wanda reference per layer (under reconstruct: one refit less per layer; "
+                              "the report has no error ratio to Wanda)", negate=True)
     sequential_order: bool = setting(False, "within a block prune q,k,v → o → gate,up → down, re-capturing inputs")
     prune_lm_head: bool = setting(False, "prune lm_head too")
     dtype: str = setting("float32", "dtype of the model's weights", choices=DTYPES)

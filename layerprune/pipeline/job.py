@@ -145,7 +145,8 @@ def _prune(model: nn.Module, calib_ids: torch.Tensor, checked: Checked, config: 
                        solver_options=config.solver_options, init=config.init, params=checked.params,
                        device=checked.device, sequential_order=config.sequential_order,
                        prune_lm_head=config.prune_lm_head, progress=config.progress, target=config.target,
-                       sparsity_map=allocation.fractions if own else None, target_ridge=target_ridge(config))
+                       sparsity_map=allocation.fractions if own else None, target_ridge=target_ridge(config),
+                       reference=config.reference)
 
 
 def _report(model: nn.Module, config: PruneConfig, checked: Checked, calib_ids: torch.Tensor,

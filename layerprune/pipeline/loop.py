@@ -10,8 +10,9 @@ takes its place in :func:`_prune_block`.
 from __future__ import annotations
 
 import contextlib
-import math
 import copy
+import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -56,6 +57,7 @@ class SolveSettings:
     init: Optional[str]             # solver whose mask starts every solve, or None
     params: Params
     target_ridge: float = 0.0       # dense targets: δ/mean(diag G) of the ridge δ‖v − w‖²
+    reference: bool = True          # score Wanda's mask on every layer (its record's reference)
 
 
 @dataclass
@@ -148,7 +150,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
                 callback: Optional[Callable[[LayerRecord], Any]] = None,
                 batch_size: int = CALIB_BATCH, target: str = "layer",
                 sparsity_map: Optional[dict[str, float]] = None,
-                target_ridge: float = DENSE_TARGET_RIDGE) -> list[LayerRecord]:
+                target_ridge: float = DENSE_TARGET_RIDGE, reference: bool = True) -> list[LayerRecord]:
     """Prune every target linear of every decoder block, block after block.
 
     Parameters
@@ -181,6 +183,9 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
     target_ridge : with ``target="dense"``, each layer's error gains ``δ‖v − w‖²``,
         ``δ = target_ridge · mean(diag G)`` (:func:`~layerprune.problems.ridge_targets`); 0 for
         none. Ignored with ``target="layer"``.
+    reference : score Wanda's mask on every layer, each record's ``wanda_objective``. False
+        skips it (under ``reconstruct`` a second refit per layer); Wanda's mask is still
+        found where it starts or backs up a solve
     sparsity_map : {qualified layer name: pruned fraction}: those layers take ``pattern``'s
         kind with their own fraction (:mod:`.allocate`); the pattern must be a fraction
         (``per-row:F``, ``unstructured:F``, ``columns:F``) and every name a target layer
@@ -204,7 +209,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
     blocks, path = find_blocks(model)
     plan = _plan(model, blocks, path, pattern, objective, solver, overrides, init, prune_lm_head, sparsity_map)
     settings = SolveSettings(pattern, objective, build_solvers(solver, overrides, init, solver_options, pattern, objective),
-                             init, params or Params(), _checked_ridge(target, target_ridge))
+                             init, params or Params(), _checked_ridge(target, target_ridge), bool(reference))
     check_target(target, settings.solvers, pattern, objective, prune_lm_head)
     written = _Progress(plan.total, callback, progress)
     with _eval_mode(model), _interrupted_after(written), contextlib.closing(written):
@@ -326,8 +331,8 @@ def _solve_layer(layer: _Layer, G: torch.Tensor, ntokens: int, settings: SolveSe
     the layer's record."""
     problem = LayerProblem.create(layer.linear.weight.detach(), G, pattern=layer.pattern,
                                   objective=settings.objective, C=C, G0=G0)
-    wanda = _wanda_reference(problem, settings.params)
     solver = settings.solvers[layer.solver]
+    wanda = _wanda_reference(problem, settings.params, settings.reference or _plain_wanda(solver))
     init_mask = _start_mask(problem, solver, wanda, settings)
     res = _run_solver(layer, problem, solver, wanda, init_mask, settings.params)
     status, limit = res.status.value, res.limit
@@ -353,12 +358,24 @@ def _solve_layer(layer: _Layer, G: torch.Tensor, ntokens: int, settings: SolveSe
     return _Solved(weights, record)
 
 
-def _wanda_reference(problem: LayerProblem, params: Params) -> Optional[Result]:
-    """Wanda's result on the problem (every record's reference), or None where Wanda cannot."""
+def _wanda_reference(problem: LayerProblem, params: Params, scored: bool = True) -> Optional[Result]:
+    """Wanda's result on the problem (every record's reference), or None where Wanda cannot.
+
+    Not ``scored``: its mask only (a start or fallback), with ``objective`` None, so a
+    ``reconstruct`` layer skips the reference's refit (Wanda's mask does not depend on the
+    objective)."""
     try:
-        return make_solver("wanda").solve(problem, params=params)
+        if scored or problem.objective_kind == "mask":
+            return make_solver("wanda").solve(problem, params=params)
+        found = make_solver("wanda").solve(dataclasses.replace(problem, objective_kind="mask"), params=params)
     except SolverError:
         return None
+    return dataclasses.replace(found, objective=None, weights=None, info={**found.info, "scored": False})
+
+
+def _plain_wanda(solver: Solver) -> bool:
+    """Wanda without options: its solve is the reference itself."""
+    return solver.name == "wanda" and not solver.options
 
 
 def _start_mask(problem: LayerProblem, solver: Solver, wanda: Optional[Result],
@@ -378,7 +395,7 @@ def _run_solver(layer: _Layer, problem: LayerProblem, solver: Solver, wanda: Opt
                 init_mask: Optional[torch.Tensor], params: Params) -> Result:
     """The layer's solve; plain Wanda reuses the reference instead of solving again."""
     try:
-        if wanda is not None and solver.name == "wanda" and not solver.options:
+        if wanda is not None and _plain_wanda(solver) and wanda.objective is not None:
             return wanda  # the reference is this solve
         return solver.solve(problem, params=params, init=init_mask)
     except SolverError as exc:
