@@ -22,8 +22,9 @@ Channel selection (``select_channels``), with the Wanda-style column score over 
 - ``outliers``: the ``max(1, k // 8)`` channels with the largest activation scale
   ``sqrt(G_jj)`` (the activation outliers of LLMs) are always included, the rest drawn at random
   (seeded). The rest is random rather than by ``s_j``: the Wanda score already favours large
-  ``sqrt(G_jj)``, so a Wanda rest would mostly repeat ``wanda``; outliers among typical channels
-  is the case that differs.
+  ``sqrt(G_jj)`` (on layers with strong outliers the loudest channels are nearly all in the
+  Wanda top-k; docs/DECISIONS.md), so a Wanda rest would mostly repeat ``wanda``; outliers
+  among typical channels is the case that differs.
 
 Ties are broken by the lower channel index (stable sort); returned indices are ascending, so the
 cut keeps the layer's channel order. ``Provenance`` records where a cut came from; it is stored
