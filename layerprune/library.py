@@ -180,8 +180,10 @@ def instance_path(spec: CutSpec, out_dir: Path, block: int, layer: str, size: in
 
 
 def _matches(prov: Optional[Provenance], spec: CutSpec, block: int, layer: str, size: int) -> bool:
-    """Whether a stored provenance is that of this spec's (block, layer, size)."""
-    return (prov is not None and prov.model == spec.model and prov.block == block and prov.layer == layer
+    """Whether a stored provenance is that of this spec's (block, layer, size) (the bundled
+    model's two names are one model)."""
+    same_model = prov is not None and (prov.model == spec.model or {prov.model, spec.model} <= set(_BUNDLED_NAMES))
+    return (same_model and prov.block == block and prov.layer == layer
             and len(prov.channels) == size and len(prov.rows) == spec.rows and prov.how == spec.channels
             and prov.seed == spec.seed and prov.nsamples == spec.nsamples and prov.seqlen == spec.seqlen
             and prov.calib == spec.calib and prov.row_rule == _ROW_RULE)

@@ -280,6 +280,17 @@ def test_cut_refuses_before_writing(tmp_path, tiny_cut):
         assert not (tmp_path / "new").exists()
 
 
+def test_the_bundled_models_names_are_one_model_for_idempotence():
+    from layerprune.library import _matches
+
+    spec = parse_cut({**GOOD, "model": "SmolLM2-135M-Instruct", "layers": ["q_proj"], "sizes": [8], "rows": 1})
+    prov = Provenance(model="smollm2", block=3, layer="q_proj", rows=(5,), channels=tuple(range(8)), how="wanda",
+                      calib="austen-calib", nsamples=16, seqlen=128, seed=0)
+    assert spec.model_tag() == "smollm2" and _matches(prov, spec, 3, "q_proj", 8)
+    assert not _matches(prov, spec, 3, "q_proj", 16) and not _matches(prov, spec, 14, "q_proj", 8)
+    assert not _matches(Provenance(**{**prov.__dict__, "nsamples": 32}), spec, 3, "q_proj", 8)
+
+
 def test_iter_layer_problems_matches_one_block_at_a_time():
     from layerprune.pipeline import iter_layer_problems, layer_problems
 
