@@ -41,8 +41,8 @@ def main(argv=None) -> None:
     paths = cut_model_instances(spec, args.out)
     print(f"cut: {len(paths)} instances in {time.perf_counter() - start:.1f} s "
           f"(nsamples {spec.nsamples} × seqlen {spec.seqlen})\n")
-    print(f"| instance | rows × d_in | {args.solver} status | seconds | objective | lower bound | gap |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| instance | rows × d_in | {args.solver} status | limit | seconds | objective | lower bound | gap |")
+    print("|---|---|---|---|---|---|---|---|")
     for path in paths:
         prov = read_provenance(path)
         problem = load_instance(path, pattern=args.pattern, objective=args.objective)
@@ -50,7 +50,7 @@ def main(argv=None) -> None:
         gap = "—" if res.lower_bound is None or not res.objective else \
             f"{(res.objective - res.lower_bound) / res.objective:.1%}"
         lb = "—" if res.lower_bound is None else f"{res.lower_bound:.4g}"
-        print(f"| b{prov.block} {prov.layer} | {len(prov.rows)} × {len(prov.channels)} | {getattr(res.status, 'value', res.status)} | "
+        print(f"| b{prov.block} {prov.layer} | {len(prov.rows)} × {len(prov.channels)} | {getattr(res.status, 'value', res.status)} | {res.limit or '—'} | "
               f"{res.seconds:.1f} | {res.objective:.4g} | {lb} | {gap} |", flush=True)
 
 
