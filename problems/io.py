@@ -191,14 +191,26 @@ def atomic_write_all(writes) -> None:
         os.unlink(bak)
 
 
-def save_instance(path, W, G, *, C=None, G0=None) -> None:
+def save_instance(path, W, G, *, C=None, G0=None, extras=None) -> None:
     """Write an instance file atomically (``W``, ``G`` and the dense targets ``C``, ``G0`` when
-    given, as float64)."""
+    given, as float64).
+
+    ``extras`` : optional ``{name: array}`` written as they are (readers ignore them, CONTRACT.md;
+    e.g. a cut's provenance). Names the CONTRACT reads (``W``, ``G``, ``X``, ``C``, ``G0``) and
+    object arrays (which would need pickle to read) are refused with :class:`ProblemError`.
+    """
     arrays = {"W": W, "G": G}
     if C is not None or G0 is not None:
         arrays.update(C=C, G0=G0)
     arrays = {k: (a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)).astype(np.float64)
               for k, a in arrays.items() if a is not None}
+    for name, a in (extras or {}).items():
+        if name in _READ:
+            raise ProblemError(f"extra array {name!r} would be read as part of the instance")
+        a = np.asarray(a)
+        if a.dtype.hasobject:
+            raise ProblemError(f"extra array {name!r} holds Python objects (not readable without pickle)")
+        arrays[name] = a
 
     def write(tmp):
         with open(tmp, "wb") as fh:

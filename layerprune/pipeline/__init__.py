@@ -32,7 +32,7 @@ knapsack, a map file), :mod:`.config` (:class:`PruneConfig` and the checks befor
 loading) and :mod:`.job` (:func:`run`).
 """
 from .allocate import knapsack_allocation, owl_allocation, read_sparsity_map
-from .capture import CALIB_BATCH, capture_block_inputs, layer_problems, linear_groups
+from .capture import CALIB_BATCH, capture_block_inputs, iter_layer_problems, layer_problems, linear_groups
 from .config import PruneConfig
 from .job import run
 from .loop import PruningInterrupted, prune_model
@@ -41,5 +41,6 @@ from .structure import find_blocks, find_linears
 
 __all__ = ["PruneConfig", "PruningInterrupted", "prune_model", "perplexity", "sparsity", "run", "release_memory",
            "find_blocks", "find_linears", "capture_block_inputs", "linear_groups", "layer_problems",
+           "iter_layer_problems",
            "owl_allocation", "knapsack_allocation", "read_sparsity_map",
            "CALIB_BATCH", "EVAL_BATCH", "EVAL_LOGITS_BYTES", "NLL_CHUNK_ELEMENTS"]

@@ -13,7 +13,7 @@ from layerprune.problems import LayerProblem, ProblemError
 from .structure import (_eval_mode, _model_device, _on_device, _outside_blocks_on, _qualified, _to, find_blocks,
                         find_linears)
 
-__all__ = ["CALIB_BATCH", "capture_block_inputs", "linear_groups", "layer_problems"]
+__all__ = ["CALIB_BATCH", "capture_block_inputs", "linear_groups", "layer_problems", "iter_layer_problems"]
 
 #: calibration sequences per forward mini-batch
 CALIB_BATCH = 8
@@ -277,26 +277,59 @@ def layer_problems(model: nn.Module, calib_ids: torch.Tensor, block: int, *, pat
     -------
     {qualified module name: LayerProblem}, in forward order.
     """
-    blocks, path = find_blocks(model)
-    if not -len(blocks) <= block < len(blocks):
-        raise ProblemError(f"block {block} out of range: the model has {len(blocks)} blocks")
-    block %= len(blocks)
+    for _, problems in iter_layer_problems(model, calib_ids, [block], pattern=pattern, objective=objective,
+                                           device=device, batch_size=batch_size):
+        return problems
+    raise AssertionError("iter_layer_problems yielded nothing for one block")
+
+
+def iter_layer_problems(model: nn.Module, calib_ids: torch.Tensor, blocks: Sequence[int], *,
+                        pattern: str = "per-row:0.5", objective: str = "mask",
+                        device: Union[None, str, torch.device] = None, batch_size: int = CALIB_BATCH):
+    """:func:`layer_problems` of several blocks in one pass through the model.
+
+    The calibration ids go through the dense model once, up to the last requested block, so
+    blocks ``[3, 14]`` cost 15 block forwards (plus one Gram pass per requested block) rather
+    than 3 + 14 for two separate calls. Every index is checked before any work.
+
+    Yields
+    ------
+    (block index, {qualified module name: LayerProblem}) in ascending block order; indices
+    are normalised (negative ones count from the end) and repeats yield once.
+    """
+    all_blocks, path = find_blocks(model)
+    n = len(all_blocks)
+    for b in blocks:
+        if not -n <= b < n:
+            raise ProblemError(f"block {b} out of range: the model has {n} blocks")
+    wanted = sorted({b % n for b in blocks})
+    if not wanted:
+        return
     home = _model_device(model)
     device = torch.device(device) if device is not None else home
-    out: dict[str, LayerProblem] = {}
     with _eval_mode(model):
-        batches = capture_block_inputs(model, blocks, calib_ids, device, batch_size)
-        for i in range(block + 1):
-            with _on_device(blocks[i], device, home):
-                if i < block:
-                    _propagate(blocks[i], batches)
-                    continue
-                linears = find_linears(blocks[i])
-                groups = linear_groups(blocks[i], linears, batches[0])
-                accs = _accumulate(blocks[i], batches, linears, groups, stop_early=False)
-                for g in groups:
-                    G = accs[g[0]].gram()
-                    for local in g:
-                        out[_qualified(path, i, local)] = LayerProblem.create(linears[local].weight.detach(), G,
-                                                        pattern=pattern, objective=objective)
+        batches = capture_block_inputs(model, all_blocks, calib_ids, device, batch_size)
+        for i in range(wanted[-1] + 1):
+            out: dict[str, LayerProblem] = {}
+            with _on_device(all_blocks[i], device, home):
+                if i in wanted:
+                    out = _block_problems(all_blocks[i], batches, path, i, pattern, objective)
+                if i < wanted[-1]:
+                    _propagate(all_blocks[i], batches)
+            if i in wanted:
+                yield i, out
+
+
+def _block_problems(block: nn.Module, batches: list[_Batch], path: str, index: int, pattern: str,
+                    objective: str) -> dict[str, LayerProblem]:
+    """Every target linear's problem of one block, from its recorded inputs."""
+    linears = find_linears(block)
+    groups = linear_groups(block, linears, batches[0])
+    accs = _accumulate(block, batches, linears, groups, stop_early=False)
+    out: dict[str, LayerProblem] = {}
+    for g in groups:
+        G = accs[g[0]].gram()
+        for local in g:
+            out[_qualified(path, index, local)] = LayerProblem.create(linears[local].weight.detach(), G,
+                                                                      pattern=pattern, objective=objective)
     return out
