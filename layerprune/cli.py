@@ -1,4 +1,4 @@
-"""``layerprune`` command line: ``solve`` and ``solvers`` (CONTRACT.md), ``prune`` and ``eval``.
+"""``layerprune`` command line: ``solve``, ``solvers`` and ``study`` (CONTRACT.md), ``prune`` and ``eval``.
 
 Every expected fault (bad file, shapes, pattern, unknown or missing solver, …) ends with one
 clear line on stderr, a non-zero exit code and nothing written.
@@ -191,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_solve(sub)
     _add_solvers(sub)
+    try:
+        from layerprune.studies.cli import add_subcommand as add_study
+    except ImportError:  # dask or pyarrow missing: the solve contract works without them
+        pass
+    else:
+        add_study(sub)
     try:
         from layerprune.prune_cli import add_subcommands
     except ImportError:  # the model pipeline is optional for the solve contract

@@ -1,0 +1,230 @@
+"""Run a study on Dask: every case of the grid not yet in ``DIR/results.parquet``.
+
+Cases go to a ``LocalCluster`` (``workers`` processes, one thread each) or to the scheduler at
+``scheduler``. At most one case per worker thread is in flight, so a case starts when it is
+submitted and its *watchdog* runs from then: a case with no result ``2 × time_limit + grace``
+seconds later is cancelled, its worker restarted (killing a backend stuck in C code), and it
+becomes an ``error`` row. A worker that dies under a case (a crash) makes that case an
+``error`` row too (the local cluster allows no retry: with one thread a worker, the case
+running on it is the one that killed it). Each finished case is written to the table at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+import uuid
+from collections import Counter, deque
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+from layerprune.problems.io import check_parent_writable
+
+from .cases import Case, Plan, plan_cases
+from .spec import SpecError, StudySpec, load_spec, same_study
+from .table import read_rows, write_rows
+from .worker import error_row, run_case
+
+__all__ = ["run_study", "DEFAULT_GRACE"]
+
+#: seconds a case may run past twice its time limit before its worker is restarted
+DEFAULT_GRACE = 30.0
+_RESULTS, _SPEC_COPY, _INSTANCES = "results.parquet", "spec.toml", "instances"
+
+
+def run_study(spec: Union[str, os.PathLike, StudySpec], out_dir, *, scheduler: Optional[str] = None,
+              workers: Optional[int] = None, grace: float = DEFAULT_GRACE, progress: bool = True):
+    """Run the cases of ``spec`` not yet in ``out_dir/results.parquet``; return the table.
+
+    Parameters
+    ----------
+    spec : path of ``SPEC.toml`` or a :class:`StudySpec`
+    out_dir : the study's directory (``results.parquet``, ``spec.toml``, ``instances/``)
+    scheduler : address of a running Dask scheduler (None: a local cluster)
+    workers : processes of the local cluster (default: one per CPU, at most one per case)
+    grace : the watchdog's slack: a case is cut off ``2 × time_limit + grace`` s after it starts
+    progress : print a line per finished case, and a summary, on stderr
+
+    Returns
+    -------
+    pandas.DataFrame with one row per case (CONTRACT.md columns and more, :mod:`.table`).
+
+    Raises
+    ------
+    SpecError : bad spec, an ``out_dir`` holding another study, an unreachable scheduler;
+        raised before anything is written (instances cut from a model excepted: they are
+        written to ``out_dir/instances`` before the instance files are checked).
+    """
+    spec = spec if isinstance(spec, StudySpec) else load_spec(spec)
+    out_dir = Path(out_dir)
+    if workers is not None and workers < 1:
+        raise SpecError(f"--workers must be a positive integer, got {workers}")
+    _check_out_dir(spec, out_dir)
+    plan = _plan(spec, out_dir)
+    say = _printer(progress)
+    for reason, count in Counter(s.reason for s in plan.skipped).items():
+        say(f"skipped {count} case(s): {reason}")
+    rows = {r["case"]: r for r in read_rows(out_dir / _RESULTS)}
+    todo = [c for c in plan.cases if c.case not in rows]
+    say(f"study {out_dir}: {len(plan.cases)} cases, {len(plan.cases) - len(todo)} already in the table, "
+        f"{len(todo)} to run, {len(plan.skipped)} skipped")
+    started, run_id = time.perf_counter(), uuid.uuid4().hex[:12]
+    with _client(scheduler, workers, len(todo)) as client:
+        _write_spec_copy(spec, out_dir)
+        table = write_rows(out_dir / _RESULTS, list(rows.values()))
+        for done, row in enumerate(_run_cases(client, todo, grace), 1):
+            rows[row["case"]] = {**row, "run": run_id}
+            table = write_rows(out_dir / _RESULTS, list(rows.values()))
+            say(_describe(done, len(todo), row))
+    errors = sum(rows[c.case]["status"] == "error" for c in todo)
+    say(f"study {out_dir}: {len(todo)} case(s) run ({errors} error) in {time.perf_counter() - started:.1f} s; "
+        f"{table.num_rows} rows in {out_dir / _RESULTS}")
+    return table.to_pandas()
+
+
+def _printer(progress: bool):
+    def say(line: str) -> None:
+        if progress:
+            print(line, file=sys.stderr, flush=True)
+    return say
+
+
+def _describe(done: int, total: int, row: dict) -> str:
+    def num(x):
+        return "—" if x is None else f"{x:.6g}"
+
+    what = f"{row['solver']} {row['pattern']} {row['objective_kind']} seed {row['seed']} on {row['instance']}"
+    if row["status"] == "error":
+        return f"[{done}/{total}] error     {what}: {row['message']}"
+    return (f"[{done}/{total}] {row['status']:<9} {what}: objective {num(row['objective'])}, "
+            f"bound {num(row['lower_bound'])}, {row['seconds']:.2f} s")
+
+
+def _check_out_dir(spec: StudySpec, out_dir: Path) -> None:
+    """``out_dir`` is new, or holds this same study; it can be written."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SpecError(f"--out {out_dir} exists and is not a directory")
+    copy, results = out_dir / _SPEC_COPY, out_dir / _RESULTS
+    if copy.exists():
+        try:
+            same = same_study(spec, copy.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            same = None
+        if not same:
+            raise SpecError(f"--out {out_dir} holds another study (its {_SPEC_COPY} differs from "
+                            f"{spec.path.name}); give the same spec to resume it, or another directory")
+    elif results.exists():
+        raise SpecError(f"--out {out_dir} holds a {_RESULTS} without its {_SPEC_COPY}; give another directory")
+    try:
+        check_parent_writable(results, what="--out")
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+
+
+def _plan(spec: StudySpec, out_dir: Path) -> Plan:
+    files = list(spec.files)
+    if spec.cut is not None:
+        from layerprune.library import cut_model_instances
+
+        try:
+            cut = cut_model_instances(spec.cut, out_dir / _INSTANCES)
+        except ValueError as exc:
+            raise SpecError(f"instances.cut: {exc}") from None
+        files += [Path(p).resolve() for p in cut if Path(p).resolve() not in files]
+    if not files:
+        raise SpecError("instances: no instance matched")
+    plan = plan_cases(spec, files, roots=[spec.path.parent, out_dir])
+    if not plan.cases:
+        first = plan.skipped[0].reason if plan.skipped else "the grid is empty"
+        raise SpecError(f"grid: no case to run, every solver skips every case (e.g. {first})")
+    return plan
+
+
+def _write_spec_copy(spec: StudySpec, out_dir: Path) -> None:
+    from layerprune.problems import atomic_write
+
+    copy = out_dir / _SPEC_COPY
+    if not copy.exists():
+        atomic_write(copy, lambda tmp: Path(tmp).write_text(spec.text, encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def _client(scheduler: Optional[str], workers: Optional[int], n_cases: int):
+    """A Dask client of the scheduler at ``scheduler``, else of a new local cluster."""
+    from dask.distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        try:
+            client = Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise SpecError(f"--scheduler {scheduler}: cannot connect: {exc}") from None
+        with client:
+            try:
+                client.wait_for_workers(1, timeout=60)
+            except TimeoutError:
+                raise SpecError(f"--scheduler {scheduler}: no worker joined within 60 s") from None
+            yield client
+        return
+    n = workers or max(1, min(os.cpu_count() or 1, n_cases))
+    if n_cases == 0:
+        yield None
+        return
+    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.ERROR, scheduler_kwargs={"allowed_failures": 0}) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+def _run_cases(client, cases: list[Case], grace: float) -> Iterator[dict]:
+    """Yield the row of every case as it finishes (watchdog: module docstring)."""
+    from dask.distributed import wait
+
+    pending, running = deque(cases), {}
+    while pending or running:
+        slots = max(1, sum(client.nthreads().values()))
+        while pending and len(running) < slots:
+            case = pending.popleft()
+            future = client.submit(run_case, case, key=f"case-{case.case}-{uuid.uuid4().hex[:8]}", pure=False)
+            running[future] = (case, time.monotonic() + 2 * case.time_limit + grace)
+        soonest = min(deadline for _, deadline in running.values())
+        try:
+            wait(list(running), timeout=max(0.05, min(1.0, soonest - time.monotonic())),
+                 return_when="FIRST_COMPLETED")
+        except TimeoutError:
+            pass
+        for future in [f for f in running if f.done()]:
+            yield _row_of(future, running.pop(future)[0])
+        overdue = [f for f, (_, deadline) in running.items() if deadline < time.monotonic()]
+        if overdue:
+            yield from _cut_off(client, overdue, running, grace)
+
+
+def _row_of(future, case: Case) -> dict:
+    from distributed import KilledWorker
+
+    try:
+        return future.result()
+    except KilledWorker:
+        return error_row(case, "the worker died while running this case (KilledWorker)")
+    except Exception as exc:
+        return error_row(case, f"{type(exc).__name__}: {exc}")
+
+
+def _cut_off(client, overdue: list, running: dict, grace: float) -> Iterator[dict]:
+    """Cancel overdue cases, restart the workers running them, yield their ``error`` rows."""
+    processing = client.processing()
+    for future in overdue:
+        case, _ = running.pop(future)
+        holders = [w for w, keys in processing.items() if future.key in keys]
+        future.cancel()
+        message = (f"no result {2 * case.time_limit + grace:g} s after it started "
+                   f"(2 × time limit {case.time_limit:g} s + {grace:g} s)")
+        try:
+            if holders:
+                client.restart_workers(holders)
+                message += "; its worker was restarted"
+        except Exception as exc:
+            message += f"; its worker could not be restarted: {type(exc).__name__}: {exc}"
+        yield error_row(case, message)
