@@ -184,6 +184,48 @@ def _cmd_solvers(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- study
+#: the module that draws a study's plots, when one is installed: ``plot_study(out_dir)``
+PLOTS_MODULE = "layerprune.studies.plots"
+
+
+def _add_study(sub) -> None:
+    p = sub.add_parser("study", help="run an optimality-gap study (SPEC.toml) on Dask",
+                       description="Run every case of a study spec not yet in DIR/results.parquet "
+                                   "(CONTRACT.md, 'Study spec and results table').")
+    p.add_argument("spec", metavar="SPEC.toml")
+    p.add_argument("--out", required=True, metavar="DIR", help="the study's directory (resumed if it exists)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="a running Dask scheduler, best with one-thread workers (default: a local cluster)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes of the local cluster, one thread each (default: one per CPU)")
+    p.add_argument("--plots", action="store_true", help="draw the study's plots into DIR when done")
+    p.set_defaults(handler=_cmd_study)
+
+
+def _cmd_study(args) -> int:
+    import importlib
+    import importlib.util
+
+    if args.workers is not None and args.scheduler is not None:
+        return _fail("give --workers (a local cluster) or --scheduler (an existing one), not both")
+    if args.plots and importlib.util.find_spec(PLOTS_MODULE) is None:
+        return _fail(f"--plots: study plots are not available in this version (no {PLOTS_MODULE})")
+    try:
+        from layerprune.studies import SpecError, run_study
+    except ImportError as exc:
+        return _fail(f"layerprune study needs dask[distributed] and pyarrow: {exc}")
+    try:
+        run_study(args.spec, args.out, scheduler=args.scheduler, workers=args.workers)
+    except SpecError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail(f"interrupted: the finished cases are in {args.out}; run the same command again to resume", 130)
+    if args.plots:
+        importlib.import_module(PLOTS_MODULE).plot_study(args.out)
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="layerprune", description=__doc__.splitlines()[0])
@@ -191,12 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_solve(sub)
     _add_solvers(sub)
-    try:
-        from layerprune.studies.cli import add_subcommand as add_study
-    except ImportError:  # dask or pyarrow missing: the solve contract works without them
-        pass
-    else:
-        add_study(sub)
+    _add_study(sub)
     try:
         from layerprune.prune_cli import add_subcommands
     except ImportError:  # the model pipeline is optional for the solve contract

@@ -2,7 +2,7 @@
 
 Cases go to a ``LocalCluster`` (``workers`` processes, one thread each) or to the scheduler at
 ``scheduler``. At most one case per worker thread is in flight, so a case starts when it is
-submitted and its *watchdog* runs from then: a case with no result ``2 × time_limit + grace``
+submitted (it is pinned to a free worker thread) and its *watchdog* runs from then: a case with no result ``2 × time_limit + grace``
 seconds later is cancelled, its worker restarted (killing a backend stuck in C code), and it
 becomes an ``error`` row. A worker that dies under a case (a crash) makes that case an
 ``error`` row too (the local cluster allows no retry: with one thread a worker, the case
@@ -135,7 +135,7 @@ def _plan(spec: StudySpec, out_dir: Path) -> Plan:
         files += [Path(p).resolve() for p in cut if Path(p).resolve() not in files]
     if not files:
         raise SpecError("instances: no instance matched")
-    plan = plan_cases(spec, files, roots=[spec.path.parent, out_dir])
+    plan = plan_cases(spec, files, roots=[out_dir, spec.path.parent])
     if not plan.cases:
         first = plan.skipped[0].reason if plan.skipped else "the grid is empty"
         raise SpecError(f"grid: no case to run, every solver skips every case (e.g. {first})")
@@ -178,17 +178,30 @@ def _client(scheduler: Optional[str], workers: Optional[int], n_cases: int):
 
 
 def _run_cases(client, cases: list[Case], grace: float) -> Iterator[dict]:
-    """Yield the row of every case as it finishes (watchdog: module docstring)."""
+    """Yield the row of every case as it finishes (watchdog: module docstring).
+
+    Each case is pinned to a worker thread that none of ours occupies, so it starts at once
+    (its watchdog is honest) and restarting the worker of an overdue case kills no other.
+    """
     from dask.distributed import wait
 
-    pending, running = deque(cases), {}
+    from .preload import Preload
+
+    pending, running = deque(cases), {}  # future → (case, deadline, worker)
+    if cases:
+        client.register_plugin(Preload())
     while pending or running:
-        slots = max(1, sum(client.nthreads().values()))
-        while pending and len(running) < slots:
+        for worker in _free_threads(client, running):
+            if not pending:
+                break
             case = pending.popleft()
-            future = client.submit(run_case, case, key=f"case-{case.case}-{uuid.uuid4().hex[:8]}", pure=False)
-            running[future] = (case, time.monotonic() + 2 * case.time_limit + grace)
-        soonest = min(deadline for _, deadline in running.values())
+            future = client.submit(run_case, case, key=f"case-{case.case}-{uuid.uuid4().hex[:8]}", pure=False,
+                                   workers=[worker], allow_other_workers=False)
+            running[future] = (case, time.monotonic() + 2 * case.time_limit + grace, worker)
+        if not running:  # every worker is away (restarting): look again shortly
+            time.sleep(0.2)
+            continue
+        soonest = min(deadline for _, deadline, _ in running.values())
         try:
             wait(list(running), timeout=max(0.05, min(1.0, soonest - time.monotonic())),
                  return_when="FIRST_COMPLETED")
@@ -196,9 +209,15 @@ def _run_cases(client, cases: list[Case], grace: float) -> Iterator[dict]:
             pass
         for future in [f for f in running if f.done()]:
             yield _row_of(future, running.pop(future)[0])
-        overdue = [f for f, (_, deadline) in running.items() if deadline < time.monotonic()]
+        overdue = [f for f, (_, deadline, _) in running.items() if deadline < time.monotonic()]
         if overdue:
             yield from _cut_off(client, overdue, running, grace)
+
+
+def _free_threads(client, running: dict) -> list[str]:
+    """One worker address per thread that no case of ``running`` occupies."""
+    busy = Counter(worker for _, _, worker in running.values())
+    return [w for w, n in client.nthreads().items() for _ in range(max(0, n - busy[w]))]
 
 
 def _row_of(future, case: Case) -> dict:
@@ -214,17 +233,14 @@ def _row_of(future, case: Case) -> dict:
 
 def _cut_off(client, overdue: list, running: dict, grace: float) -> Iterator[dict]:
     """Cancel overdue cases, restart the workers running them, yield their ``error`` rows."""
-    processing = client.processing()
     for future in overdue:
-        case, _ = running.pop(future)
-        holders = [w for w, keys in processing.items() if future.key in keys]
+        case, _, worker = running.pop(future)
         future.cancel()
         message = (f"no result {2 * case.time_limit + grace:g} s after it started "
                    f"(2 × time limit {case.time_limit:g} s + {grace:g} s)")
         try:
-            if holders:
-                client.restart_workers(holders)
-                message += "; its worker was restarted"
-        except Exception as exc:
+            client.restart_workers([worker])
+            message += "; its worker was restarted"
+        except Exception as exc:  # e.g. a worker without a nanny: it stays busy
             message += f"; its worker could not be restarted: {type(exc).__name__}: {exc}"
         yield error_row(case, message)
