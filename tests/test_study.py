@@ -205,12 +205,13 @@ def test_hanging_crashing_and_failing_cases_are_error_rows(cluster, tmp_path, mo
     spec = write_study(tmp_path, n_instances=1, patterns='["per-row:0.5"]', objectives='["mask"]',
                        solvers='["hang", "crash", "fail", "wanda"]', time_limit="0.5")
     started = time.monotonic()
-    df = run_study(spec, tmp_path / "out", scheduler=cluster.scheduler_address, grace=2.0, progress=False)
-    assert time.monotonic() - started < 60
+    # grace 6 s: a restarted worker's first case must finish within 2 × 0.5 + 6 s on a loaded machine
+    df = run_study(spec, tmp_path / "out", scheduler=cluster.scheduler_address, grace=6.0, progress=False)
+    assert time.monotonic() - started < 90
     rows = df.set_index("solver")
     assert rows.loc["wanda", "status"] == "feasible", df[["solver", "status", "message"]].to_string()
     assert (rows.loc[["hang", "crash", "fail"], "status"] == "error").all()
-    assert "no result 3 s after it started" in rows.loc["hang", "message"]
+    assert "no result 7 s after it started" in rows.loc["hang", "message"]
     assert "worker was restarted" in rows.loc["hang", "message"]
     assert "worker died" in rows.loc["crash", "message"]
     assert rows.loc["fail", "message"] == "RuntimeError: deliberate failure second line"

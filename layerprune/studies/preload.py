@@ -1,5 +1,5 @@
-"""A Dask worker plugin that imports torch and the solver contract when a worker starts
-(restarted workers too), so that no case's watchdog counts those imports."""
+"""A Dask worker plugin that imports torch, the solver contract and the study's worker code
+when a worker starts (restarted workers too), so that no case's watchdog counts those imports."""
 from distributed.diagnostics.plugin import WorkerPlugin
 
 __all__ = ["Preload"]
@@ -13,3 +13,4 @@ class Preload(WorkerPlugin):
 
         import layerprune.problems  # noqa: F401
         import layerprune.solvers.base  # noqa: F401
+        import layerprune.studies.worker  # noqa: F401
