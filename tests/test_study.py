@@ -128,6 +128,19 @@ def test_bad_flags_and_out_dirs(tmp_path, capsys):
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
 
 
+def test_a_second_run_into_a_directory_being_written_is_refused(tmp_path, capsys):
+    import fcntl
+
+    spec = write_study(tmp_path, n_instances=1, patterns='["per-row:0.5"]', objectives='["mask"]', solvers='["wanda"]')
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with open(out_dir / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        code, _, err = run_cli(capsys, "study", spec, "--out", out_dir, "--workers", "1")
+    assert code == 2 and "another study run is writing there" in err
+    assert sorted(p.name for p in out_dir.iterdir()) == [".lock"]
+
+
 def test_case_ids_are_stable_and_key_on_content(tmp_path):
     spec = load_spec(write_study(tmp_path, seeds="[0, 1]"))
     first = plan_cases(spec, spec.files, [tmp_path])

@@ -53,7 +53,8 @@ def run_study(spec: Union[str, os.PathLike, StudySpec], out_dir, *, scheduler: O
 
     Raises
     ------
-    SpecError : bad spec, an ``out_dir`` holding another study, an unreachable scheduler;
+    SpecError : bad spec, an ``out_dir`` holding another study (or one another run is writing:
+        ``out_dir/.lock``), an unreachable scheduler;
         raised before anything is written (instances cut from a model excepted: they are
         written to ``out_dir/instances`` before the instance files are checked).
     """
@@ -71,7 +72,7 @@ def run_study(spec: Union[str, os.PathLike, StudySpec], out_dir, *, scheduler: O
     say(f"study {out_dir}: {len(plan.cases)} cases, {len(plan.cases) - len(todo)} already in the table, "
         f"{len(todo)} to run, {len(plan.skipped)} skipped")
     started, run_id = time.perf_counter(), uuid.uuid4().hex[:12]
-    with _client(scheduler, workers, len(todo)) as client:
+    with _client(scheduler, workers, len(todo)) as client, _only_run(out_dir):
         _write_spec_copy(spec, out_dir)
         table = write_rows(out_dir / _RESULTS, list(rows.values()))
         for done, row in enumerate(_run_cases(client, todo, grace), 1):
@@ -121,6 +122,21 @@ def _check_out_dir(spec: StudySpec, out_dir: Path) -> None:
         check_parent_writable(results, what="--out")
     except ValueError as exc:
         raise SpecError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _only_run(out_dir: Path):
+    """Hold ``out_dir/.lock`` (``flock``) for the run: a second run into ``out_dir`` would
+    rewrite the table without the first one's rows, so it is refused."""
+    import fcntl
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SpecError(f"--out {out_dir}: another study run is writing there") from None
+        yield
 
 
 def _plan(spec: StudySpec, out_dir: Path) -> Plan:
