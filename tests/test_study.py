@@ -114,18 +114,22 @@ def test_bad_spec_is_one_line_exit_2_nothing_written(name, tmp_path, capsys):
 def test_bad_flags_and_out_dirs(tmp_path, capsys):
     spec = write_study(tmp_path)
     (tmp_path / "afile").write_text("x")
-    other = tmp_path / "other"
+    other, broken = tmp_path / "other", tmp_path / "broken"
     other.mkdir()
     (other / "spec.toml").write_text("[grid]\n")
-    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    broken.mkdir()
+    (broken / "spec.toml").write_text(spec.read_text())
+    (broken / "results.parquet").write_bytes(b"PAR1 not a table")
+    before = {p: p.is_file() and p.stat().st_mtime_ns for p in tmp_path.rglob("*")}  # a probe file touches dirs
     for argv, phrase in [(["--out", tmp_path / "afile"], "not a directory"),
                          (["--out", other], "holds another study"),
+                         (["--out", broken], "cannot read its results.parquet"),
                          (["--out", tmp_path / "new", "--workers", "0"], "--workers"),
                          (["--out", tmp_path / "new", "--workers", "1", "--scheduler", "tcp://x:1"], "not both"),
                          (["--out", tmp_path / "new", "--plots"], "plots are not available")]:
         code, out, err = run_cli(capsys, "study", spec, *argv)
         assert code == 2 and len(err.strip().splitlines()) == 1 and phrase in err, (argv, err)
-    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+    assert {p: p.is_file() and p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
 
 
 def test_a_second_run_into_a_directory_being_written_is_refused(tmp_path, capsys):

@@ -64,15 +64,17 @@ def run_study(spec: Union[str, os.PathLike, StudySpec], out_dir, *, scheduler: O
         raise SpecError(f"--workers must be a positive integer, got {workers}")
     _check_out_dir(spec, out_dir)
     plan = _plan(spec, out_dir)
+    finished = {r["case"] for r in _read_table(out_dir)}
     say = _printer(progress)
     for reason, count in Counter(s.reason for s in plan.skipped).items():
         say(f"skipped {count} case(s): {reason}")
-    rows = {r["case"]: r for r in read_rows(out_dir / _RESULTS)}
-    todo = [c for c in plan.cases if c.case not in rows]
-    say(f"study {out_dir}: {len(plan.cases)} cases, {len(plan.cases) - len(todo)} already in the table, "
-        f"{len(todo)} to run, {len(plan.skipped)} skipped")
     started, run_id = time.perf_counter(), uuid.uuid4().hex[:12]
-    with _client(scheduler, workers, len(todo)) as client, _only_run(out_dir):
+    with _client(scheduler, workers, sum(c.case not in finished for c in plan.cases)) as client, \
+            _only_run(out_dir):
+        rows = {r["case"]: r for r in _read_table(out_dir)}  # again, under the lock
+        todo = [c for c in plan.cases if c.case not in rows]
+        say(f"study {out_dir}: {len(plan.cases)} cases, {len(plan.cases) - len(todo)} already in the table, "
+            f"{len(todo)} to run, {len(plan.skipped)} skipped")
         _write_spec_copy(spec, out_dir)
         table = write_rows(out_dir / _RESULTS, list(rows.values()))
         for done, row in enumerate(_run_cases(client, todo, grace), 1):
@@ -83,6 +85,13 @@ def run_study(spec: Union[str, os.PathLike, StudySpec], out_dir, *, scheduler: O
     say(f"study {out_dir}: {len(todo)} case(s) run ({errors} error) in {time.perf_counter() - started:.1f} s; "
         f"{table.num_rows} rows in {out_dir / _RESULTS}")
     return table.to_pandas()
+
+
+def _read_table(out_dir: Path) -> list[dict]:
+    try:
+        return read_rows(out_dir / _RESULTS)
+    except (OSError, ValueError) as exc:  # pyarrow's errors are both
+        raise SpecError(f"--out {out_dir}: cannot read its {_RESULTS}: {exc}") from None
 
 
 def _printer(progress: bool):
