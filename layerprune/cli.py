@@ -1,4 +1,4 @@
-"""``layerprune`` command line: ``solve`` and ``solvers`` (CONTRACT.md), ``prune`` and ``eval``.
+"""``layerprune`` command line: ``solve``, ``solvers`` and ``study`` (CONTRACT.md), ``prune`` and ``eval``.
 
 Every expected fault (bad file, shapes, pattern, unknown or missing solver, …) ends with one
 clear line on stderr, a non-zero exit code and nothing written.
@@ -184,6 +184,42 @@ def _cmd_solvers(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- study
+def _add_study(sub) -> None:
+    p = sub.add_parser("study", help="run an optimality-gap study (SPEC.toml) on Dask",
+                       description="Run every case of a study spec not yet in DIR/results.parquet "
+                                   "(CONTRACT.md, 'Study spec and results table').")
+    p.add_argument("spec", metavar="SPEC.toml")
+    p.add_argument("--out", required=True, metavar="DIR", help="the study's directory (resumed if it exists)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="a running Dask scheduler, best with one-thread workers (default: a local cluster)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes of the local cluster, one thread each (default: one per CPU)")
+    p.add_argument("--plots", action="store_true", help="draw the study's figures into DIR/plots and write "
+                                                       "DIR/gap_table.csv when done")
+    p.set_defaults(handler=_cmd_study)
+
+
+def _cmd_study(args) -> int:
+    if args.workers is not None and args.scheduler is not None:
+        return _fail("give --workers (a local cluster) or --scheduler (an existing one), not both")
+    try:
+        from layerprune.studies import SpecError, run_study
+    except ImportError as exc:
+        return _fail(f"layerprune study needs dask[distributed] and pyarrow: {exc}")
+    try:
+        run_study(args.spec, args.out, scheduler=args.scheduler, workers=args.workers)
+    except SpecError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail(f"interrupted: the finished cases are in {args.out}; run the same command again to resume", 130)
+    if args.plots:
+        from layerprune.studies.plots import plot_study
+
+        plot_study(args.out)
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="layerprune", description=__doc__.splitlines()[0])
@@ -191,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_solve(sub)
     _add_solvers(sub)
+    _add_study(sub)
     try:
         from layerprune.prune_cli import add_subcommands
     except ImportError:  # the model pipeline is optional for the solve contract

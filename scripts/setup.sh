@@ -10,7 +10,7 @@ quiet=(-q --disable-pip-version-check)
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install "${quiet[@]}" "torch==2.13.0"
 fi
-if ! "$PY" -c "import layerprune, pyscipopt, ortools, cvxpy, transformers, hypothesis, pytest" 2>/dev/null \
+if ! "$PY" -c "import layerprune, pyscipopt, ortools, cvxpy, transformers, hypothesis, pytest, distributed, pyarrow, pandas" 2>/dev/null \
    || [ "$(cd /tmp && "$PY" -c 'import layerprune,os;print(os.path.realpath(os.path.dirname(layerprune.__file__)))')" != "$(realpath layerprune)" ]; then
   "$PY" -m pip install "${quiet[@]}" -e ".[test]"
 fi
