@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import math
 import shlex
 import subprocess
 import sys
@@ -83,17 +83,20 @@ def markdown(rec: dict) -> str:
     lines += ["", "Per pattern, geometric mean of the ratio over the layers:", ""]
     for pattern in rec["patterns"]:
         rows = [r for r in rec["rows"] if r["pattern"] == pattern]
-        parts = []
-        for s in ratios:
-            logs = [torch.tensor(_obj(r, s) / _obj(r, "sparsegpt")).log() for r in rows]
-            parts.append(f"{s}/sparsegpt {float(torch.stack(logs).mean().exp()):.3f}")
+        if not rows:
+            continue
+        parts = [f"{s}/sparsegpt {_geomean(rows, s, 'sparsegpt'):.3f}" for s in ratios]
         if "alps" in solvers and "admm" in solvers:
-            logs = [torch.tensor(_obj(r, "alps") / _obj(r, "admm")).log() for r in rows]
-            parts.append(f"alps/admm {float(torch.stack(logs).mean().exp()):.3f}")
+            parts.append(f"alps/admm {_geomean(rows, 'alps', 'admm'):.3f}")
         secs = {s: sum(_row(r, s)["seconds"] for r in rows) for s in solvers}
         parts.append("total solve s: " + ", ".join(f"{s} {v:.1f}" for s, v in secs.items()))
         lines.append(f"- {pattern}: " + "; ".join(parts))
     return "\n".join(lines) + "\n"
+
+
+def _geomean(rows: list, num: str, den: str) -> float:
+    """Geometric mean over ``rows`` of ``num``'s objective over ``den``'s."""
+    return math.exp(sum(math.log(_obj(r, num) / _obj(r, den)) for r in rows) / len(rows))
 
 
 def _row(row: dict, solver: str) -> dict:
