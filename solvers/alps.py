@@ -42,7 +42,9 @@ iteration: the W-step GEMM ``2·d_out·d_in²`` flop; the projection (a top-k, `
 memory); the dual update ``O(d_out·d_in)``. Per change of ρ (at most every third iteration):
 ``(H + ρI)⁻¹ = Q diag(1/(Λ + ρ)) Qᵀ``, ``2·d_in³`` flop
 (:func:`~layerprune.solvers.admm.shifted_inverse`). Working precision ``Params.dtype``
-(float32 by default, as ALPS); memory about six (d_out × d_in) and three (d_in × d_in) arrays.
+(float32 by default, as ALPS); memory about eight (d_out × d_in) arrays of that dtype (``W̃``,
+``W̃H``, ``W``, ``Z``, ``U``, the start's ``Z`` and ``U``, a temporary) plus the masks, and
+``Q``, ``(H + ρI)⁻¹``; ``H`` and its eigenvectors in float64 during the set-up only.
 
 The ridge makes this a heuristic for the problem's undamped objective: no lower bound, status
 ``feasible``. A time limit or callback stops it between iterations (the eigendecomposition is
@@ -164,6 +166,7 @@ class ALPS(Solver):
         lam, Q = lam.to(dtype), Q.to(dtype)
         W0 = scaled.W.to(device=device, dtype=dtype)
         B = W0 @ H64.to(dtype)
+        del H64
         Ainv = shifted_inverse(lam, Q, rho)
         M = scaled.round(W0.abs()) if init is None else init.to(device)
         start = _Iterates(W0 * M, torch.zeros_like(W0), M)
