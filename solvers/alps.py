@@ -64,7 +64,7 @@ from .admm import dual_step, shifted_inverse, weight_step
 from .base import Option, Params, Proposal, Solver, Status
 from ._baseline import working
 
-__all__ = ["ALPS", "RhoUpdate", "rho_update", "damped_scaling"]
+__all__ = ["ALPS", "RhoUpdate", "rho_update", "damped_scaling", "set_up", "settled_reason"]
 
 #: relative support change above which ρ grows ×1.3, and ×1.2 (ALPS's thresholds)
 FAST_CHANGE, SLOW_CHANGE = 0.1, 0.005
@@ -120,6 +120,39 @@ def damped_scaling(problem: LayerProblem, ridge: float) -> tuple[LayerProblem, t
     return scaled, d, delta
 
 
+class _Setup(NamedTuple):
+    """The fixed data of a solve: the damped, scaled problem (for its projection), ``d``, ``δ``,
+    ``W̃`` and ``W̃H`` (d_out, d_in), and ``H``'s eigenvalues (d_in,) and eigenvectors (d_in, d_in),
+    all but ``d`` in the working dtype on the working device."""
+
+    scaled: LayerProblem
+    d: torch.Tensor
+    delta: float
+    W0: torch.Tensor
+    B: torch.Tensor
+    eigvals: torch.Tensor
+    eigvecs: torch.Tensor
+
+
+def set_up(problem: LayerProblem, ridge: float, device, dtype) -> _Setup:
+    """:func:`damped_scaling`, ``W̃H`` and the one eigendecomposition of ``H`` (float64, as ALPS:
+    its inverses span ρ from 10⁻¹ to 10⁶), then cast to ``dtype``."""
+    scaled, d, delta = damped_scaling(problem, ridge)
+    H64 = scaled.G.to(device=device, dtype=torch.float64)
+    lam, Q = torch.linalg.eigh(H64)
+    W0 = scaled.W.to(device=device, dtype=dtype)
+    return _Setup(scaled, d.to(device), delta, W0, W0 @ H64.to(dtype), lam.to(dtype), Q.to(dtype))
+
+
+def settled_reason(step: RhoUpdate, t: int, flips: int, kept: int):
+    """Why the run ends after the check at iteration ``t`` (0-based), or None: ALPS's two stops."""
+    if step.action == "stop":
+        return "the support stopped changing"
+    if t >= SETTLE_AFTER and flips / max(kept, 1) < SETTLED_CHANGE:
+        return f"support change below {SETTLED_CHANGE:g} of the kept weights"
+    return None
+
+
 class _Iterates(NamedTuple):
     """Z (pattern-feasible copy), U (scaled dual), M (Z's mask): the ADMM state between W-steps."""
 
@@ -160,22 +193,16 @@ class ALPS(Solver):
         if init is None:
             init = self.start_mask(problem, params)
         device, dtype = working(problem, params)
-        scaled, dvec, delta = damped_scaling(problem, self.option("ridge"))
-        H64 = scaled.G.to(device=device, dtype=torch.float64)
-        lam, Q = torch.linalg.eigh(H64)  # float64, as ALPS: its inverses span ρ from 1e-1 to 1e6
-        lam, Q = lam.to(dtype), Q.to(dtype)
-        W0 = scaled.W.to(device=device, dtype=dtype)
-        B = W0 @ H64.to(dtype)
-        del H64
-        Ainv = shifted_inverse(lam, Q, rho)
-        M = scaled.round(W0.abs()) if init is None else init.to(device)
-        start = _Iterates(W0 * M, torch.zeros_like(W0), M)
+        su = set_up(problem, self.option("ridge"), device, dtype)
+        Ainv = shifted_inverse(su.eigvals, su.eigvecs, rho)
+        M = su.scaled.round(su.W0.abs()) if init is None else init.to(device)
+        start = _Iterates(su.W0 * M, torch.zeros_like(su.W0), M)
         state, checked = start, M
         raised, limit, settled, history = False, "iterations", None, []
-        W, t = W0, 0
+        W, t = su.W0, 0
         for t in range(iters):
-            W = weight_step(state.Z, state.U, B, Ainv, rho)
-            M = scaled.round((W + state.U).abs())
+            W = weight_step(state.Z, state.U, su.B, Ainv, rho)
+            M = su.scaled.round((W + state.U).abs()).to(device)
             state = _Iterates(*dual_step(W, state.U, M), M)
             event = {"iteration": t + 1, "rho": rho, "primal_residual": float((W - state.Z).norm())}
             if (t + 1) % every == 0:
@@ -183,16 +210,13 @@ class ALPS(Solver):
                 event["support_change"] = flips
                 step = rho_update(rho, flips, problem.budget, raised)
                 raised, checked = step.raised, M
-                if step.action == "stop":
-                    settled = "the support stopped changing"
-                elif t >= SETTLE_AFTER and flips / max(problem.budget, 1) < SETTLED_CHANGE:
-                    settled = f"support change below {SETTLED_CHANGE:g} of the kept weights"
+                settled = settled_reason(step, t, flips, problem.budget)
                 if step.action == "restart":
                     state = start
                 elif step.rho != rho:
                     state = state._replace(U=state.U * (rho / step.rho))
                 if step.rho != rho:
-                    rho, Ainv = step.rho, shifted_inverse(lam, Q, step.rho)
+                    rho, Ainv = step.rho, shifted_inverse(su.eigvals, su.eigvecs, step.rho)
             history.append(event)
             if settled is not None:
                 limit = None
@@ -203,9 +227,9 @@ class ALPS(Solver):
             if time.perf_counter() > deadline:
                 limit = "time"
                 break
-        M = scaled.round(W.abs())
-        weights = (W * M).to(torch.float64) / dvec.to(device)[None, :]
+        M = su.scaled.round(W.abs())
+        weights = (W * M).to(torch.float64) / su.d[None, :]
         return Proposal(mask=M, weights=weights, status=Status.FEASIBLE, limit=limit,
                         iterations=t + 1, history=history,
-                        info={"ridge": delta, "rho": rho, "rho_raised": raised,
+                        info={"ridge": su.delta, "rho": rho, "rho_raised": raised,
                               "stopped": settled or limit})
