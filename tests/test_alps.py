@@ -133,3 +133,35 @@ def test_it_refuses_columns_and_the_mask_objective():
         make_solver("alps").solve(make_instance(4, 8, pattern="columns:4", objective="reconstruct"))
     with pytest.raises(SolverError, match="cannot take"):
         make_solver("alps").solve(make_instance(4, 8, pattern="per-row:4", objective="mask"))
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "alps_layers_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "alps_layers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_benchmark_refuses_a_bad_solver_before_loading_anything(tmp_path, capsys):
+    bench = _bench()
+    assert bench.parse_solver("alps:init_solver=sparsegpt,rho=0.2") == ("alps", {"init_solver": "sparsegpt", "rho": "0.2"})
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--out", str(tmp_path / "r"), "--solvers", "alps:rho=-1"])
+    assert exc.value.code == 2 and "rho" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_benchmark_table_gives_the_ratios():
+    bench = _bench()
+    res = lambda s, o: {"solver": s, "objective": o, "seconds": 1.0}
+    rec = {"command": "c", "commit": "x", "dirty": False, "uptime_before": "u", "uptime_after": "u", "threads": 2,
+           "block": 14, "nsamples": 2, "seqlen": 8, "solvers": ["sparsegpt", "admm", "alps"],
+           "patterns": ["nm:2:4", "per-row:0.7"],
+           "rows": [{"pattern": "nm:2:4", "layer": "q", "results": [res("sparsegpt", 4.0), res("admm", 2.0), res("alps", 1.0)]},
+                    {"pattern": "nm:2:4", "layer": "k", "results": [res("sparsegpt", 1.0), res("admm", 1.0), res("alps", 1.0)]}]}
+    text = bench.markdown(rec)
+    assert "| nm:2:4 | q | 4 (1.0) | 2 (1.0) | 1 (1.0) | 0.500 | 0.250 | 0.500 |" in text
+    assert "alps/sparsegpt 0.500; alps/admm 0.707" in text and "per-row:0.7" not in text.split("geometric")[1]
