@@ -46,7 +46,7 @@ from layerprune.problems.patterns import Columns, PerRow, Unstructured, topk_mas
 from .base import Option, Params, Proposal, Solver, Status
 from ._baseline import working
 
-__all__ = ["ADMM", "schedule_fraction", "mask_at", "admm_step"]
+__all__ = ["ADMM", "schedule_fraction", "mask_at", "admm_step", "weight_step", "dual_step", "shifted_inverse"]
 
 
 def schedule_fraction(t: int, final: float, mask_iters: int) -> float:
@@ -83,8 +83,34 @@ def pruned_fraction(problem: LayerProblem) -> float:
     return 1.0 - problem.budget / float(problem.d_out * problem.d_in)
 
 
+def shifted_inverse(eigvals: torch.Tensor, eigvecs: torch.Tensor, shift: float) -> torch.Tensor:
+    """``(A + shift·I)⁻¹ = Q diag(1/(λ + shift)) Qᵀ`` from ``A = Q diag(λ) Qᵀ``: one GEMM, ``2d³`` flop.
+
+    eigvals : (d,); eigvecs : (d, d), columns the eigenvectors. Returns (d, d) in their dtype.
+    """
+    return (eigvecs / (eigvals + shift)[None, :]) @ eigvecs.T
+
+
+def weight_step(Z, U, B, Ainv, rho):
+    """The dense W-step ``W = (B + ρ(Z − U))A⁻¹``: one (d_out × d_in) × (d_in × d_in) GEMM.
+
+    Z : (d_out, d_in) masked copy; U : (d_out, d_in) scaled dual; B : (d_out, d_in) target
+    ``W₀(G̃ + δI)``; Ainv : (d_in, d_in) ``(G̃ + (δ+ρ)I)⁻¹``; rho : penalty. Returns W.
+    """
+    return (B + rho * (Z - U)) @ Ainv
+
+
+def dual_step(W, U, M):
+    """The Z-step and the scaled dual update for a mask ``M``: ``Z = (W + U) ⊙ M``, ``U ← U + W − Z``.
+
+    Returns (Z, U), both (d_out, d_in).
+    """
+    Z = (W + U) * M
+    return Z, U + W - Z
+
+
 def admm_step(W, U, M, B, Ainv, rho):
-    """One ADMM iteration for a fixed mask.
+    """One ADMM iteration for a fixed mask: :func:`dual_step`, then :func:`weight_step`.
 
     Parameters
     ----------
@@ -98,10 +124,8 @@ def admm_step(W, U, M, B, Ainv, rho):
     -------
     W, U, Z : the updated iterates and the masked copy ``Z = (W + U) ⊙ M`` used
     """
-    Z = (W + U) * M
-    U = U + W - Z
-    W = (B + rho * (Z - U)) @ Ainv
-    return W, U, Z
+    Z, U = dual_step(W, U, M)
+    return weight_step(Z, U, B, Ainv, rho), U, Z
 
 
 class ADMM(Solver):
@@ -151,7 +175,7 @@ class ADMM(Solver):
         Ainv = torch.linalg.inv(G + (delta + rho) * eye)
         if growth != 1.0:  # ρ changes every iteration: one eigendecomposition serves every inverse
             lam, V = torch.linalg.eigh(G)
-            inverse = lambda r: (V / (lam + delta + r)[None, :]) @ V.T  # (G̃ + (δ+ρ)I)⁻¹
+            inverse = lambda r: shifted_inverse(lam, V, delta + r)  # (G̃ + (δ+ρ)I)⁻¹
         B = W0 @ (G + delta * eye)
         final = pruned_fraction(problem)
 

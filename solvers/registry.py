@@ -24,6 +24,7 @@ SOLVERS: dict[str, str] = {
     "sparsegpt": "sparsegpt:SparseGPT",
     "sparseswaps": "sparseswaps:SparseSwaps",
     "admm": "admm:ADMM",
+    "alps": "alps:ALPS",
     "sparsefw": "sparsefw:SparseFW",
 }
 

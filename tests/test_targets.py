@@ -202,7 +202,7 @@ def test_c_equal_g0_equal_g_is_todays_problem(objective):
     G64 = plain.G  # T = G⁺Gw is w projected on range(G): the same outputs X̃t = Xw
     assert torch.allclose(forced.target.T @ G64, plain.W @ G64, rtol=1e-8, atol=1e-10 * float(G64.abs().max()))
     assert float(forced.target.offsets.abs().max()) <= 1e-12 * plain.scale
-    for name in ["brute", "wanda", "sparsegpt", "sparseswaps", "admm", "bnb"]:
+    for name in ["brute", "wanda", "sparsegpt", "sparseswaps", "admm", "alps", "bnb"]:
         solver = make_solver(name)
         if solver.why_not(plain):
             continue

@@ -16,7 +16,8 @@ from layerprune.solvers import Params, Status, get_solver_class, make_solver, so
 LIMIT = 2.0
 #: the backends that take a time limit; relax-sdp takes at most 128 inputs
 CASES = [("bnb", 256), ("scip", 256), ("ortools", 256), ("relax-qp", 256), ("relax-sdp", 128),
-         ("relax-perspective", 256), ("sparsefw", 256), ("sparseswaps", 256), ("admm", 256)]
+         ("relax-perspective", 256), ("sparsefw", 256), ("sparseswaps", 256), ("admm", 256),
+         ("alps", 256)]
 
 
 def allowed(limit: float) -> float:
