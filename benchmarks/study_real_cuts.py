@@ -43,7 +43,7 @@ def _run(spec: Path, out_dir: Path, workers: int) -> tuple[float, str]:
 
 def measure(spec: Path, out_dir: Path, workers: int) -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+                            text=True).stdout.strip() or "unknown (not a git checkout)"
     load_before = _load()
     first_s, first_log = _run(spec, out_dir, workers)
     load_after = _load()
