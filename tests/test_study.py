@@ -177,7 +177,7 @@ def test_full_study_on_two_local_workers_then_nothing_to_rerun(tmp_path, capsys)
     assert code == 0 and "20 already in the table, 0 to run" in err
     assert pd.read_parquet(out_dir / "results.parquet").equals(df)
     assert sorted(p.name for p in (out_dir / "plots").iterdir()) == [
-        "gaps.png", "loss_heatmap_mask.png", "loss_heatmap_reconstruct.png",
+        "gaps_mask.png", "gaps_reconstruct.png", "loss_heatmap_mask.png", "loss_heatmap_reconstruct.png",
         "performance_profile_mask.png", "performance_profile_reconstruct.png"]
     gaps = pd.read_csv(out_dir / "gap_table.csv")
     assert gaps["cases"].sum() == 20

@@ -67,7 +67,7 @@ def test_loss_matrix_and_plots(tmp_path):
     assert matrix.loc["wanda", ("per-row:0.5", 32)] == pytest.approx(0.5)
     assert matrix.loc["bnb"].max() == 0.0
     written = analysis.save_plots(df, tmp_path / "plots")
-    assert sorted(p.name for p in written) == ["gaps.png", "loss_heatmap_mask.png", "performance_profile_mask.png"]
+    assert sorted(p.name for p in written) == ["gaps_mask.png", "loss_heatmap_mask.png", "performance_profile_mask.png"]
     assert all(p.stat().st_size > 1000 for p in written)
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(p.name for p in written)  # no temp left
 

@@ -189,19 +189,25 @@ def plot_loss_heatmap(matrix: pd.DataFrame, ax=None, *, title: str = "median exc
 
 
 def plot_gaps(df: pd.DataFrame, ax=None, *, title: str = "gap to the best bound by size"):
-    """Median gap to the best bound against ``d_in``, one line per solver and pattern."""
+    """Median gap to the best bound against ``d_in``: a colour per solver, a line style per
+    pattern, the gap on a symmetric-log scale (linear below 0.1%). Give one objective kind."""
     import matplotlib.pyplot as plt
 
-    ax = ax or plt.figure(figsize=(6, 4)).gca()
+    ax = ax or plt.figure(figsize=(7, 4.5)).gca()
     table = gap_table(df, by=("solver", "pattern", "d_in")).dropna(subset=["median_gap"])
+    solvers = sorted(table["solver"].unique())
+    styles = dict(zip(sorted(table["pattern"].unique()), ["-", "--", ":", "-."] * 4))
+    colours = dict(zip(solvers, plt.get_cmap("tab10").colors * 2))
     for (solver, pattern), part in table.groupby(["solver", "pattern"]):
         part = part.sort_values("d_in")
-        ax.plot(part["d_in"], 100.0 * part["median_gap"], marker="o", label=f"{solver} {pattern}")
+        ax.plot(part["d_in"], 100.0 * part["median_gap"], marker="o", linestyle=styles[pattern],
+                color=colours[solver], label=f"{solver} {pattern}")
+    ax.set_yscale("symlog", linthresh=0.1)
     ax.set_xlabel("inputs (d_in)")
     ax.set_ylabel("median gap to the best bound (%)")
     ax.set_title(title)
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     return ax
 
 
@@ -218,9 +224,9 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def save_plots(df: pd.DataFrame, out_dir) -> list[Path]:
-    """The study's figures as PNG files in ``out_dir``: ``performance_profile.png`` and
-    ``loss_heatmap.png`` (one per objective kind present), and ``gaps.png`` where some problem
-    has a bound. Returns the paths written."""
+    """The study's figures as PNG files in ``out_dir``, per objective kind present:
+    ``performance_profile_{kind}.png``, ``loss_heatmap_{kind}.png`` and, where some problem has
+    a bound, ``gaps_{kind}.png``. Returns the paths written."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -240,11 +246,12 @@ def save_plots(df: pd.DataFrame, out_dir) -> list[Path]:
             _save_figure(fig, path)
             plt.close(fig)
             written.append(path)
-    if df["gap"].notna().any():
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        plot_gaps(df, ax)
-        path = out / "gaps.png"
-        _save_figure(fig, path)
-        plt.close(fig)
-        written.append(path)
+    for kind, part in df.groupby("objective_kind"):
+        if part["gap"].notna().any():
+            fig, ax = plt.subplots(figsize=(8, 4.5))
+            plot_gaps(part, ax, title=f"gap to the best bound by size ({kind})")
+            path = out / f"gaps_{kind}.png"
+            _save_figure(fig, path)
+            plt.close(fig)
+            written.append(path)
     return written
