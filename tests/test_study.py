@@ -92,7 +92,7 @@ BAD_SPECS = {
     "glob matching nothing": (dict(files='["none/*.npz"]'), "matched no instance file"),
     "no instance": (dict(files="[]"), "no instance matched"),
     "solver twice": (dict(solvers='["wanda", "wanda"]'), "twice"),
-    "cut without the library": (dict(extra='cut = { model = "smollm2" }'), "layerprune.library"),
+    "cut missing a key": (dict(extra='cut = { model = "smollm2" }'), "instances.cut: cut.blocks: missing"),
     "invalid TOML": (dict(extra="[grid"), "not valid TOML"),
     "bad instance file": (dict(extra=""), "instance inst/bad.npz"),
     "no case any solver takes": (dict(solvers='["sparseswaps"]', objectives='["reconstruct"]'), "no case to run"),
