@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PY=${PYTHON:-python3}
-"$PY" -m pytest -q "$@"
+"$PY" -m pytest -q --durations=12 "$@"
