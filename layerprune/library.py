@@ -298,14 +298,14 @@ def _check_model(spec: CutSpec, model) -> None:
 def _cut_blocks(spec: CutSpec, model, calib_ids, todo: list[int], plan: dict, device) -> None:
     """Capture the blocks' Grams in one pass and write their missing instance files."""
     from layerprune.pipeline.capture import iter_layer_problems
-    from layerprune.pipeline.structure import find_blocks, find_linears
+    from layerprune.pipeline.structure import _qualified, find_blocks, find_linears
 
     blocks, path = find_blocks(model)
     start = time.perf_counter()
     for block, problems in iter_layer_problems(model, calib_ids, todo, device=device):
         _say(f"block {block}: Grams of {calib_ids.numel()} tokens after {time.perf_counter() - start:.1f} s")
         for layer, local in _resolve_layers(spec, find_linears(blocks[block]), block).items():
-            module = f"{path}.{block}.{local}" if path else f"{block}.{local}"
+            module = _qualified(path, block, local)
             _cut_layer(spec, problems[module], block, layer, module, plan)
 
 

@@ -38,7 +38,7 @@ import torch
 
 from .patterns import Pattern, PatternError, parse_pattern
 
-__all__ = ["LayerProblem", "ProblemError", "OBJECTIVES", "ridge_targets"]
+__all__ = ["LayerProblem", "ProblemError", "OBJECTIVES", "ridge_targets", "check_ridge_fraction"]
 
 OBJECTIVES = ("mask", "reconstruct")
 
@@ -524,6 +524,14 @@ class LayerProblem:
         return f"LayerProblem({self.describe()}, dtype={self.dtype}, device={self.device})"
 
 
+def check_ridge_fraction(fraction) -> float:
+    """``fraction`` as a float if it is a finite number ≥ 0 (one-line :class:`ProblemError` if not)."""
+    if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and math.isfinite(fraction)
+            and fraction >= 0):
+        raise ProblemError(f"the ridge fraction must be a finite number ≥ 0, got {fraction!r}")
+    return float(fraction)
+
+
 def ridge_targets(G: torch.Tensor, C: torch.Tensor, G0: torch.Tensor, fraction: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""Dense targets with a ridge toward the dense weights: ``(G + δI, C + δI, G0 + δI)``.
@@ -545,8 +553,7 @@ def ridge_targets(G: torch.Tensor, C: torch.Tensor, G0: torch.Tensor, fraction: 
     fraction : float ≥ 0
         ``δ`` relative to the mean diagonal of ``G``.
     """
-    if not (math.isfinite(fraction) and fraction >= 0):
-        raise ProblemError(f"the ridge fraction must be a finite number ≥ 0, got {fraction!r}")
+    fraction = check_ridge_fraction(fraction)
     if fraction == 0:
         return G, C, G0
     delta = fraction * float(torch.diagonal(G).mean())

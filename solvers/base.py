@@ -29,7 +29,7 @@ from layerprune.problems.refit import DEFAULT_MAX_ITER, DEFAULT_TOL, REFIT_METHO
 from .options import Option, OptionError
 
 __all__ = ["Status", "Limit", "Params", "Proposal", "Result", "Solver", "SolverError", "Callback", "Option",
-           "share_of_time_left"]
+           "share_of_time_left", "relative_gap"]
 
 #: an absolute gap below ABS_GAP_TOL × problem.scale is float64 round-off, i.e. closed
 ABS_GAP_TOL = 1e-12
@@ -215,12 +215,7 @@ class Result:
     @property
     def gap(self) -> Optional[float]:
         """Relative optimality gap ``(objective − lower_bound) / objective`` (0 if both are 0)."""
-        if self.objective is None or self.lower_bound is None:
-            return None
-        diff = max(0.0, self.objective - self.lower_bound)
-        if self.objective <= 0.0:
-            return 0.0 if diff == 0.0 else math.inf
-        return diff / self.objective
+        return relative_gap(self.objective, self.lower_bound)
 
     def to_json(self) -> dict:
         """The CONTRACT.md ``--json`` record."""
@@ -234,6 +229,16 @@ class Result:
             "seconds": self.seconds,
             "iterations": self.iterations,
         }
+
+
+def relative_gap(objective: Optional[float], bound: Optional[float]) -> Optional[float]:
+    """``max(0, objective − bound) / objective``; None without either; 0 (or inf) at objective 0."""
+    if objective is None or bound is None:
+        return None
+    diff = max(0.0, objective - bound)
+    if objective <= 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return diff / objective
 
 
 class Solver:

@@ -208,16 +208,7 @@ def _accumulate(block: nn.Module, batches: list[_Batch], linears: dict[str, nn.L
         acc = _GramAccumulator(lin.in_features, lin.weight.device, stop=stop_early)
         accs[g[0]] = acc
         handles.append(lin.register_forward_pre_hook(acc))
-    try:
-        with torch.no_grad():
-            for b in batches:
-                try:
-                    _call_block(block, b)
-                except _Stop:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(handles, [[(block, b)] for b in batches])
     return accs
 
 
@@ -234,10 +225,17 @@ def _accumulate_targets(block: nn.Module, dense_block: nn.Module, batches: list[
         accs[g[0]] = acc
         handles.append(lin.register_forward_pre_hook(acc.pruned_hook))
         handles.append(dense_linears[g[0]].register_forward_pre_hook(acc.dense_hook))
+    _run_hooked(handles, [[(block, b), (dense_block, db)] for b, db in zip(batches, dense_batches, strict=True)])
+    return accs
+
+
+def _run_hooked(handles: list, steps: list[list[tuple[nn.Module, _Batch]]]) -> None:
+    """Run each step's ``(module, batch)`` calls in order without gradients (a call a hook
+    stops with :class:`_Stop` ends early), then remove the hooks ``handles``."""
     try:
         with torch.no_grad():
-            for b, db in zip(batches, dense_batches, strict=True):
-                for module, batch in ((block, b), (dense_block, db)):
+            for step in steps:
+                for module, batch in step:
                     try:
                         _call_block(module, batch)
                     except _Stop:
@@ -245,7 +243,6 @@ def _accumulate_targets(block: nn.Module, dense_block: nn.Module, batches: list[
     finally:
         for h in handles:
             h.remove()
-    return accs
 
 
 def _propagate(block: nn.Module, batches: list[_Batch]) -> None:

@@ -12,14 +12,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
-from layerprune.problems import LayerProblem, ProblemError, parse_pattern, refit_weights, ridge_targets
+from layerprune.problems import (LayerProblem, ProblemError, check_ridge_fraction, parse_pattern, refit_weights,
+                                 ridge_targets)
 from layerprune.solvers import Params, Result, Solver, SolverError, make_solver
 
 from ..report import LayerRecord, pack_mask
@@ -251,10 +251,8 @@ def check_target(target: str, solvers: dict[str, Solver], pattern: str, objectiv
 
 def _checked_ridge(target: str, fraction: float) -> float:
     """The dense target's ridge fraction (0 for the layer target); one line if not ≥ 0."""
-    if not (isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and math.isfinite(fraction)
-            and fraction >= 0):
-        raise ProblemError(f"target_ridge must be a finite number ≥ 0, got {fraction!r}")
-    return float(fraction) if target == "dense" else 0.0
+    fraction = check_ridge_fraction(fraction)
+    return fraction if target == "dense" else 0.0
 
 
 def _check_calibration_ids(calib_ids: torch.Tensor) -> None:

@@ -18,13 +18,13 @@ For a solver's row on problem ``p``:
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
+
+from layerprune.problems.io import atomic_write
 
 __all__ = ["PROBLEM", "SOLVED", "gap_table", "excess", "performance_ratios", "performance_profile",
            "loss_matrix", "anytime", "plot_anytime", "plot_performance_profile", "plot_loss_heatmap",
@@ -212,15 +212,8 @@ def plot_gaps(df: pd.DataFrame, ax=None, *, title: str = "gap to the best bound 
 
 
 def _save_figure(fig, path: Path) -> None:
-    """Write ``fig`` as PNG to ``path`` atomically (temporary file in the same directory)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``fig`` as PNG to ``path`` atomically."""
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
 def save_plots(df: pd.DataFrame, out_dir) -> list[Path]:

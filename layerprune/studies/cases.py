@@ -38,9 +38,6 @@ class Case:
     seed: int
     time_limit: float
 
-    def describe(self) -> str:
-        return f"{self.solver} {self.pattern} {self.objective_kind} seed {self.seed} on {self.instance}"
-
 
 class Skipped(NamedTuple):
     """A case the grid names but its solver cannot take, and why."""

@@ -4,15 +4,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from layerprune.problems.io import atomic_write
 
 from . import analysis
+from .table import RESULTS, read_table
 
-__all__ = ["plot_study", "RESULTS", "PLOTS_DIR", "GAP_TABLE"]
+__all__ = ["plot_study", "PLOTS_DIR", "GAP_TABLE"]
 
-RESULTS = "results.parquet"
 PLOTS_DIR = "plots"
 GAP_TABLE = "gap_table.csv"
 
@@ -25,7 +23,7 @@ def plot_study(out_dir) -> list[Path]:
     path = out / RESULTS
     if not path.exists():
         return []
-    df = pq.ParquetFile(path).read().to_pandas()  # one open: safe while another run renames it
+    df = read_table(path).to_pandas()
     if df.empty:
         return []
     written = analysis.save_plots(df, out / PLOTS_DIR)

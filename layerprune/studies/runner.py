@@ -20,18 +20,18 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-from layerprune.problems.io import check_parent_writable
+from layerprune.problems.io import atomic_write, check_parent_writable
 
 from .cases import Case, Plan, plan_cases
 from .spec import SpecError, StudySpec, load_spec, same_study
-from .table import read_rows, write_rows
+from .table import RESULTS, read_rows, write_rows
 from .worker import error_row, run_case
 
 __all__ = ["run_study", "DEFAULT_GRACE"]
 
 #: seconds a case may run past twice its time limit before its worker is restarted
 DEFAULT_GRACE = 30.0
-_RESULTS, _SPEC_COPY, _INSTANCES = "results.parquet", "spec.toml", "instances"
+_SPEC_COPY, _INSTANCES = "spec.toml", "instances"
 
 
 def run_study(spec: Union[str, os.PathLike, StudySpec], out_dir, *, scheduler: Optional[str] = None,
@@ -76,22 +76,22 @@ def run_study(spec: Union[str, os.PathLike, StudySpec], out_dir, *, scheduler: O
         say(f"study {out_dir}: {len(plan.cases)} cases, {len(plan.cases) - len(todo)} already in the table, "
             f"{len(todo)} to run, {len(plan.skipped)} skipped")
         _write_spec_copy(spec, out_dir)
-        table = write_rows(out_dir / _RESULTS, list(rows.values()))
+        table = write_rows(out_dir / RESULTS, list(rows.values()))
         for done, row in enumerate(_run_cases(client, todo, grace), 1):
             rows[row["case"]] = {**row, "run": run_id}
-            table = write_rows(out_dir / _RESULTS, list(rows.values()))
+            table = write_rows(out_dir / RESULTS, list(rows.values()))
             say(_describe(done, len(todo), row))
     errors = sum(rows[c.case]["status"] == "error" for c in todo)
     say(f"study {out_dir}: {len(todo)} case(s) run ({errors} error) in {time.perf_counter() - started:.1f} s; "
-        f"{table.num_rows} rows in {out_dir / _RESULTS}")
+        f"{table.num_rows} rows in {out_dir / RESULTS}")
     return table.to_pandas()
 
 
 def _read_table(out_dir: Path) -> list[dict]:
     try:
-        return read_rows(out_dir / _RESULTS)
+        return read_rows(out_dir / RESULTS)
     except (OSError, ValueError) as exc:  # pyarrow's errors are both
-        raise SpecError(f"--out {out_dir}: cannot read its {_RESULTS}: {exc}") from None
+        raise SpecError(f"--out {out_dir}: cannot read its {RESULTS}: {exc}") from None
 
 
 def _printer(progress: bool):
@@ -116,7 +116,7 @@ def _check_out_dir(spec: StudySpec, out_dir: Path) -> None:
     """``out_dir`` is new, or holds this same study; it can be written."""
     if out_dir.exists() and not out_dir.is_dir():
         raise SpecError(f"--out {out_dir} exists and is not a directory")
-    copy, results = out_dir / _SPEC_COPY, out_dir / _RESULTS
+    copy, results = out_dir / _SPEC_COPY, out_dir / RESULTS
     if copy.exists():
         try:
             same = same_study(spec, copy.read_text(encoding="utf-8"))
@@ -126,7 +126,7 @@ def _check_out_dir(spec: StudySpec, out_dir: Path) -> None:
             raise SpecError(f"--out {out_dir} holds another study (its {_SPEC_COPY} differs from "
                             f"{spec.path.name}); give the same spec to resume it, or another directory")
     elif results.exists():
-        raise SpecError(f"--out {out_dir} holds a {_RESULTS} without its {_SPEC_COPY}; give another directory")
+        raise SpecError(f"--out {out_dir} holds a {RESULTS} without its {_SPEC_COPY}; give another directory")
     try:
         check_parent_writable(results, what="--out")
     except ValueError as exc:
@@ -168,8 +168,6 @@ def _plan(spec: StudySpec, out_dir: Path) -> Plan:
 
 
 def _write_spec_copy(spec: StudySpec, out_dir: Path) -> None:
-    from layerprune.problems import atomic_write
-
     copy = out_dir / _SPEC_COPY
     if not copy.exists():
         atomic_write(copy, lambda tmp: Path(tmp).write_text(spec.text, encoding="utf-8"))

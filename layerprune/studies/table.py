@@ -13,16 +13,16 @@ Group columns, over the rows of one ``(instance, pattern, objective_kind)``:
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from layerprune.problems import atomic_write
+from layerprune.solvers.base import relative_gap
 
-__all__ = ["SCHEMA", "GROUP", "read_rows", "write_rows", "with_group_columns", "relative_gap"]
+__all__ = ["SCHEMA", "GROUP", "RESULTS", "read_table", "read_rows", "write_rows", "with_group_columns",
+           "relative_gap"]
 
 SCHEMA = pa.schema([
     ("case", pa.string()), ("instance", pa.string()), ("d_out", pa.int64()), ("d_in", pa.int64()),
@@ -38,16 +38,8 @@ SCHEMA = pa.schema([
 ])
 
 GROUP = ("instance", "pattern", "objective_kind")
-
-
-def relative_gap(objective: Optional[float], bound: Optional[float]) -> Optional[float]:
-    """``max(0, objective − bound) / objective``; None without either; 0 (or inf) at objective 0."""
-    if objective is None or bound is None:
-        return None
-    diff = max(0.0, objective - bound)
-    if objective <= 0.0:
-        return 0.0 if diff == 0.0 else math.inf
-    return diff / objective
+#: the table's file name in a study's directory
+RESULTS = "results.parquet"
 
 
 def with_group_columns(rows: list[dict]) -> list[dict]:
@@ -67,11 +59,16 @@ def with_group_columns(rows: list[dict]) -> list[dict]:
     return out
 
 
+def read_table(path: Path) -> pa.Table:
+    """A results table, read through one open file (safe while a run renames a new one over it)."""
+    return pq.ParquetFile(path).read()
+
+
 def read_rows(path: Path) -> list[dict]:
     """The rows of a results table (an empty list if there is none)."""
     if not path.exists():
         return []
-    return pq.read_table(path).to_pylist()
+    return read_table(path).to_pylist()
 
 
 def write_rows(path: Path, rows: list[dict]) -> pa.Table:
