@@ -23,6 +23,11 @@ The JSON written by ``layerprune prune --report FILE.json`` is :meth:`PruneRepor
     ``lod`` / ``sparsity``, and ``fractions`` (layer name → pruned fraction asked for; the file
     ``sparsity_map.json`` written beside the report holds the same). Each layer record's
     ``sparsity`` is what its mask got.
+``structure``
+    under ``--structure`` (:mod:`layerprune.pipeline.channels`): ``kind``, ``fraction``,
+    ``intermediate_size`` (before, after), ``decoder_parameters`` (the decoder blocks'
+    parameter count before, after) and ``kept_channels`` ({``down_proj``'s name: kept channel
+    indices of the dense model}); None otherwise
 ``settings``
     everything needed to reproduce the run (model, solver, pattern, calibration source,
     nsamples, seqlen, seed, …)
@@ -162,6 +167,7 @@ class PruneReport:
     plot_path: Optional[str] = None
     allocation: Optional[dict] = None   # how each layer's sparsity was chosen (pipeline.allocate)
     map_path: Optional[str] = None      # the sparsity map written beside the report
+    structure: Optional[dict] = None    # structured pruning (pipeline.channels): what was removed
 
     # ------------------------------------------------------------------ views
     def to_json(self) -> dict:
@@ -181,6 +187,7 @@ class PruneReport:
             "settings": self.settings,
             "out_dir": self.out_dir,
             "allocation": self.allocation,
+            "structure": self.structure,
             "layers": [r.to_json() for r in self.layers],
         }
 
@@ -211,9 +218,9 @@ def _fmt_bytes(n: Optional[int]) -> str:
 def format_report(report: PruneReport) -> str:
     """The printed summary: dense vs pruned perplexity per text, sparsity, time, memory."""
     s = report.settings
+    what = f"structure {s['structure']}" if s.get("structure") else f"pattern {s.get('pattern')}"
     lines = [
-        f"model {s.get('model')}  solver {s.get('solver')}  pattern {s.get('pattern')}  "
-        f"objective {s.get('objective')}",
+        f"model {s.get('model')}  solver {s.get('solver')}  {what}  objective {s.get('objective')}",
         f"calibration {s.get('calib')}: {s.get('nsamples')} × {s.get('seqlen')} tokens, seed {s.get('seed')}",
         "",
         f"{'text':<20} {'dense ppl':>12} {'pruned ppl':>12}",
@@ -224,8 +231,11 @@ def format_report(report: PruneReport) -> str:
         lines.append(f"{name:<20} {_num(d):>12} {_num(p):>12}")
     lines.append("")
     med = report.median_reduction_vs_wanda()
-    lines.append(f"sparsity reached   {100 * report.sparsity:.2f}% of target linear weights "
-                 f"({len(report.layers)} layers)")
+    if report.structure:
+        lines.append(_structure_line(report.structure))
+    else:
+        lines.append(f"sparsity reached   {100 * report.sparsity:.2f}% of target linear weights "
+                     f"({len(report.layers)} layers)")
     if med is not None:
         lines.append(f"error vs Wanda     median {100 * med:+.1f}% reduction per layer")
     certified = [r for r in report.layers if r.gap is not None]
@@ -256,6 +266,18 @@ def format_report(report: PruneReport) -> str:
         if path:
             lines.append(f"{label:<18} {path}")
     return "\n".join(lines)
+
+
+def _structure_line(structure: dict) -> str:
+    """``--structure``'s summary: channels per block before → after, decoder weights removed."""
+    before, after = structure["intermediate_size"]
+    line = (f"structure          {structure['kind']}:{structure['fraction']:g}: {before} → {after} channels "
+            f"per block")
+    params = structure.get("decoder_parameters")
+    if params and params[0]:
+        line += (f"; decoder weights {params[0] / 1e6:.1f}M → {params[1] / 1e6:.1f}M "
+                 f"({100 * (params[1] / params[0] - 1):+.1f}%)")
+    return line
 
 
 def _num(x: Optional[float]) -> str:

@@ -462,7 +462,8 @@ class LayerProblem:
         """Optimal weights on the support of ``mask`` (the ``reconstruct`` minimiser).
 
         Per row ``v_S = G_SS⁺ (G w)_S`` (``(C w)_S`` with targets): batched Cholesky in float64, with an eigen
-        pseudo-inverse for rows whose ``G_SS`` is (numerically) singular.
+        pseudo-inverse for rows whose ``G_SS`` is (numerically) singular. Where every row keeps the
+        same inputs (``columns``) one factor of ``G_SS`` serves all rows.
 
         Returns
         -------
@@ -475,6 +476,10 @@ class LayerProblem:
         kmax = int(counts.max()) if m.numel() else 0
         out = torch.zeros_like(W)
         if kmax == 0:
+            return out
+        if m.shape[0] > 1 and bool((m == m[:1]).all()):
+            S = torch.nonzero(m[0]).flatten()
+            out[:, S] = _psd_solve(G[S][:, S][None], B[:, S].T[None]).squeeze(0).T
             return out
         # kept indices first (stable, ascending), padded to kmax
         order = torch.sort((~m).to(torch.int8), dim=1, stable=True).indices[:, :kmax]
@@ -562,7 +567,8 @@ def ridge_targets(G: torch.Tensor, C: torch.Tensor, G0: torch.Tensor, fraction: 
 
 
 def _psd_solve(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Solve ``A x = b`` for a batch of PSD ``A`` (B, k, k), b (B, k), float64.
+    """Solve ``A x = b`` for a batch of PSD ``A`` (B, k, k), b (B, k) or (B, k, n) (n right-hand
+    sides sharing each ``A``), float64.
 
     Cholesky where the factor is well conditioned; otherwise the minimum-norm solution
     through an eigen pseudo-inverse (relative cut-off 1e-12), exact when b ∈ range(A).
@@ -571,16 +577,18 @@ def _psd_solve(A: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     diagL = torch.diagonal(L, dim1=-2, dim2=-1)
     scale = torch.diagonal(A, dim1=-2, dim2=-1).amax(dim=-1).clamp_min(1e-300)
     good = (info == 0) & ((diagL.amin(dim=-1) ** 2) > 1e-12 * scale)
-    x = torch.empty_like(b)
+    vector = b.dim() == A.dim() - 1
+    rhs = b.unsqueeze(-1) if vector else b
+    x = torch.empty_like(rhs)
     if bool(good.any()):
         # two triangular solves: far faster than batched ``cholesky_solve`` on CPU
         Lg = L[good]
-        y = torch.linalg.solve_triangular(Lg, b[good].unsqueeze(-1), upper=False)
-        x[good] = torch.linalg.solve_triangular(Lg.mT, y, upper=True).squeeze(-1)
+        y = torch.linalg.solve_triangular(Lg, rhs[good], upper=False)
+        x[good] = torch.linalg.solve_triangular(Lg.mT, y, upper=True)
     if not bool(good.all()):
         bad = ~good
         lam, U = torch.linalg.eigh(A[bad])
         cut = 1e-12 * lam.abs().amax(dim=-1, keepdim=True).clamp_min(1e-300)
         inv = torch.where(lam > cut, 1.0 / lam, torch.zeros_like(lam))
-        x[bad] = (U @ (inv * (U.transpose(-1, -2) @ b[bad].unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)).squeeze(-1)
-    return x
+        x[bad] = U @ (inv[..., None] * (U.transpose(-1, -2) @ rhs[bad]))
+    return x.squeeze(-1) if vector else x

@@ -162,7 +162,10 @@ def test_scaling_leaves_both_objectives_unchanged(problem):
     diag = torch.diagonal(scaled.G)[torch.diagonal(problem.G) > 0].double()
     assert torch.allclose(diag, torch.ones_like(diag), rtol=rel)
     mask = problem.round(problem.W.abs())
-    assert scaled.objective(mask) == pytest.approx(problem.objective(mask), rel=rel, abs=rel * 1e-3 * problem.scale)
+    # a float32 problem stores the scaled G rounded: a near-singular G_SS turns that rounding
+    # (eps32 ≈ 6e-8 of the scale) into an absolute change of the refit error of that order
+    absolute = (1e-12 if problem.dtype == torch.float64 else 1e-6) * problem.scale
+    assert scaled.objective(mask) == pytest.approx(problem.objective(mask), rel=rel, abs=absolute)
 
 
 @given(tiny_problems(max_d_in=7, max_d_out=3, objectives=("mask",)))

@@ -159,3 +159,28 @@ def test_finalize_keeps_own_rows_that_cg_would_worsen():
     weights, objective = _refit(p, mask, own, Params(refit="cg", refit_max_iter=2), info)
     assert (p.weight_errors(weights) <= p.weight_errors(own)).all()
     assert info["refit"]["rows_kept_own_weights"] > 0 and objective <= info["own_weights_objective"]
+
+
+def test_shared_support_refit_is_one_factor_and_equals_the_per_row_solve():
+    """A ``columns`` mask (every row the same support) takes the shared-factor path: same
+    weights as each row's own solve, and ``auto`` picks it whatever the size."""
+    from layerprune.problems import LayerProblem
+    from layerprune.problems.refit import exact_refit_flops, refit_weights, shared_support
+
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(12, 20, generator=g, dtype=torch.float64)
+    X = torch.randn(60, 20, generator=g, dtype=torch.float64)
+    problem = LayerProblem.create(W, X.T @ X / 60, pattern="columns:9", objective="reconstruct")
+    keep = torch.zeros(20, dtype=torch.bool)
+    keep[torch.randperm(20, generator=g)[:9]] = True
+    mask = keep.expand(12, 20).clone()
+    assert shared_support(mask) and not shared_support(torch.eye(12, 20, dtype=torch.bool))
+    assert exact_refit_flops(mask) == 9 ** 3 / 3 + 2 * 12 * 81
+    got = problem.refit(mask)
+    S = keep.nonzero().flatten()
+    G = problem.G.double()
+    want = torch.zeros_like(W)
+    for r in range(12):
+        want[r, S] = torch.linalg.solve(G[S][:, S], (G @ W[r])[S])
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert refit_weights(problem, mask, method="auto").method == "exact"

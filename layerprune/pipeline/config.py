@@ -3,6 +3,7 @@ flag), and every check that can run before the model is loaded."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,13 +19,25 @@ from layerprune.settings import (SettingError, check_values, nonempty, nonnegati
 from layerprune.solvers import Params
 
 from .allocate import ALLOCATIONS, KNAPSACK_NORMS, MAP_FILE, check_allocatable, check_owl_range, read_sparsity_map
+from .channels import STRUCTURE_OBJECTIVE, STRUCTURE_SOLVER, check_structured_model, parse_structure
 from .loop import DENSE_TARGET_RIDGE, TARGETS, check_target
 from .plan import DEFAULT_SOLVER, Plan, _plan, build_solvers, check_settings
 from .structure import find_blocks, resolve_device
 
-__all__ = ["PruneConfig", "Checked", "check_before_loading", "check_outputs", "check_against_model"]
+__all__ = ["PruneConfig", "Checked", "check_before_loading", "check_outputs", "check_against_model",
+           "with_defaults"]
 
 DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_PATTERN = "per-row:0.5"
+
+
+def structure_text(value) -> str:
+    """A ``--structure`` value that parses (``mlp:F``, F in (0, 1))."""
+    try:
+        parse_structure(value)
+    except SettingError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
+    return str(value)
 
 
 def owl_lambda(value) -> float:
@@ -50,9 +63,13 @@ class PruneConfig:
 
     model: str = setting("smollm2", "'smollm2' (bundled), a Hugging Face id, a directory or a .gguf file",
                          type=nonempty)
-    solver: str = setting(DEFAULT_SOLVER, "backend (layerprune solvers)", metavar="NAME", type=nonempty)
-    pattern: str = setting("per-row:0.5", "per-row:0.5 | nm:2:4 | unstructured:0.6 | columns:0.3 (pruned fractions)",
+    solver: Optional[str] = setting(None, "backend (layerprune solvers)", metavar="NAME", type=nonempty,
+                                    default_text=f"{DEFAULT_SOLVER}; {STRUCTURE_SOLVER} with --structure")
+    pattern: str = setting(DEFAULT_PATTERN, "per-row:0.5 | nm:2:4 | unstructured:0.6 | columns:0.3 (pruned fractions)",
                            metavar="PATTERN", type=nonempty)
+    structure: Optional[str] = setting(None, "structured pruning instead of --pattern: mlp:F removes the fraction F "
+                                       "of every block's MLP channels (gate/up rows, down_proj columns; a smaller "
+                                       "standard checkpoint)", metavar="mlp:F", type=structure_text)
     allocate: str = setting("uniform", "each layer's sparsity: uniform (the pattern's everywhere), owl "
                             "(outlier-weighted per block, Yin et al. 2024) or knapsack (measured error "
                             "curves, exact choice at uniform's kept-weight budget)",
@@ -66,7 +83,8 @@ class PruneConfig:
     sparsity_map: Optional[str] = setting(None, "per-layer pruned fractions, a JSON object {layer name: "
                                           "fraction} (as the report names layers); layers not in it take "
                                           "--pattern's", metavar="FILE.json", type=nonempty)
-    objective: str = setting("mask", "layer error with the kept weights fixed or refitted", choices=OBJECTIVES)
+    objective: Optional[str] = setting(None, "layer error with the kept weights fixed or refitted", choices=OBJECTIVES,
+                                       default_text=f"mask; {STRUCTURE_OBJECTIVE} with --structure")
     target: str = setting("layer", "match each layer's own outputs on the pruned model's inputs, or the dense "
                           "model's outputs (dense: one more copy of the calibration hidden states)",
                           choices=TARGETS)
@@ -141,14 +159,19 @@ def check_before_loading(config: PruneConfig) -> Checked:
     SettingError, ProblemError, PatternError, SolverError, ModelError, DataError
         One line saying what is wrong.
     """
+    config = with_defaults(config)
     check_values(config)
     if config.eval_tokens is not None and config.eval_tokens < config.seqlen:
         raise SettingError(f"--eval-tokens {config.eval_tokens} is less than one window of "
                            f"--seqlen {config.seqlen} tokens")
     device = resolve_device(config.device)
     dtype = _dtype(config.dtype)
-    check_solvers(config)
-    fractions = check_allocation(config)
+    if config.structure is not None:
+        check_structure(config)
+        fractions = None
+    else:
+        check_solvers(config)
+        fractions = check_allocation(config)
     check_outputs(config.out, config.report, config.force)
     calib_source = config.calib if config.calib is not None else data.DEFAULT_CALIBRATION
     eval_sources = list(config.eval) if config.eval else list(data.DEFAULT_EVALUATION)
@@ -157,6 +180,33 @@ def check_before_loading(config: PruneConfig) -> Checked:
     eval_texts = {data.text_name(src): data.load_text(src, cache_dir=config.cache_dir) for src in eval_sources}
     params = Params(time_limit=config.time_limit_per_layer, max_iter=config.max_iter, seed=config.seed)
     return Checked(device, dtype, params, calib_source, eval_sources, calib_text, eval_texts, fractions)
+
+
+def with_defaults(config: PruneConfig) -> PruneConfig:
+    """``config`` with its solver and objective filled in where not given: ``--structure``'s
+    (``alternating``, ``reconstruct``) or the layer-wise defaults (``sparseswaps``, ``mask``)."""
+    structured = config.structure is not None
+    solver = config.solver if config.solver is not None else (STRUCTURE_SOLVER if structured else DEFAULT_SOLVER)
+    objective = config.objective if config.objective is not None else (
+        STRUCTURE_OBJECTIVE if structured else "mask")
+    return dataclasses.replace(config, solver=solver, objective=objective)
+
+
+def check_structure(config: PruneConfig) -> None:
+    """``--structure`` with the settings it takes: the flags that choose what else is pruned or how
+    sparsity is spread are refused (one line each), and the solver (with its options and
+    ``--init``) must take ``columns`` under the objective."""
+    structure = parse_structure(config.structure)
+    conflicts = (("--pattern", config.pattern != DEFAULT_PATTERN), ("--allocate", config.allocate != "uniform"),
+                 ("--sparsity-map", config.sparsity_map is not None), ("--target dense", config.target != "layer"),
+                 ("--target-ridge", config.target_ridge is not None), ("--override", bool(config.overrides)),
+                 ("--prune-lm-head", config.prune_lm_head), ("--sequential-order", config.sequential_order))
+    for flag, given in conflicts:
+        if given:
+            raise SettingError(f"{flag} does not apply with --structure {structure} (it removes whole MLP channels)")
+    pattern = f"columns:{structure.fraction}"
+    check_settings(pattern, config.objective, config.solver, {}, config.init)
+    build_solvers(config.solver, {}, config.init, config.solver_options, pattern, config.objective)
 
 
 def check_allocation(config: PruneConfig) -> Optional[dict]:
@@ -179,6 +229,7 @@ def check_allocation(config: PruneConfig) -> Optional[dict]:
 def check_solvers(config: PruneConfig) -> None:
     """Every solver the prune will use exists, takes the pattern and objective, and is built with
     its options (the option checks include ``init_solver``, the solver it starts from)."""
+    config = with_defaults(config)
     overrides = dict(config.overrides or {})
     check_settings(config.pattern, config.objective, config.solver, overrides, config.init)
     solvers = build_solvers(config.solver, overrides, config.init, config.solver_options, config.pattern,
@@ -252,13 +303,19 @@ def _check_writable_parent(path: Path, flag: str) -> None:
 
 
 # ---------------------------------------------------------------------------- with the model
-def check_against_model(model: nn.Module, config: PruneConfig, fractions: Optional[dict] = None) -> Plan:
+def check_against_model(model: nn.Module, config: PruneConfig, fractions: Optional[dict] = None) -> Optional[Plan]:
     """The checks that need the loaded model: the plan (the pattern fits every layer, each
-    override and each sparsity-map entry names a layer) and windows no longer than the
-    model's positions. Returns the plan."""
-    blocks, path = find_blocks(model)
-    plan = _plan(model, blocks, path, config.pattern, config.objective, config.solver,
-          dict(config.overrides or {}), config.init, config.prune_lm_head, fractions)
+    override and each sparsity-map entry names a layer), or under ``--structure`` the blocks'
+    gated MLPs, and windows no longer than the model's positions. Returns the plan (None under
+    ``--structure``)."""
+    config = with_defaults(config)
+    if config.structure is not None:
+        check_structured_model(model, parse_structure(config.structure))
+        plan = None
+    else:
+        blocks, path = find_blocks(model)
+        plan = _plan(model, blocks, path, config.pattern, config.objective, config.solver,
+                     dict(config.overrides or {}), config.init, config.prune_lm_head, fractions)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and config.seqlen > limit:
         raise SettingError(f"--seqlen {config.seqlen} is longer than the model's {limit} positions")

@@ -21,7 +21,8 @@ from layerprune import data
 
 from ..report import MODEL_COPIES, PruneReport, plot_layer_errors, write_json_atomic
 from .allocate import MAP_FILE, Allocation, knapsack_allocation, owl_allocation, sparsity_map_json, uniform_allocation
-from .config import Checked, PruneConfig, check_against_model, check_before_loading, target_ridge
+from .channels import ChannelPruning, parse_structure, prune_mlp_channels
+from .config import Checked, PruneConfig, check_against_model, check_before_loading, target_ridge, with_defaults
 from .loop import prune_model
 from .measure import perplexity, release_memory, sparsity
 __all__ = ["PruneConfig", "run"]
@@ -39,6 +40,7 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
     from layerprune import models
 
     clock = _Clock()
+    config = with_defaults(config)
     with _threads_kept():
         with clock("data"):
             checked = check_before_loading(config)
@@ -56,17 +58,25 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
             dense = _perplexities(model, evals, config.seqlen, checked.device)
         for name, v in dense.items():
             log(f"dense perplexity {name}: {v:.3f}")
-        with clock("allocate"):
-            allocation = _allocate(model, calib_ids, checked, config, plan.names)
+        allocation = None
+        if plan is not None:
+            with clock("allocate"):
+                allocation = _allocate(model, calib_ids, checked, config, plan.names)
         if allocation is not None and allocation.method != "uniform":
             values = list(allocation.fractions.values())
             log(f"allocation {allocation.method}: layer sparsity {min(values):.4f} … {max(values):.4f}")
         with clock("prune"):
-            records = _prune(model, calib_ids, checked, config, allocation)
+            if config.structure is not None:
+                channels = _prune_channels(model, calib_ids, checked, config)
+                records = channels.records
+            else:
+                records = _prune(model, calib_ids, checked, config, allocation)
         with clock("pruned_eval"):
             pruned = _perplexities(model, evals, config.seqlen, checked.device)
         report = _report(model, config, checked, calib_ids, evals, dense, pruned, records, clock, base)
         report.allocation = None if allocation is None else allocation.to_json()
+        if config.structure is not None:
+            report.structure = channels.to_json(parse_structure(config.structure))
         _write_outputs(report, model, tokenizer, config, clock)
     return report
 
@@ -149,6 +159,12 @@ def _prune(model: nn.Module, calib_ids: torch.Tensor, checked: Checked, config: 
                        reference=config.reference)
 
 
+def _prune_channels(model: nn.Module, calib_ids: torch.Tensor, checked: Checked, config: PruneConfig) -> ChannelPruning:
+    return prune_mlp_channels(model, calib_ids, config.structure, solver=config.solver, objective=config.objective,
+                              solver_options=config.solver_options, init=config.init, params=checked.params,
+                              device=checked.device, progress=config.progress, reference=config.reference)
+
+
 def _report(model: nn.Module, config: PruneConfig, checked: Checked, calib_ids: torch.Tensor,
             evals: dict[str, torch.Tensor], dense: dict, pruned: dict, records: list,
             clock: _Clock, base: Optional[int]) -> PruneReport:
@@ -194,7 +210,8 @@ def _write_outputs(report: PruneReport, model: nn.Module, tokenizer, config: Pru
         report_tmp = staged.file(Path(config.report).expanduser()) if config.report is not None else None
         if config.out is not None:
             report.out_dir = str(config.out)
-            models.save_pruned(model, tokenizer, config.out, masks={r.name: r.packed_mask for r in report.layers},
+            masks = None if config.structure is not None else {r.name: r.packed_mask for r in report.layers}
+            models.save_pruned(model, tokenizer, config.out, masks=masks,
                                force=config.force, extra_files=_model_extras(report, png))
         if report_tmp is not None:
             report.report_path, report.plot_path, report.map_path = str(config.report), plot, map_path
