@@ -97,7 +97,6 @@ def plan_runs(patterns, solver_specs, capabilities: dict) -> tuple[list[RunSpec]
         objective asked for (a pattern a solver cannot take is skipped, not an error: a
         grid naturally holds some).
     """
-    from layerprune.problems import PatternError, parse_pattern
 
     pairs = []
     for spec in solver_specs:
@@ -114,10 +113,7 @@ def plan_runs(patterns, solver_specs, capabilities: dict) -> tuple[list[RunSpec]
             pairs.append((name, objective))
     runs, skipped = [], []
     for pattern in patterns:
-        try:
-            kind = parse_pattern(pattern).name
-        except PatternError as exc:
-            raise BenchmarkError(f"bad pattern {pattern!r}: {exc}") from None
+        kind = _pattern_kind(pattern)
         for name, objective in pairs:
             spec = RunSpec(pattern, name, objective)
             if kind not in capabilities[name]["patterns"]:
@@ -127,10 +123,31 @@ def plan_runs(patterns, solver_specs, capabilities: dict) -> tuple[list[RunSpec]
     return runs, skipped
 
 
+def is_structure(pattern: str) -> bool:
+    """A grid entry ``mlp:F`` is structured pruning (``--structure mlp:F``), not a pattern."""
+    return pattern.startswith("mlp:")
+
+
+def _pattern_kind(pattern: str) -> str:
+    """The pattern kind a solver must take for this grid entry (``columns`` for ``mlp:F``)."""
+    from layerprune.problems import PatternError, parse_pattern
+
+    try:
+        if is_structure(pattern):
+            from layerprune.pipeline.channels import parse_structure
+            parse_structure(pattern)
+            return "columns"
+        return parse_pattern(pattern).name
+    except (PatternError, ValueError) as exc:
+        raise BenchmarkError(f"bad pattern {pattern!r}: {exc}") from None
+
+
 def prune_command(spec: RunSpec, settings: dict, report: Path) -> list[str]:
-    """The ``python -m layerprune prune`` command line of one run."""
+    """The ``python -m layerprune prune`` command line of one run (``--structure`` for an
+    ``mlp:F`` entry)."""
+    what = "--structure" if is_structure(spec.pattern) else "--pattern"
     cmd = [sys.executable, "-m", "layerprune", "prune", "--model", settings["model"],
-           "--solver", spec.solver, "--objective", spec.objective, "--pattern", spec.pattern,
+           "--solver", spec.solver, "--objective", spec.objective, what, spec.pattern,
            "--nsamples", str(settings["nsamples"]), "--seqlen", str(settings["seqlen"]),
            "--eval-tokens", str(settings["eval_tokens"]), "--seed", str(settings["seed"]),
            "--dtype", settings["dtype"], "--report", str(report), "--no-progress"]
@@ -205,7 +222,15 @@ def summarise_report(report: dict) -> dict:
         "calib_name": report.get("settings", {}).get("calib"),
         "calibration_tokens": report.get("settings", {}).get("calibration_tokens"),
         "eval_tokens_used": report.get("settings", {}).get("eval_tokens_used"),
+        "structure": _structure_summary(report.get("structure")),
     }
+
+
+def _structure_summary(structure: Optional[dict]) -> Optional[dict]:
+    """A structured run's sizes (its kept channels stay in the report)."""
+    if not structure:
+        return None
+    return {k: structure.get(k) for k in ("kind", "fraction", "intermediate_size", "decoder_parameters")}
 
 
 def run_one(spec: RunSpec, settings: dict, workdir: Path, timeout: Optional[float]) -> dict:
@@ -313,6 +338,17 @@ def markdown(results: dict) -> str:
             cells = [f"{r.get('status')}: {r.get('error') or ''}".replace("|", "/")] + \
                 ["–"] * (len(texts) + 3)
         lines.append("| " + " | ".join([r["pattern"], r["solver"], r["objective"]] + cells) + " |")
+    structured = next((r["structure"] for r in runs if r.get("structure")), None)
+    if structured:
+        lines.append("\n`mlp:F` rows: `layerprune prune --structure mlp:F` removes that fraction of every "
+                     "block's MLP channels (the model gets smaller, no zeros).")
+        for r in runs:
+            st = r.get("structure")
+            if st and st.get("decoder_parameters"):
+                before, after = st["decoder_parameters"]
+                lines.append(f"- {r['pattern']} {r['solver']}:{r['objective']}: intermediate size "
+                             f"{st['intermediate_size'][0]} → {st['intermediate_size'][1]}, decoder parameters "
+                             f"{before / 1e6:.2f}M → {after / 1e6:.2f}M ({100 * (after / before - 1):+.1f}%)")
     for sk in results.get("skipped", []):
         lines.append(f"\nSkipped {sk['key']}: {sk['reason']}.")
     if results.get("dense_mismatch"):

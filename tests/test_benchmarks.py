@@ -88,6 +88,29 @@ def test_prune_command_uses_real_cli_flags(bench, tmp_path):
         ("emma", ["persuasion", "mobydick"], "cpu", 5.0, str(tmp_path / "r.json"), False)
 
 
+def test_structure_entries_run_with_the_structure_flag(bench, tmp_path):
+    """An ``mlp:F`` grid entry is ``--structure mlp:F`` (solvers must take columns); a bad one
+    is one line."""
+    import argparse
+
+    from layerprune.prune_cli import add_subcommands, config_from_args
+
+    runs, skipped = bench.plan_runs(["mlp:0.3"], ["wanda:reconstruct", "sparsegpt:reconstruct"], CAPS)
+    assert [r.key for r in runs] == ["mlp:0.3 wanda:reconstruct"]
+    assert skipped[0]["reason"] == "sparsegpt cannot take columns patterns"
+    cmd = bench.prune_command(runs[0], SETTINGS, tmp_path / "r.json")
+    parser = argparse.ArgumentParser()
+    add_subcommands(parser.add_subparsers())
+    cfg = config_from_args(parser.parse_args(cmd[3:]))
+    assert (cfg.structure, cfg.pattern, cfg.solver, cfg.objective) == ("mlp:0.3", "per-row:0.5", "wanda", "reconstruct")
+    with pytest.raises(bench.BenchmarkError, match="bad pattern 'mlp:2'"):
+        bench.plan_runs(["mlp:2"], ["wanda"], CAPS)
+    summary = bench.summarise_report({"structure": {"kind": "mlp", "fraction": 0.3, "intermediate_size": [64, 45],
+                                                    "decoder_parameters": [1000, 800], "kept_channels": {"x": [1]}}})
+    assert summary["structure"] == {"kind": "mlp", "fraction": 0.3, "intermediate_size": [64, 45],
+                                    "decoder_parameters": [1000, 800]}
+
+
 def test_summary_table_json_and_resume(bench, tmp_path):
     out = tmp_path / "res" / "prune_model.json"
     specs, _ = bench.plan_runs(["per-row:0.5"], ["magnitude", "wanda", "sparsegpt:reconstruct"], CAPS)
