@@ -72,7 +72,8 @@ class Task:
 
 @dataclass(frozen=True)
 class SpeedSettings:
-    """What to measure and how often (the CLI's flags); ``device`` None is CUDA when available, else CPU."""
+    """What to measure and how often (the CLI's flags); ``device`` None is CUDA when available,
+    else CPU; ``threads`` None keeps torch's number of CPU threads."""
 
     runs: int = 5
     warmup: int = 1
@@ -85,6 +86,7 @@ class SpeedSettings:
     dtype: str = "float32"
     seed: int = 0
     memory: bool = True
+    threads: Optional[int] = None
 
     def check(self) -> None:
         """Raise :class:`SpeedError` (one line) on a count below its minimum or an unknown dtype."""
@@ -94,6 +96,8 @@ class SpeedSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise SpeedError(f"--{name.replace('_', '-')} must be an integer ≥ {low}, got {value!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise SpeedError(f"--threads must be an integer ≥ 1, got {self.threads!r}")
         if not self.generate_batches or any(not isinstance(b, int) or b < 1 for b in self.generate_batches):
             raise SpeedError(f"--generate-batches must be integers ≥ 1, got {self.generate_batches!r}")
         self.torch_dtype()
@@ -397,6 +401,8 @@ def _memory_child(arg: str) -> None:
     spec["settings"]["generate_batches"] = tuple(spec["settings"]["generate_batches"])
     settings = SpeedSettings(**spec["settings"])
     device = torch.device(settings.device)
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
     _import_model_code(spec["path"])
     import_rss = _max_rss()
     if device.type == "cuda":
@@ -455,22 +461,35 @@ def measure(paths, settings: SpeedSettings = SpeedSettings(),
     finished it propagates.
     """
     dirs, configs, device = prepare(paths, settings)
-    checkpoints = []
-    for p, config in zip(dirs, configs):
-        memory = peak_memory(p, replace(settings, device=str(device))) if settings.memory else None
-        if memory is not None:
-            log(f"{p}: peak RSS {memory.peak_rss / 2**20:.0f} MiB ({memory.model_rss / 2**20:.0f} above imports)")
-        checkpoints.append((p, config, memory))
-    models = [load_checkpoint(p, settings.torch_dtype(), device) for p in dirs]
+    threads = torch.get_num_threads()
+    try:
+        if settings.threads is not None:
+            torch.set_num_threads(settings.threads)
+        return _measure(dirs, configs, device, settings, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(dirs, configs, device, settings: SpeedSettings, log) -> SpeedReport:
+    """:func:`measure` after its checks: peak memory (children), loads, sizes, timed runs."""
     from layerprune.models import decoder_layers
 
-    report = SpeedReport(replace(settings, device=str(device)), [], [], 0, environment=_environment(device))
-    for (p, config, memory), model in zip(checkpoints, models):
+    settings = replace(settings, device=str(device))
+    memories = [_logged_memory(p, settings, log) if settings.memory else None for p in dirs]
+    models = [load_checkpoint(p, settings.torch_dtype(), device) for p in dirs]
+    report = SpeedReport(settings, [], [], 0, environment=_environment(device))
+    for p, config, memory, model in zip(dirs, configs, memories, models):
         size = checkpoint_size(p, decoder_layers(model)[1])
         report.checkpoints.append(Checkpoint(str(p), _shape(config), size, memory))
     _timed_runs(models, settings, device, report, log)
     report.environment["loadavg_end"] = os.getloadavg()
     return report
+
+
+def _logged_memory(path, settings: SpeedSettings, log) -> PeakMemory:
+    memory = peak_memory(path, settings)
+    log(f"{path}: peak RSS {memory.peak_rss / 2**20:.0f} MiB ({memory.model_rss / 2**20:.0f} above imports)")
+    return memory
 
 
 def _timed_runs(models, settings: SpeedSettings, device, report: SpeedReport, log) -> None:

@@ -58,6 +58,8 @@ def add_subcommand(sub) -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per sequence (default 32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: cuda when available)")
     p.add_argument("--dtype", default="float32", help="weights' dtype when loaded (default float32)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's; 1 avoids the threads' spin-waits on a busy machine)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random token ids (default 0)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory child processes")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the full results as JSON (atomically)")
@@ -70,7 +72,7 @@ def _settings(args):
     return SpeedSettings(runs=args.runs, warmup=args.warmup, prefill_batch=args.prefill[0],
                          prefill_len=args.prefill[1], generate_batches=args.generate_batches,
                          prompt_len=args.prompt_len, new_tokens=args.new_tokens, device=args.device,
-                         dtype=args.dtype, seed=args.seed, memory=args.memory)
+                         dtype=args.dtype, seed=args.seed, memory=args.memory, threads=args.threads)
 
 
 def cmd_speed(args) -> int:

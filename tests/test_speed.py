@@ -1,5 +1,6 @@
 """``layerprune.speed`` and ``layerprune speed`` on two tiny saved Llama checkpoints (no timing thresholds)."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -89,7 +90,9 @@ def test_measure_runs_in_schedule_order_and_reports_ratios(checkpoints, monkeypa
 def test_measure_real_runs(checkpoints):
     dense, pruned, _ = checkpoints
     lines = []
-    report = speed.measure([dense, pruned], TINY, log=lines.append)
+    threads = torch.get_num_threads()
+    report = speed.measure([dense, pruned], replace(TINY, threads=1), log=lines.append)
+    assert report.environment["threads"] == 1 and torch.get_num_threads() == threads
     assert len(lines) == TINY.runs
     assert [t.task for t in report.tasks] == [Task("prefill", 2, 16), Task("generate", 1, 4, 3),
                                               Task("generate", 2, 4, 3)]
@@ -143,7 +146,7 @@ def test_cli_prints_and_writes_json(checkpoints, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["missing", "not_a_model", "no_weights", "runs_0", "json_dir", "bad_prefill",
-                                  "bad_dtype", "too_long"])
+                                  "bad_dtype", "too_long", "threads_0"])
 def test_bad_input_one_line_exit_2_nothing_written(checkpoints, tmp_path, capsys, case):
     dense, _, _ = checkpoints
     out = tmp_path / "out.json"
@@ -159,6 +162,7 @@ def test_bad_input_one_line_exit_2_nothing_written(checkpoints, tmp_path, capsys
         "bad_prefill": [str(dense), "--prefill", "8"],
         "bad_dtype": [str(dense), "--dtype", "int8"],
         "too_long": [str(dense), "--prefill", "1x4096"],
+        "threads_0": [str(dense), "--threads", "0"],
     }[case]
     if case != "json_dir":
         args += ["--json", str(out)]
