@@ -1,4 +1,4 @@
-"""``layerprune`` command line: ``solve``, ``solvers`` and ``study`` (CONTRACT.md), ``prune`` and ``eval``.
+"""``layerprune`` command line: ``solve``, ``solvers`` and ``study`` (CONTRACT.md), ``prune``, ``eval`` and ``speed``.
 
 Every expected fault (bad file, shapes, pattern, unknown or missing solver, …) ends with one
 clear line on stderr, a non-zero exit code and nothing written.
@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_subcommands(sub)
+    from layerprune.speed_cli import add_subcommand as add_speed
+
+    add_speed(sub)
     return parser
 
 
