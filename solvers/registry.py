@@ -25,6 +25,7 @@ SOLVERS: dict[str, str] = {
     "sparseswaps": "sparseswaps:SparseSwaps",
     "admm": "admm:ADMM",
     "alps": "alps:ALPS",
+    "alternating": "alternating:Alternating",
     "sparsefw": "sparsefw:SparseFW",
 }
 
