@@ -305,7 +305,7 @@ class Alternating(Solver):
     Options
     -------
     rho0 : float (default 1e-3) — first ρ, relative to the unit diagonal of G̃
-    growth : float (default 1.5) — ρ is multiplied by it after every outer iteration
+    growth : float (default 3.0) — ρ is multiplied by it after every outer iteration
     iterations : int (default 60) — V-steps at most (``Params.max_iter`` caps them)
     patience : int (default 3) — outer iterations without a selection change before stopping
     tol : float (default 1e-6) — pruned share of ``‖Ṽ‖²`` under which the relaxation counts as binary
@@ -318,7 +318,7 @@ class Alternating(Solver):
     description = "SPAP-style penalty method: shared-Cholesky weight step, column selection step, exact refit"
     option_specs = (
         Option("rho0", float, 1e-3, "first penalty ρ, relative to the unit diagonal of G̃", low=0.0, low_open=True),
-        Option("growth", float, 1.5, "ρ is multiplied by this after every outer iteration", low=1.0, low_open=True),
+        Option("growth", float, 3.0, "ρ is multiplied by this after every outer iteration", low=1.0, low_open=True),
         Option("iterations", int, 60, "weight steps at most (Params.max_iter caps them)", low=1),
         Option("patience", int, 3, "outer iterations with an unchanged selection before stopping", low=1),
         Option("tol", float, 1e-6, "pruned share of the weights' squared norm counted as zero", low=0.0),

@@ -200,3 +200,20 @@ def test_the_cli_solves_an_instance_file(tmp_path, capsys):
     assert (mask == mask[:1]).all() and int(mask[0].sum()) == 5
     p = LayerProblem.create(W, G, pattern="columns:5", objective="reconstruct")
     assert rec["objective"] == pytest.approx(p.objective(mask), rel=1e-9)
+
+
+def test_a_dense_target_is_solved_on_the_standard_view():
+    gen = np.random.default_rng(3)
+    W, X = gen.standard_normal((3, 7)), gen.standard_normal((40, 7))
+    Xt = X + 0.3 * gen.standard_normal((40, 7))
+    p = LayerProblem.create(W, Xt.T @ Xt, C=Xt.T @ X, G0=X.T @ X, pattern="columns:3", objective="reconstruct")
+    best = make_solver("brute").solve(p).objective
+    res = make_solver("alternating").solve(p)
+    assert p.is_feasible(res.mask) and res.objective >= best - rel_tol(best, 1e-7, scale=p.scale)
+    assert res.objective == pytest.approx(p.objective(res.mask), rel=1e-9)
+
+
+def test_a_time_limit_holds_on_a_mid_size_layer():
+    p = make_instance(32, 384, pattern="columns:0.5", objective="reconstruct", seed=0)
+    res = make_solver("alternating", growth=1.05, iterations=10_000).solve(p, params=Params(time_limit=1.0))
+    assert res.seconds <= 1.1 * 1.0 + 2.0 and res.limit == "time" and p.is_feasible(res.mask)

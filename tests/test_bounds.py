@@ -100,6 +100,11 @@ def _small(objective, pattern="per-row:4", dtype=torch.float64, device="cpu"):
                                pattern=pattern, objective=objective, dtype=dtype)
 
 
+def _pattern_for(name):
+    """``per-row:4``, or ``columns:4`` for a backend that takes only columns (``alternating``)."""
+    return "per-row:4" if "per-row" in get_solver_class(name).patterns else "columns:4"
+
+
 def _each_backend():
     for name in INSTALLED:
         for objective in ("mask", "reconstruct"):
@@ -110,7 +115,7 @@ def _each_backend():
 @pytest.mark.parametrize("name, objective", list(_each_backend()))
 def test_same_seed_same_mask(name, objective):
     """Randomised steps (SCIP's seed shift, the mixing-method SDP, …) follow ``Params.seed``."""
-    problem = _small(objective)
+    problem = _small(objective, _pattern_for(name))
     runs = []
     for _ in range(2):
         with warnings.catch_warnings():
@@ -127,7 +132,7 @@ def test_same_seed_same_mask(name, objective):
 def test_float32_problem_gives_documented_dtypes_on_its_device(name, objective, device):
     """A float32 problem: the mask is bool and the weights float64 (Result's documented dtypes),
     both on the problem's device; the objective is the float64 re-score of the float32 data."""
-    problem = _small(objective, dtype=torch.float32, device=device)
+    problem = _small(objective, _pattern_for(name), dtype=torch.float32, device=device)
     assert problem.W.dtype == torch.float32 and problem.G.dtype == torch.float32
     assert problem.device.type == device
     with warnings.catch_warnings():
@@ -138,5 +143,5 @@ def test_float32_problem_gives_documented_dtypes_on_its_device(name, objective, 
     assert res.weights.dtype == torch.float64 and res.weights.device == problem.device
     assert prop.mask.device == problem.device and problem.is_feasible(prop.mask)
     assert res.objective == pytest.approx(problem.objective(res.mask), rel=1e-12)
-    ref = _small(objective)  # the same data in float64 storage scores the mask alike (float32 inputs)
+    ref = _small(objective, _pattern_for(name))  # the same data in float64 storage scores the mask alike (float32 inputs)
     assert problem.objective(res.mask) == pytest.approx(ref.objective(res.mask.cpu()), rel=1e-5)
