@@ -217,3 +217,21 @@ def test_a_time_limit_holds_on_a_mid_size_layer():
     p = make_instance(32, 384, pattern="columns:0.5", objective="reconstruct", seed=0)
     res = make_solver("alternating", growth=1.05, iterations=10_000).solve(p, params=Params(time_limit=1.0))
     assert res.seconds <= 1.1 * 1.0 + 2.0 and res.limit == "time" and p.is_feasible(res.mask)
+
+
+def test_the_benchmark_refuses_bad_input_before_loading_anything(tmp_path, capsys, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    spec = importlib.util.spec_from_file_location("alternating_layers_bench", bench_dir / "alternating_layers.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for bad in (["--solvers", "alternating,nosuch"], ["--sub-channels", "best"], ["--fractions", "1.5"]):
+        with pytest.raises(SystemExit) as exc:
+            bench.main([*bad, "--out", str(tmp_path / "r")])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
