@@ -59,6 +59,13 @@ kept block's inverse; where ``G̃_SS`` is numerically singular the polish is ski
 columns with ``Σ_ii ≤ 1e-10`` (nearly in the span of ``S``) are never added. The polished set is
 returned only if its exact objective (one shared Cholesky, :func:`columns_objective`) is lower.
 
+History: one event per V-step with ``iteration``, ``rho``, ``penalised_objective`` (``F_ρ`` at
+the V-step's minimiser, in the scaled problem), ``support_change`` (columns that entered or left),
+``pruned_share`` (of ``‖Ṽ‖²``) and ``seconds``; ``info`` has the final ``rho``, ``ridge_added``,
+``stopped`` and, after a polish, ``exchanges``, ``polish_stopped``, ``polish_kept``. Memory:
+``W̃``, ``B``, ``Ṽ`` (d_out × d_in, working dtype) and ``G̃`` with its factor (d_in × d_in,
+float64); the polish adds ``P``, ``Σ`` (d_in × d_in) and ``Ṽ``, ``R`` (d_out × d_in) in float64.
+
 The returned weights are the exact refit on the kept columns (one shared ``K × K`` Cholesky in
 float64, :func:`columns_refit`); the solver contract re-scores them. A heuristic: no lower
 bound, status ``feasible``.
