@@ -105,6 +105,19 @@ def test_models_without_a_gated_mlp_or_with_uneven_sizes_are_refused_before_any_
         prune_mlp_channels(tiny_llama(), calib(), "mlp:0.3", solver="sparseswaps", progress=False)
 
 
+def test_the_default_alternating_solver_never_loses_to_wanda_sp_on_the_first_block():
+    """Block 0 sees the same inputs in both runs: the default (alternating, reconstruct) solves
+    the same columns problem as Wanda's column rule refitted, and its polish from Wanda's start
+    never ends above it."""
+    ids = calib()
+    default = prune_mlp_channels(tiny_llama(layers=1), ids, "mlp:0.5", progress=False)
+    wanda = prune_mlp_channels(tiny_llama(layers=1), ids, "mlp:0.5", solver="wanda", objective="reconstruct",
+                               progress=False)
+    assert default.records[0].solver == "alternating" and default.records[0].objective_kind == "reconstruct"
+    assert default.records[0].objective <= wanda.records[0].objective * (1 + 1e-9)
+    assert default.records[0].wanda_objective == pytest.approx(wanda.records[0].objective, rel=1e-9)
+
+
 def test_interrupt_says_how_many_blocks_were_shrunk():
     def stop(record):
         raise KeyboardInterrupt
