@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from .patterns import Pattern, PatternError, parse_pattern
+from .refit import shared_support
 
 __all__ = ["LayerProblem", "ProblemError", "OBJECTIVES", "ridge_targets", "check_ridge_fraction"]
 
@@ -477,7 +478,7 @@ class LayerProblem:
         out = torch.zeros_like(W)
         if kmax == 0:
             return out
-        if m.shape[0] > 1 and bool((m == m[:1]).all()):
+        if shared_support(m):
             S = torch.nonzero(m[0]).flatten()
             out[:, S] = _psd_solve(G[S][:, S][None], B[:, S].T[None]).squeeze(0).T
             return out
