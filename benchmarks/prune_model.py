@@ -17,7 +17,10 @@ Usage::
         --solvers magnitude wanda --patterns per-row:0.5 --out /tmp/quick.json   # quick check
 
 A solver is ``NAME`` or ``NAME:OBJECTIVE``; a bare name takes the solver's only objective, or
-``mask`` when it has both. Results are written atomically after every run to ``--out``
+``mask`` when it has both. Whole-model ADMM: ``elsa`` (from the dense model), ``elsa+INIT:OBJECTIVE``
+(warm-started from a layer-wise prune by INIT) and ``elsa-control`` (the same loop without the
+constraint: the dense model fine-tuned); their options go in ``--prune-args "--solver-option …"``
+(so such a grid holds Elsa runs only). Results are written atomically after every run to ``--out``
 (JSON) and the markdown table next to it (``.md``); ``--resume`` keeps the runs of an existing
 results file made with the same settings and runs only the missing or failed ones.
 """
@@ -73,7 +76,7 @@ def parse_solver_spec(spec: str, capabilities: Optional[dict] = None) -> tuple[s
     """
     name, sep, objective = spec.strip().partition(":")
     name, objective = name.strip(), objective.strip()
-    if not name or (sep and objective not in ("mask", "reconstruct")):
+    if not name or (sep and objective not in ("mask", "reconstruct", "loss")):
         raise BenchmarkError(f"solver spec must be NAME or NAME:mask or NAME:reconstruct, got {spec!r}")
     if not sep:
         objs = (capabilities or {}).get(name, {}).get("objectives", ["mask"])
@@ -84,7 +87,33 @@ def parse_solver_spec(spec: str, capabilities: Optional[dict] = None) -> tuple[s
 def _capabilities() -> dict:
     from layerprune.solvers import list_solvers
 
-    return {c["name"]: c for c in list_solvers()}
+    return with_elsa({c["name"]: c for c in list_solvers()})
+
+
+def with_elsa(capabilities: dict) -> dict:
+    """The registry's capabilities and Elsa's grid entries: ``elsa`` and ``elsa-control`` (every
+    pattern kind, objective ``loss``) and ``elsa+INIT`` (INIT's objectives and patterns)."""
+    caps = dict(capabilities)
+    for name, cap in capabilities.items():
+        caps[f"elsa+{name}"] = dict(cap, name=f"elsa+{name}")
+    kinds = ["per-row", "nm", "unstructured", "columns"]
+    caps.update({name: {"name": name, "objectives": ["loss"], "patterns": kinds, "installed": True}
+                 for name in ("elsa", "elsa-control")})
+    return caps
+
+
+def _solver_flags(spec: "RunSpec") -> list[str]:
+    """``--solver`` and what goes with it: ``--objective``, or for Elsa its warm start
+    (``--init``) or the control's ``constrained=false``."""
+    if not spec.solver.startswith("elsa"):
+        return ["--solver", spec.solver, "--objective", spec.objective]
+    base, _, init = spec.solver.partition("+")
+    flags = ["--solver", "elsa"]
+    if init:
+        flags += ["--init", init, "--objective", spec.objective]
+    if base == "elsa-control":
+        flags += ["--solver-option", "constrained=false"]
+    return flags
 
 
 def plan_runs(patterns, solver_specs, capabilities: dict) -> tuple[list[RunSpec], list[dict]]:
@@ -147,7 +176,7 @@ def prune_command(spec: RunSpec, settings: dict, report: Path) -> list[str]:
     ``mlp:F`` entry)."""
     what = "--structure" if is_structure(spec.pattern) else "--pattern"
     cmd = [sys.executable, "-m", "layerprune", "prune", "--model", settings["model"],
-           "--solver", spec.solver, "--objective", spec.objective, what, spec.pattern,
+           *_solver_flags(spec), what, spec.pattern,
            "--nsamples", str(settings["nsamples"]), "--seqlen", str(settings["seqlen"]),
            "--eval-tokens", str(settings["eval_tokens"]), "--seed", str(settings["seed"]),
            "--dtype", settings["dtype"], "--report", str(report), "--no-progress"]
@@ -208,7 +237,7 @@ def summarise_report(report: dict) -> dict:
         "perplexity": report.get("perplexity", {}),
         "dense_perplexity": report.get("dense_perplexity", {}),
         "sparsity": report.get("sparsity"),
-        "prune_s": report.get("timings", {}).get("prune"),
+        "prune_s": _prune_seconds(report.get("timings", {})),
         "report_seconds": report.get("seconds"),
         "report_peak_rss_bytes": report.get("peak_memory_bytes"),
         "peak_device_bytes": report.get("peak_device_memory_bytes"),
@@ -223,7 +252,25 @@ def summarise_report(report: dict) -> dict:
         "calibration_tokens": report.get("settings", {}).get("calibration_tokens"),
         "eval_tokens_used": report.get("settings", {}).get("eval_tokens_used"),
         "structure": _structure_summary(report.get("structure")),
+        "elsa": _elsa_summary(report.get("elsa")),
     }
+
+
+def _prune_seconds(timings: dict) -> Optional[float]:
+    """The pruning step's seconds: layer-wise pruning plus Elsa's training where it ran."""
+    parts = [timings[k] for k in ("prune", "elsa") if timings.get(k) is not None]
+    return sum(parts) if parts else None
+
+
+def _elsa_summary(elsa: Optional[dict]) -> Optional[dict]:
+    """An Elsa run's steps, tokens, loss and residual (its history stays in the report)."""
+    if not elsa:
+        return None
+    hist = elsa.get("history") or []
+    return {"steps_done": elsa.get("steps_done"), "tokens": elsa.get("tokens"), "seconds": elsa.get("seconds"),
+            "interrupted": elsa.get("interrupted"), "final_residual": elsa.get("final_residual"),
+            "loss_first": hist[0]["loss"] if hist else None, "loss_last": hist[-1]["loss"] if hist else None,
+            "options": elsa.get("options")}
 
 
 def _structure_summary(structure: Optional[dict]) -> Optional[dict]:
@@ -349,11 +396,30 @@ def markdown(results: dict) -> str:
                 lines.append(f"- {r['pattern']} {r['solver']}:{r['objective']}: intermediate size "
                              f"{st['intermediate_size'][0]} → {st['intermediate_size'][1]}, decoder parameters "
                              f"{before / 1e6:.2f}M → {after / 1e6:.2f}M ({100 * (after / before - 1):+.1f}%)")
+    lines += _elsa_lines(runs)
     for sk in results.get("skipped", []):
         lines.append(f"\nSkipped {sk['key']}: {sk['reason']}.")
     if results.get("dense_mismatch"):
         lines.append(f"\nWarning: dense perplexity differs in {', '.join(results['dense_mismatch'])}.")
     return "\n".join(lines) + "\n"
+
+
+def _elsa_lines(runs: list) -> list[str]:
+    """Notes on the Elsa rows: steps, tokens, training loss and residual."""
+    rows = [r for r in runs if r.get("elsa")]
+    if not rows:
+        return []
+    lines = ["\n`elsa` rows: whole-model ADMM on the calibration text's loss (`layerprune prune --solver elsa`); "
+             "`elsa+INIT` starts from INIT's layer-wise prune, `elsa-control` is the same loop with no "
+             "constraint (the dense model fine-tuned on the same tokens). `prune s` includes the training."]
+    for r in rows:
+        e, o = r["elsa"], r["elsa"].get("options") or {}
+        lines.append(f"- {r['pattern']} {r['solver']}: {e['steps_done']} steps × {o.get('batch')} windows "
+                     f"({e['tokens']} tokens), lr {o.get('lr')}, λ {o.get('lmda')}, interval {o.get('interval')}; "
+                     f"training loss {_fmt(e.get('loss_first'), 3)} → {_fmt(e.get('loss_last'), 3)}; residual "
+                     f"before the final projection {_fmt(e.get('final_residual'), 3)}"
+                     + (" (interrupted)" if e.get("interrupted") else ""))
+    return lines
 
 
 def _atomic_text(path: Path, text: str) -> None:

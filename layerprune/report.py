@@ -23,6 +23,11 @@ The JSON written by ``layerprune prune --report FILE.json`` is :meth:`PruneRepor
     ``lod`` / ``sparsity``, and ``fractions`` (layer name → pruned fraction asked for; the file
     ``sparsity_map.json`` written beside the report holds the same). Each layer record's
     ``sparsity`` is what its mask got.
+``elsa``
+    under ``--solver elsa`` (:mod:`layerprune.pipeline.elsa`): ``options``, ``steps_done``,
+    ``tokens``, ``interrupted``, ``seconds``, ``final_residual`` and the per-step ``history``
+    (loss, gradient norm, learning rate, λ, and at z-updates the residual and mask change);
+    None otherwise
 ``structure``
     under ``--structure`` (:mod:`layerprune.pipeline.channels`): ``kind``, ``fraction``,
     ``intermediate_size`` (before, after), ``decoder_parameters`` (the decoder blocks'
@@ -168,6 +173,7 @@ class PruneReport:
     allocation: Optional[dict] = None   # how each layer's sparsity was chosen (pipeline.allocate)
     map_path: Optional[str] = None      # the sparsity map written beside the report
     structure: Optional[dict] = None    # structured pruning (pipeline.channels): what was removed
+    elsa: Optional[dict] = None         # whole-model ADMM (pipeline.elsa): its settings, steps and history
 
     # ------------------------------------------------------------------ views
     def to_json(self) -> dict:
@@ -188,6 +194,7 @@ class PruneReport:
             "out_dir": self.out_dir,
             "allocation": self.allocation,
             "structure": self.structure,
+            "elsa": self.elsa,
             "layers": [r.to_json() for r in self.layers],
         }
 
@@ -220,7 +227,8 @@ def format_report(report: PruneReport) -> str:
     s = report.settings
     what = f"structure {s['structure']}" if s.get("structure") else f"pattern {s.get('pattern')}"
     lines = [
-        f"model {s.get('model')}  solver {s.get('solver')}  {what}  objective {s.get('objective')}",
+        f"model {s.get('model')}  solver {s.get('solver')}  {what}"
+        + (f"  objective {s['objective']}" if s.get("objective") else ""),
         f"calibration {s.get('calib')}: {s.get('nsamples')} × {s.get('seqlen')} tokens, seed {s.get('seed')}",
         "",
         f"{'text':<20} {'dense ppl':>12} {'pruned ppl':>12}",
@@ -233,6 +241,8 @@ def format_report(report: PruneReport) -> str:
     med = report.median_reduction_vs_wanda()
     if report.structure:
         lines.append(_structure_line(report.structure))
+    elif report.elsa:
+        lines.extend(_elsa_lines(report))
     else:
         lines.append(f"sparsity reached   {100 * report.sparsity:.2f}% of target linear weights "
                      f"({len(report.layers)} layers)")
@@ -278,6 +288,25 @@ def _structure_line(structure: dict) -> str:
         line += (f"; decoder weights {params[0] / 1e6:.1f}M → {params[1] / 1e6:.1f}M "
                  f"({100 * (params[1] / params[0] - 1):+.1f}%)")
     return line
+
+
+def _elsa_lines(report: PruneReport) -> list[str]:
+    """Whole-model ADMM's summary: sparsity, steps and tokens, loss, residual."""
+    e = report.elsa
+    opts = e["options"]
+    hist = e.get("history") or []
+    loss = f"; loss {hist[0]['loss']:.3f} → {hist[-1]['loss']:.3f}" if hist else ""
+    warm = report.settings.get("init")
+    lines = [f"sparsity reached   {100 * report.sparsity:.2f}% of target linear weights",
+             f"elsa               {e['steps_done']}/{opts['steps']} steps, {e['tokens']} tokens{loss}"
+             + (" (interrupted)" if e.get("interrupted") else "")]
+    if opts.get("constrained", True):
+        lines.append(f"                   λ {opts['lmda']:g} ({opts['lmda_schedule']}), residual ‖w − Proj(w)‖/‖w‖ "
+                     f"{e['final_residual']:.3g} before the final projection; warm start "
+                     f"{warm + ' (layer-wise)' if warm else 'the dense model'}")
+    else:
+        lines.append("                   control: the same loop with no penalty and no projection (dense)")
+    return lines
 
 
 def _num(x: Optional[float]) -> str:

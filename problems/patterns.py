@@ -63,10 +63,18 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
         return mask
     if k >= n:
         return ~mask
-    s = torch.nan_to_num(scores.to(torch.float64), nan=-float("inf"))
-    # stable descending sort: equal scores keep their original (ascending index) order
-    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]
-    return mask.scatter_(-1, order, True)
+    s = scores if scores.dtype in (torch.float32, torch.float64) else scores.to(torch.float32)
+    s = torch.nan_to_num(s, nan=-float("inf"))
+    # the k-th largest score of each row (a selection, not a sort); everything above it is
+    # kept, and of the scores equal to it the lowest-indexed ones until the row has k
+    if k <= n - k:
+        kth = torch.topk(s, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    else:   # the (n − k + 1)-th smallest: a selection of the shorter side
+        kth = torch.topk(s, n - k + 1, dim=-1, largest=False, sorted=False).values.amax(dim=-1, keepdim=True)
+    above = s > kth
+    tied = s == kth
+    room = k - above.sum(dim=-1, keepdim=True)
+    return above | (tied & (tied.cumsum(dim=-1) <= room))
 
 
 def _parse_count_or_fraction(text: str, what: str) -> tuple[int | None, float | None]:

@@ -111,6 +111,39 @@ def test_structure_entries_run_with_the_structure_flag(bench, tmp_path):
                                     "decoder_parameters": [1000, 800]}
 
 
+def test_elsa_entries_run_elsa_its_warm_start_and_its_control(bench, tmp_path):
+    """``elsa``, ``elsa+INIT:OBJECTIVE`` and ``elsa-control`` become the flags ``layerprune prune``
+    takes; the table notes each Elsa run's steps, tokens, loss and residual."""
+    import argparse
+
+    from layerprune.prune_cli import add_subcommands, config_from_args
+
+    caps = bench.with_elsa(CAPS)
+    runs, skipped = bench.plan_runs(["per-row:0.7"], ["elsa", "elsa+sparsegpt:reconstruct", "elsa-control"], caps)
+    assert [r.key for r in runs] == ["per-row:0.7 elsa:loss", "per-row:0.7 elsa+sparsegpt:reconstruct",
+                                     "per-row:0.7 elsa-control:loss"] and not skipped
+    parser = argparse.ArgumentParser()
+    add_subcommands(parser.add_subparsers())
+    settings = dict(SETTINGS, prune_args="--solver-option steps=4")
+    cfgs = [config_from_args(parser.parse_args(bench.prune_command(r, settings, tmp_path / "r.json")[3:]))
+            for r in runs]
+    assert [(c.solver, c.init, c.objective, c.solver_options) for c in cfgs] == [
+        ("elsa", None, None, {"steps": 4}), ("elsa", "sparsegpt", "reconstruct", {"steps": 4}),
+        ("elsa", None, None, {"constrained": "false", "steps": 4})]
+    with pytest.raises(bench.BenchmarkError, match="cannot take objective"):
+        bench.plan_runs(["per-row:0.7"], ["elsa+admm:mask"], caps)
+    report = fake_report({"persuasion": 60.0}, 1.0)
+    report["timings"] = {"prune": 3.0, "elsa": 40.0}
+    report["elsa"] = {"steps_done": 4, "tokens": 8192, "seconds": 40.0, "interrupted": False, "final_residual": 0.01,
+                      "history": [{"loss": 3.5}, {"loss": 3.1}], "options": {"batch": 8, "lr": 2e-4, "lmda": 0.01,
+                                                                              "interval": 8}}
+    rec = dict(bench.summarise_report(report), pattern="per-row:0.7", solver="elsa", objective="loss", status="ok",
+               wall_s=50.0, peak_rss_bytes=2 ** 30)
+    assert rec["prune_s"] == 43.0 and rec["elsa"]["loss_last"] == 3.1
+    table = bench.markdown({"settings": SETTINGS, "runs": [rec], "dense_perplexity": {"persuasion": 40.0}})
+    assert "- per-row:0.7 elsa: 4 steps × 8 windows (8192 tokens)" in table and "3.500 → 3.100" in table
+
+
 def test_summary_table_json_and_resume(bench, tmp_path):
     out = tmp_path / "res" / "prune_model.json"
     specs, _ = bench.plan_runs(["per-row:0.5"], ["magnitude", "wanda", "sparsegpt:reconstruct"], CAPS)

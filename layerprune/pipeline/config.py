@@ -20,12 +20,13 @@ from layerprune.solvers import Params
 
 from .allocate import ALLOCATIONS, KNAPSACK_NORMS, MAP_FILE, check_allocatable, check_owl_range, read_sparsity_map
 from .channels import STRUCTURE_OBJECTIVE, STRUCTURE_SOLVER, check_structured_model, parse_structure
+from .elsa import ELSA, parse_elsa_options
 from .loop import DENSE_TARGET_RIDGE, TARGETS, check_target
 from .plan import DEFAULT_SOLVER, Plan, _plan, build_solvers, check_settings
 from .structure import find_blocks, resolve_device
 
 __all__ = ["PruneConfig", "Checked", "check_before_loading", "check_outputs", "check_against_model",
-           "with_defaults"]
+           "with_defaults", "layerwise"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_PATTERN = "per-row:0.5"
@@ -63,7 +64,9 @@ class PruneConfig:
 
     model: str = setting("smollm2", "'smollm2' (bundled), a Hugging Face id, a directory or a .gguf file",
                          type=nonempty)
-    solver: Optional[str] = setting(None, "backend (layerprune solvers)", metavar="NAME", type=nonempty,
+    solver: Optional[str] = setting(None, "backend (layerprune solvers), or elsa: whole-model ADMM on the "
+                                    "model's loss (its options: --solver-option; see docs)", metavar="NAME",
+                                    type=nonempty,
                                     default_text=f"{DEFAULT_SOLVER}; {STRUCTURE_SOLVER} with --structure")
     pattern: str = setting(DEFAULT_PATTERN, "per-row:0.5 | nm:2:4 | unstructured:0.6 | columns:0.3 (pruned fractions)",
                            metavar="PATTERN", type=nonempty)
@@ -103,7 +106,9 @@ class PruneConfig:
     force: bool = setting(False, "overwrite --out")
     report: Optional[str] = setting(None, "write the JSON report (and layer_errors.png next to it)",
                                     metavar="FILE.json", type=nonempty)
-    init: Optional[str] = setting(None, "warm start each layer from this solver", metavar="SOLVER", type=nonempty)
+    init: Optional[str] = setting(None, "warm start each layer from this solver (with --solver elsa: the "
+                                  "layer-wise prune Elsa starts from; without it, the dense model)",
+                                  metavar="SOLVER", type=nonempty)
     device: Optional[str] = setting(None, "cpu, cuda, cuda:1, …", type=nonempty,
                                     default_text="cuda if available, else cpu")
     time_limit_per_layer: Optional[float] = setting(None, "time limit of each layer's solve", metavar="SECONDS",
@@ -159,14 +164,17 @@ def check_before_loading(config: PruneConfig) -> Checked:
     SettingError, ProblemError, PatternError, SolverError, ModelError, DataError
         One line saying what is wrong.
     """
-    config = with_defaults(config)
+    given, config = config, with_defaults(config)
     check_values(config)
     if config.eval_tokens is not None and config.eval_tokens < config.seqlen:
         raise SettingError(f"--eval-tokens {config.eval_tokens} is less than one window of "
                            f"--seqlen {config.seqlen} tokens")
     device = resolve_device(config.device)
     dtype = _dtype(config.dtype)
-    if config.structure is not None:
+    if config.solver == ELSA:
+        check_elsa(given)
+        fractions = check_allocation(config)
+    elif config.structure is not None:
         check_structure(config)
         fractions = None
     else:
@@ -184,12 +192,55 @@ def check_before_loading(config: PruneConfig) -> Checked:
 
 def with_defaults(config: PruneConfig) -> PruneConfig:
     """``config`` with its solver and objective filled in where not given: ``--structure``'s
-    (``alternating``, ``reconstruct``) or the layer-wise defaults (``sparseswaps``, ``mask``)."""
+    (``alternating``, ``reconstruct``) or the layer-wise defaults (``sparseswaps``, ``mask``;
+    ``--solver elsa`` without ``--init`` prunes nothing layer-wise and keeps no objective)."""
     structured = config.structure is not None
     solver = config.solver if config.solver is not None else (STRUCTURE_SOLVER if structured else DEFAULT_SOLVER)
-    objective = config.objective if config.objective is not None else (
-        STRUCTURE_OBJECTIVE if structured else "mask")
+    objective = config.objective
+    if objective is None and not (solver == ELSA and config.init is None):   # Elsa alone has no layer objective
+        objective = STRUCTURE_OBJECTIVE if structured else "mask"
     return dataclasses.replace(config, solver=solver, objective=objective)
+
+
+def layerwise(config: PruneConfig) -> PruneConfig:
+    """The layer-wise part of a job: ``config`` itself, or under ``--solver elsa`` the warm
+    start's prune (``--init``'s solver; without one, ``magnitude`` stands in to check that the
+    pattern fits every layer, and nothing is pruned layer-wise)."""
+    config = with_defaults(config)
+    if config.solver != ELSA:
+        return config
+    return with_defaults(dataclasses.replace(config, solver=config.init or "magnitude", init=None, solver_options={}))
+
+
+def check_elsa(config: PruneConfig) -> None:
+    """``--solver elsa`` with the settings it takes: its options (``--solver-option``), float32
+    weights, no ``--structure`` or ``lm_head``; the flags of a layer-wise prune only with
+    ``--init`` (they shape the warm start), whose solver must take the pattern."""
+    parse_elsa_options(config.solver_options)
+    if config.structure is not None:
+        raise SettingError("--structure does not apply with --solver elsa (give the sparsity with --pattern)")
+    if config.prune_lm_head:
+        raise SettingError("--prune-lm-head does not apply with --solver elsa (it prunes the decoder's linears; "
+                           "lm_head is tied to the embeddings and stays dense)")
+    if config.dtype != "float32":
+        raise SettingError(f"--dtype {config.dtype}: elsa trains float32 weights (for a mixed-precision forward "
+                           f"use --solver-option autocast=bfloat16)")
+    if config.init is None:
+        layer_flags = (("--objective", config.objective is not None), ("--target dense", config.target != "layer"),
+                       ("--target-ridge", config.target_ridge is not None), ("--override", bool(config.overrides)),
+                       ("--sequential-order", config.sequential_order),
+                       ("--time-limit-per-layer", config.time_limit_per_layer is not None),
+                       ("--max-iter", config.max_iter is not None))
+        for flag, given in layer_flags:
+            if given:
+                raise SettingError(f"{flag} shapes a layer-wise prune: with --solver elsa it needs --init SOLVER "
+                                   f"(the warm start it applies to)")
+    if config.init is not None and not parse_elsa_options(config.solver_options).constrained:
+        raise SettingError("--solver-option constrained=false is the dense control (the dense model fine-tuned "
+                           "by the same loop): it takes no --init")
+    if config.init == ELSA:
+        raise SettingError("--init elsa: the warm start is a layer-wise solver")
+    check_solvers(layerwise(config))
 
 
 def check_structure(config: PruneConfig) -> None:
@@ -308,7 +359,7 @@ def check_against_model(model: nn.Module, config: PruneConfig, fractions: Option
     override and each sparsity-map entry names a layer), or under ``--structure`` the blocks'
     gated MLPs, and windows no longer than the model's positions. Returns the plan (None under
     ``--structure``)."""
-    config = with_defaults(config)
+    config = layerwise(config)
     if config.structure is not None:
         check_structured_model(model, parse_structure(config.structure))
         plan = None

@@ -1,5 +1,6 @@
-"""The whole ``layerprune prune`` job: check, load, calibrate, measure dense, prune, measure
-pruned, save, report."""
+"""The whole ``layerprune prune`` job: check, load, calibrate, measure dense, prune (layer-wise,
+structured, or whole-model ADMM after an optional layer-wise warm start), measure pruned, save,
+report."""
 from __future__ import annotations
 
 import contextlib
@@ -20,9 +21,12 @@ from torch import nn
 from layerprune import data
 
 from ..report import MODEL_COPIES, PruneReport, plot_layer_errors, write_json_atomic
-from .allocate import MAP_FILE, Allocation, knapsack_allocation, owl_allocation, sparsity_map_json, uniform_allocation
+from .allocate import (MAP_FILE, Allocation, knapsack_allocation, layer_pattern, owl_allocation, sparsity_map_json,
+                       uniform_allocation)
 from .channels import ChannelPruning, parse_structure, prune_mlp_channels
-from .config import Checked, PruneConfig, check_against_model, check_before_loading, target_ridge, with_defaults
+from .config import (Checked, PruneConfig, check_against_model, check_before_loading, layerwise, target_ridge,
+                     with_defaults)
+from .elsa import ELSA, ElsaLayer, ElsaResult, global_admm, parse_elsa_options, training_windows
 from .loop import prune_model
 from .measure import perplexity, release_memory, sparsity
 __all__ = ["PruneConfig", "run"]
@@ -54,6 +58,7 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
         plan = check_against_model(model, config, checked.sparsity_map)
         with clock("data"):
             calib_ids, evals = _tokenize(tokenizer, checked, config)
+            windows = _elsa_windows(tokenizer, checked, config) if config.solver == ELSA else None
         with clock("dense_eval"):
             dense = _perplexities(model, evals, config.seqlen, checked.device)
         for name, v in dense.items():
@@ -65,19 +70,27 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
         if allocation is not None and allocation.method != "uniform":
             values = list(allocation.fractions.values())
             log(f"allocation {allocation.method}: layer sparsity {min(values):.4f} … {max(values):.4f}")
+        records, elsa = [], None
         with clock("prune"):
             if config.structure is not None:
                 channels = _prune_channels(model, calib_ids, checked, config)
                 records = channels.records
-            else:
-                records = _prune(model, calib_ids, checked, config, allocation)
+            elif config.solver != ELSA or config.init:
+                records = _prune(model, calib_ids, checked, layerwise(config), allocation)
+        if config.solver == ELSA:
+            with clock("elsa"):
+                elsa = _elsa(model, windows, plan, allocation, checked, config, log)
         with clock("pruned_eval"):
             pruned = _perplexities(model, evals, config.seqlen, checked.device)
         report = _report(model, config, checked, calib_ids, evals, dense, pruned, records, clock, base)
         report.allocation = None if allocation is None else allocation.to_json()
         if config.structure is not None:
             report.structure = channels.to_json(parse_structure(config.structure))
-        _write_outputs(report, model, tokenizer, config, clock)
+        masks = None if config.structure is not None else {r.name: r.packed_mask for r in records}
+        if elsa is not None:
+            report.elsa = elsa.to_json()
+            masks = elsa.masks or None
+        _write_outputs(report, model, tokenizer, config, clock, masks)
     return report
 
 
@@ -165,6 +178,30 @@ def _prune_channels(model: nn.Module, calib_ids: torch.Tensor, checked: Checked,
                               device=checked.device, progress=config.progress, reference=config.reference)
 
 
+def _elsa_windows(tokenizer, checked: Checked, config: PruneConfig) -> torch.Tensor:
+    """Elsa's training windows, ``steps × batch`` of ``--seqlen`` tokens of the calibration text
+    (seeded by ``--seed``; the evaluation texts are disjoint from it)."""
+    options = parse_elsa_options(config.solver_options)
+    ids = data.tokenize(tokenizer, checked.calib_text)
+    return training_windows(ids, options.steps * options.batch, config.seqlen, config.seed)
+
+
+def _elsa(model: nn.Module, windows: torch.Tensor, plan, allocation: Optional[Allocation], checked: Checked,
+          config: PruneConfig, log: Callable[[str], Any]) -> ElsaResult:
+    """Elsa on every planned linear, each with its own pattern (an allocation's where one was
+    made), from the model as it stands (dense, or ``--init``'s layer-wise prune)."""
+    own = allocation.fractions if allocation is not None and allocation.method != "uniform" else None
+    layers = [ElsaLayer(layer.qualified, layer.linear,
+                        layer_pattern(config.pattern, own[layer.qualified]) if own else layer.pattern)
+              for block in plan.blocks for layer in block]
+    options = parse_elsa_options(config.solver_options)
+    result = global_admm(model, windows, layers, options, device=checked.device, progress=config.progress)
+    if result.interrupted:
+        log(f"elsa interrupted after {result.steps_done} of {options.steps} steps: projected onto the pattern, "
+            f"evaluating and saving (Ctrl-C again to stop without writing)")
+    return result
+
+
 def _report(model: nn.Module, config: PruneConfig, checked: Checked, calib_ids: torch.Tensor,
             evals: dict[str, torch.Tensor], dense: dict, pruned: dict, records: list,
             clock: _Clock, base: Optional[int]) -> PruneReport:
@@ -190,7 +227,8 @@ def _report(model: nn.Module, config: PruneConfig, checked: Checked, calib_ids: 
 
 
 # ---------------------------------------------------------------------------- outputs
-def _write_outputs(report: PruneReport, model: nn.Module, tokenizer, config: PruneConfig, clock: _Clock) -> None:
+def _write_outputs(report: PruneReport, model: nn.Module, tokenizer, config: PruneConfig, clock: _Clock,
+                   masks: Optional[dict]) -> None:
     """The model directory, the report JSON and its plot: all written, or none.
 
     The plot and the report's file are made first under temporary names beside their paths,
@@ -210,7 +248,6 @@ def _write_outputs(report: PruneReport, model: nn.Module, tokenizer, config: Pru
         report_tmp = staged.file(Path(config.report).expanduser()) if config.report is not None else None
         if config.out is not None:
             report.out_dir = str(config.out)
-            masks = None if config.structure is not None else {r.name: r.packed_mask for r in report.layers}
             models.save_pruned(model, tokenizer, config.out, masks=masks,
                                force=config.force, extra_files=_model_extras(report, png))
         if report_tmp is not None:
