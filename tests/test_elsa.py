@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -186,6 +187,37 @@ def test_interrupt_keeps_a_projected_model_and_restores_training_state():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_a_checkpointed_run_resumes_where_it_stopped_and_ends_as_an_uninterrupted_one(trained, tmp_path):
+    from layerprune.pipeline.elsa import check_checkpoint
+
+    path = tmp_path / "state.pt"
+    options = ElsaOptions(steps=10, batch=4, lr=5e-3, lmda=1.0, interval=3, checkpoint=str(path), checkpoint_every=4)
+    ids = chain(40)
+    whole = copy.deepcopy(trained[0])
+    global_admm(whole, ids, layers_of(whole, "per-row:0.5"), dataclasses.replace(options, checkpoint=None),
+                progress=False)
+
+    def stop(entry):
+        if entry["step"] == 6:
+            raise KeyboardInterrupt
+
+    first = copy.deepcopy(trained[0])
+    cut = global_admm(first, ids, layers_of(first, "per-row:0.5"), options, progress=False, callback=stop)
+    assert cut.interrupted and cut.steps_done == 6 and path.is_file()
+    assert check_checkpoint(options, layers_of(first, "per-row:0.5"), ids) == 6
+    with pytest.raises(SettingError, match="written by another run"):
+        check_checkpoint(dataclasses.replace(options, lr=1e-3), layers_of(first, "per-row:0.5"), ids)
+    with pytest.raises(SettingError, match="written by another run"):
+        check_checkpoint(options, layers_of(first, "per-row:0.5"), chain(40, seed=9))
+    # the checkpoint's own fields may change between the runs
+    second = copy.deepcopy(trained[0])
+    rest = global_admm(second, ids, layers_of(second, "per-row:0.5"),
+                       dataclasses.replace(options, checkpoint_every=100), progress=False)
+    assert rest.resumed_at == 6 and rest.steps_done == 10 and len(rest.history) == 10 and not path.exists()
+    for a, b in zip(whole.parameters(), second.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_too_few_windows_is_refused():
     model = tiny_llama()
     with pytest.raises(SettingError, match="40 training windows needed"):
@@ -224,6 +256,35 @@ def test_run_elsa_warm_started_from_a_layerwise_prune(tiny_job, tmp_path):  # no
     assert report.elsa["steps_done"] == 3 and "wanda (layer-wise)" in report.format()
 
 
+def test_run_elsa_interrupted_saves_a_projected_model_and_the_same_command_resumes(tiny_job, tmp_path,  # noqa: F811
+                                                                                 monkeypatch):
+    from layerprune.pipeline import elsa, run
+
+    state, out = tmp_path / "state.pt", tmp_path / "pruned"
+    step, calls = elsa._step, []
+
+    def interrupted_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    config = _config(tiny_job, solver="elsa", pattern="per-row:0.75", out=str(out), force=True,
+                     solver_options={"steps": 5, "batch": 2, "checkpoint": str(state)})
+    monkeypatch.setattr(elsa, "_step", interrupted_step)
+    logged = []
+    report = run(config, log=logged.append)
+    assert report.elsa["interrupted"] and report.elsa["steps_done"] == 2 and report.sparsity == 0.75
+    assert (out / "masks.safetensors").exists() and state.is_file()
+    assert any("the same command resumes" in line for line in logged)
+    monkeypatch.setattr(elsa, "_step", step)
+    logged = []
+    again = run(config, log=logged.append)
+    assert any("resumes from" in line and "at step 2 of 5" in line for line in logged)
+    assert again.elsa["resumed_at"] == 2 and again.elsa["steps_done"] == 5 and not again.elsa["interrupted"]
+    assert not state.exists() and again.sparsity == 0.75
+
+
 def test_run_elsa_control_is_dense(tiny_job):  # noqa: F811
     from layerprune.pipeline import run
 
@@ -245,6 +306,7 @@ def test_run_elsa_control_is_dense(tiny_job):  # noqa: F811
     (["--init", "wanda", "--solver-option", "constrained=false"], "takes no --init"),
     (["--init", "sparsegpt", "--pattern", "columns:0.5"], "sparsegpt"),
     (["--pattern", "nm:2:5"], "does not fit layer"),
+    (["--solver-option", "checkpoint=."], "is a directory"),
 ])
 def test_elsa_bad_input_is_one_line_exit_2_nothing_written(tiny_job, tmp_path, capsys, flags, message):  # noqa: F811
     out = tmp_path / "out"

@@ -216,7 +216,12 @@ def check_elsa(config: PruneConfig) -> None:
     """``--solver elsa`` with the settings it takes: its options (``--solver-option``), float32
     weights, no ``--structure`` or ``lm_head``; the flags of a layer-wise prune only with
     ``--init`` (they shape the warm start), whose solver must take the pattern."""
-    parse_elsa_options(config.solver_options)
+    options = parse_elsa_options(config.solver_options)
+    if options.checkpoint is not None:
+        path = Path(options.checkpoint).expanduser()
+        if path.is_dir():
+            raise SettingError(f"--solver-option checkpoint={options.checkpoint} is a directory (give a file)")
+        _check_writable_parent(path, f"--solver-option checkpoint={options.checkpoint}")
     if config.structure is not None:
         raise SettingError("--structure does not apply with --solver elsa (give the sparsity with --pattern)")
     if config.prune_lm_head:

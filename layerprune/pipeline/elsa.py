@@ -53,6 +53,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -65,7 +66,7 @@ from layerprune.solvers.options import Option, OptionError
 from ..report import pack_mask
 
 __all__ = ["ELSA", "ELSA_OPTIONS", "ElsaOptions", "ElsaResult", "ElsaLayer", "parse_elsa_options", "project",
-           "global_admm", "training_windows"]
+           "global_admm", "training_windows", "check_checkpoint"]
 
 #: the ``--solver`` name of whole-model ADMM
 ELSA = "elsa"
@@ -96,7 +97,12 @@ ELSA_OPTIONS: tuple[Option, ...] = (
     Option("checkpointing", bool, False, "gradient checkpointing (less activation memory, ~1.3× the time)"),
     Option("autocast", str, "none", "mixed-precision forward (weights and Adam stay float32)", choices=AUTOCASTS),
     Option("constrained", bool, True, "false: the control — the same loop without penalty or projection"),
+    Option("checkpoint", str, None, "file for the run's state, written every checkpoint_every steps and on "
+           "Ctrl-C; a run given an existing one resumes from it (removed when the run ends)"),
+    Option("checkpoint_every", int, 16, "steps between checkpoint writes", low=1),
 )
+#: options that do not change what a run computes (a checkpoint resumes across them)
+_BOOKKEEPING = ("checkpoint", "checkpoint_every")
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,8 @@ class ElsaOptions:
     checkpointing: bool = False
     autocast: str = "none"
     constrained: bool = True
+    checkpoint: Optional[str] = None
+    checkpoint_every: int = 16
 
     @property
     def micro(self) -> int:
@@ -208,7 +216,9 @@ class ElsaResult:
     Attributes
     ----------
     options : the settings (:class:`ElsaOptions` as a dict)
-    steps_done : optimiser steps run (fewer than ``options["steps"]`` when interrupted)
+    steps_done : optimiser steps run (fewer than ``options["steps"]`` when interrupted), those
+        of an earlier run resumed from a checkpoint included
+    resumed_at : the step a checkpoint resumed the run from (0: a fresh run)
     tokens : training tokens seen (steps_done × batch × window length)
     interrupted : stopped by Ctrl-C; the final projection still ran
     seconds : wall time of the loop and the final projection
@@ -221,6 +231,7 @@ class ElsaResult:
 
     options: dict
     steps_done: int = 0
+    resumed_at: int = 0
     tokens: int = 0
     interrupted: bool = False
     seconds: float = 0.0
@@ -334,10 +345,11 @@ def global_admm(model: nn.Module, windows: torch.Tensor, layers: list[ElsaLayer]
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=options.lr,
                                betas=(options.beta1, options.beta2), weight_decay=0.0)
         split = _Split(layers) if options.constrained else None
-        bar = tqdm(total=options.steps, disable=not progress, desc="elsa", unit="step")
-        lmda = options.lmda_at(0)
+        state = _Checkpoint(options, layers, windows)
+        lmda = state.resume(model, opt, split, result) if state.exists() else options.lmda_at(0)
+        bar = tqdm(total=options.steps, initial=result.steps_done, disable=not progress, desc="elsa", unit="step")
         try:
-            for step in range(options.steps):
+            for step in range(result.steps_done, options.steps):
                 batch = windows[step * options.batch:(step + 1) * options.batch]
                 entry = _step(model, opt, batch, options, step, lmda, split, device)
                 if split is not None and step % options.interval == 0:
@@ -351,12 +363,17 @@ def global_admm(model: nn.Module, windows: torch.Tensor, layers: list[ElsaLayer]
                 result.tokens = result.steps_done * batch.numel()
                 bar.update(1)
                 bar.set_postfix_str(_postfix(entry, result.history))
+                if result.steps_done % options.checkpoint_every == 0 and result.steps_done < options.steps:
+                    state.save(model, opt, split, result, lmda)
                 if callback is not None:
                     callback(entry)
         except KeyboardInterrupt:
             result.interrupted = True
+            state.save(model, opt, split, result, lmda)
         finally:
             bar.close()
+        if not result.interrupted:
+            state.remove()
         if split is not None:
             metric = _second_moment(opt) if options.projection == "second-moment" else (lambda p: None)
             result.final_residual, result.masks = _final_projection(layers, metric)
@@ -383,6 +400,86 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
     verb = "enable" if on else "disable"
     method = getattr(model, f"activation_checkpointing_{verb}", None) or getattr(model, f"gradient_checkpointing_{verb}")
     method()
+
+
+class _Checkpoint:
+    """The run's state in ``options.checkpoint`` (nothing without one): the step, every
+    parameter, Adam's state, z, u, λ and the history, with a fingerprint of what the run
+    computes (options but the checkpoint's own, each layer's name and pattern, the training
+    windows). Written atomically; a run resumes only from its own fingerprint."""
+
+    def __init__(self, options: ElsaOptions, layers: list[ElsaLayer], windows: torch.Tensor):
+        import hashlib
+
+        self.path = None if options.checkpoint is None else Path(options.checkpoint).expanduser()
+        settings = {k: v for k, v in asdict(options).items() if k not in _BOOKKEEPING}
+        digest = hashlib.sha256(windows.contiguous().numpy().tobytes()).hexdigest()
+        self.fingerprint = {"options": settings, "layers": [[layer.name, layer.pattern] for layer in layers],
+                            "windows": [list(windows.shape), digest]}
+
+    def exists(self) -> bool:
+        return self.path is not None and self.path.is_file()
+
+    def load(self, *, patterns: bool = True) -> dict:
+        """The saved state, checked to be this run's (``patterns=False``: every layer's name but
+        not its pattern, for a check made before an allocation gives the patterns).
+
+        Raises
+        ------
+        SettingError
+            The file cannot be read or was written by another run.
+        """
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 — any unreadable file is one line
+            raise SettingError(f"--solver-option checkpoint={self.path}: cannot be read ({exc})") from None
+        mine, theirs = self.fingerprint, state.get("fingerprint") if isinstance(state, dict) else None
+        if not patterns and isinstance(theirs, dict):
+            mine = dict(mine, layers=[name for name, _ in mine["layers"]])
+            theirs = dict(theirs, layers=[name for name, _ in theirs.get("layers", [])])
+        if mine != theirs:
+            raise SettingError(f"--solver-option checkpoint={self.path}: written by another run (other options, "
+                               f"layers, patterns or training windows); remove it or give another path")
+        return state
+
+    def resume(self, model: nn.Module, opt, split: Optional["_Split"], result: ElsaResult) -> float:
+        """Load the state into the run; the λ it had."""
+        state = self.load()
+        with torch.no_grad():
+            for p, saved in zip(model.parameters(), state["parameters"]):
+                p.copy_(saved)
+        opt.load_state_dict(state["optimizer"])
+        if split is not None:
+            split.z = [z.to(w.device) for z, w in zip(state["z"], split.z)]
+            split.u = [u.to(w.device) for u, w in zip(state["u"], split.u)]
+        result.history = state["history"]
+        result.steps_done = result.resumed_at = state["step"]
+        result.tokens = state["tokens"]
+        return state["lmda"]
+
+    def save(self, model: nn.Module, opt, split: Optional["_Split"], result: ElsaResult, lmda: float) -> None:
+        if self.path is None:
+            return
+        from layerprune.problems import atomic_write
+
+        state = {"fingerprint": self.fingerprint, "step": result.steps_done, "tokens": result.tokens,
+                 "lmda": lmda, "history": result.history, "optimizer": opt.state_dict(),
+                 "parameters": [p.detach().cpu() for p in model.parameters()],
+                 "z": [] if split is None else [z.cpu() for z in split.z],
+                 "u": [] if split is None else [u.cpu() for u in split.u]}
+        atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+
+    def remove(self) -> None:
+        if self.exists():
+            self.path.unlink()
+
+
+def check_checkpoint(options: ElsaOptions, layers: list[ElsaLayer], windows: torch.Tensor) -> Optional[int]:
+    """Before any long work: the step an existing ``checkpoint`` file would resume from, or None
+    without one. Checks the file is this run's (options, windows, layer names; patterns are
+    checked again when the run resumes). Raises SettingError otherwise."""
+    state = _Checkpoint(options, layers, windows)
+    return state.load(patterns=False)["step"] if state.exists() else None
 
 
 def _trainable(model: nn.Module) -> dict[nn.Parameter, bool]:

@@ -26,7 +26,7 @@ from .allocate import (MAP_FILE, Allocation, knapsack_allocation, layer_pattern,
 from .channels import ChannelPruning, parse_structure, prune_mlp_channels
 from .config import (Checked, PruneConfig, check_against_model, check_before_loading, layerwise, target_ridge,
                      with_defaults)
-from .elsa import ELSA, ElsaLayer, ElsaResult, global_admm, parse_elsa_options, training_windows
+from .elsa import ELSA, ElsaLayer, ElsaResult, check_checkpoint, global_admm, parse_elsa_options, training_windows
 from .loop import prune_model
 from .measure import perplexity, release_memory, sparsity
 __all__ = ["PruneConfig", "run"]
@@ -59,6 +59,8 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
         with clock("data"):
             calib_ids, evals = _tokenize(tokenizer, checked, config)
             windows = _elsa_windows(tokenizer, checked, config) if config.solver == ELSA else None
+        if windows is not None:
+            _check_elsa_checkpoint(plan, windows, config, log)
         with clock("dense_eval"):
             dense = _perplexities(model, evals, config.seqlen, checked.device)
         for name, v in dense.items():
@@ -186,6 +188,16 @@ def _elsa_windows(tokenizer, checked: Checked, config: PruneConfig) -> torch.Ten
     return training_windows(ids, options.steps * options.batch, config.seqlen, config.seed)
 
 
+def _check_elsa_checkpoint(plan, windows: torch.Tensor, config: PruneConfig, log: Callable[[str], Any]) -> None:
+    """An existing ``checkpoint`` file is this run's (before the dense evaluation and the warm
+    start); say where the run will resume."""
+    options = parse_elsa_options(config.solver_options)
+    layers = [ElsaLayer(layer.qualified, layer.linear, layer.pattern) for block in plan.blocks for layer in block]
+    step = check_checkpoint(options, layers, windows)
+    if step is not None:
+        log(f"elsa resumes from {options.checkpoint} at step {step} of {options.steps}")
+
+
 def _elsa(model: nn.Module, windows: torch.Tensor, plan, allocation: Optional[Allocation], checked: Checked,
           config: PruneConfig, log: Callable[[str], Any]) -> ElsaResult:
     """Elsa on every planned linear, each with its own pattern (an allocation's where one was
@@ -197,8 +209,9 @@ def _elsa(model: nn.Module, windows: torch.Tensor, plan, allocation: Optional[Al
     options = parse_elsa_options(config.solver_options)
     result = global_admm(model, windows, layers, options, device=checked.device, progress=config.progress)
     if result.interrupted:
+        resume = f"; its state is in {options.checkpoint}: the same command resumes" if options.checkpoint else ""
         log(f"elsa interrupted after {result.steps_done} of {options.steps} steps: projected onto the pattern, "
-            f"evaluating and saving (Ctrl-C again to stop without writing)")
+            f"evaluating and saving (Ctrl-C again to stop without writing){resume}")
     return result
 
 
