@@ -325,8 +325,6 @@ def global_admm(model: nn.Module, windows: torch.Tensor, layers: list[ElsaLayer]
     ElsaResult. Ctrl-C stops the loop after the current step; the final projection runs
     either way, so the model always satisfies every layer's pattern (the control excepted).
     """
-    from tqdm.auto import tqdm
-
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
     need = options.steps * options.batch
@@ -347,36 +345,9 @@ def global_admm(model: nn.Module, windows: torch.Tensor, layers: list[ElsaLayer]
         split = _Split(layers) if options.constrained else None
         state = _Checkpoint(options, layers, windows)
         lmda = state.resume(model, opt, split, result) if state.exists() else options.lmda_at(0)
-        bar = tqdm(total=options.steps, initial=result.steps_done, disable=not progress, desc="elsa", unit="step")
-        try:
-            for step in range(result.steps_done, options.steps):
-                batch = windows[step * options.batch:(step + 1) * options.batch]
-                entry = _step(model, opt, batch, options, step, lmda, split, device)
-                if split is not None and step % options.interval == 0:
-                    new = options.lmda_at(step + 1)
-                    metric = _second_moment(opt) if options.projection == "second-moment" else (lambda p: None)
-                    entry["residual"], entry["mask_change"] = split.update(metric)
-                    split.rescale(lmda, new)
-                    lmda = new
-                result.history.append(entry)
-                result.steps_done = step + 1
-                result.tokens = result.steps_done * batch.numel()
-                bar.update(1)
-                bar.set_postfix_str(_postfix(entry, result.history))
-                if result.steps_done % options.checkpoint_every == 0 and result.steps_done < options.steps:
-                    state.save(model, opt, split, result, lmda)
-                if callback is not None:
-                    callback(entry)
-        except KeyboardInterrupt:
-            result.interrupted = True
-            state.save(model, opt, split, result, lmda)
-        finally:
-            bar.close()
-        if not result.interrupted:
-            state.remove()
+        _train(model, opt, split, state, windows, options, result, lmda, device, progress, callback)
         if split is not None:
-            metric = _second_moment(opt) if options.projection == "second-moment" else (lambda p: None)
-            result.final_residual, result.masks = _final_projection(layers, metric)
+            result.final_residual, result.masks = _final_projection(layers, _metric(opt, options))
         else:
             result.final_residual = 0.0
         del opt
@@ -392,6 +363,48 @@ def global_admm(model: nn.Module, windows: torch.Tensor, layers: list[ElsaLayer]
         model.to(home)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _train(model: nn.Module, opt, split: Optional["_Split"], state: "_Checkpoint", windows: torch.Tensor,
+           options: ElsaOptions, result: ElsaResult, lmda: float, device: torch.device, progress: bool,
+           callback: Optional[Callable[[dict], Any]]) -> None:
+    """The steps from ``result.steps_done`` on: each an Adam step, every ``interval`` the z/u
+    update (and λ's change), the history, the checkpoint. Ctrl-C (or ``callback`` raising
+    ``KeyboardInterrupt``) ends it with ``result.interrupted`` and the state saved; a run that
+    completes removes its checkpoint."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=options.steps, initial=result.steps_done, disable=not progress, desc="elsa", unit="step")
+    try:
+        for step in range(result.steps_done, options.steps):
+            batch = windows[step * options.batch:(step + 1) * options.batch]
+            entry = _step(model, opt, batch, options, step, lmda, split, device)
+            if split is not None and step % options.interval == 0:
+                new = options.lmda_at(step + 1)
+                entry["residual"], entry["mask_change"] = split.update(_metric(opt, options))
+                split.rescale(lmda, new)
+                lmda = new
+            result.history.append(entry)
+            result.steps_done = step + 1
+            result.tokens = result.steps_done * batch.numel()
+            bar.update(1)
+            bar.set_postfix_str(_postfix(entry, result.history))
+            if result.steps_done % options.checkpoint_every == 0 and result.steps_done < options.steps:
+                state.save(model, opt, split, result, lmda)
+            if callback is not None:
+                callback(entry)
+    except KeyboardInterrupt:
+        result.interrupted = True
+        state.save(model, opt, split, result, lmda)
+    finally:
+        bar.close()
+    if not result.interrupted:
+        state.remove()
+
+
+def _metric(opt, options: ElsaOptions) -> Callable[[nn.Parameter], Optional[torch.Tensor]]:
+    """The projection's metric per weight: Adam's second moment, or none (Euclidean)."""
+    return _second_moment(opt) if options.projection == "second-moment" else (lambda p: None)
 
 
 def _checkpointing(model: nn.Module, on: bool) -> None:
