@@ -299,3 +299,31 @@ def test_exact_reach_real_row_is_a_principal_block(reach):
     torch.testing.assert_close(cut.W[0], w[idx])
     torch.testing.assert_close(cut.G, G[idx][:, idx])
     assert cut.objective_kind == "reconstruct" and str(cut.pattern) == "per-row:4"
+
+
+def test_structured_report_merges_runs_and_compares_alternating_with_the_best_baseline(tmp_path):
+    spec = importlib.util.spec_from_file_location("structured_report", ROOT / "benchmarks" / "structured_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def run(pattern, solver, objective, ppl):
+        return {"pattern": pattern, "solver": solver, "objective": objective, "status": "ok", "code": "abc",
+                "load_at_start": [1.0, 1.0, 1.0], "perplexity": ppl, "dense_perplexity": {"a": 10.0, "b": 20.0},
+                "wall_s": 1.0, "peak_rss_bytes": 2 ** 20}
+
+    first = {"settings": dict(SETTINGS), "runs": [run("mlp:0.3", "wanda", "reconstruct", {"a": 12.0, "b": 30.0}),
+                                                 run("mlp:0.3", "wanda", "mask", {"a": 13.0, "b": 26.0})]}
+    second = {"settings": dict(SETTINGS, prune_args="--out /tmp/x --force"),
+              "runs": [run("mlp:0.3", "alternating", "reconstruct", {"a": 11.4, "b": 19.5})]}
+    files = [tmp_path / "1.json", tmp_path / "2.json"]
+    for f, d in zip(files, (first, second)):
+        f.write_text(json.dumps(d))
+    results = mod.merge(files)
+    assert [r["solver"] + ":" + r["objective"] for r in results["runs"]] == [
+        "wanda:mask", "wanda:reconstruct", "alternating:reconstruct"]
+    rows = mod.against_baselines(results)
+    assert [(r["text"], r["best_baseline_method"], round(r["change"], 4)) for r in rows] == [
+        ("a", "wanda:reconstruct", -0.05), ("b", "wanda:mask", -0.25)]
+    (tmp_path / "3.json").write_text(json.dumps({"settings": dict(SETTINGS, nsamples=4), "runs": []}))
+    with pytest.raises(SystemExit, match="other settings"):
+        mod.merge(files + [tmp_path / "3.json"])
