@@ -17,10 +17,11 @@ Usage::
         --solvers magnitude wanda --patterns per-row:0.5 --out /tmp/quick.json   # quick check
 
 A solver is ``NAME`` or ``NAME:OBJECTIVE``; a bare name takes the solver's only objective, or
-``mask`` when it has both. Whole-model ADMM: ``elsa`` (from the dense model), ``elsa+INIT:OBJECTIVE``
-(warm-started from a layer-wise prune by INIT) and ``elsa-control`` (the same loop without the
-constraint: the dense model fine-tuned); their options go in ``--prune-args "--solver-option …"``
-(so such a grid holds Elsa runs only). Results are written atomically after every run to ``--out``
+``mask`` when it has both. Whole-model ADMM: ``elsa`` (its default warm start, Wanda's prune),
+``elsa+dense`` (from the dense model, as published), ``elsa+INIT:OBJECTIVE`` (warm-started from a
+layer-wise prune by INIT) and ``elsa-control`` (the same loop without the constraint: the dense
+model fine-tuned); their options go in ``--prune-args "--solver-option …"`` (so such a grid holds
+Elsa runs only). Results are written atomically after every run to ``--out``
 (JSON) and the markdown table next to it (``.md``); ``--resume`` keeps the runs of an existing
 results file made with the same settings and runs only the missing or failed ones.
 """
@@ -91,14 +92,15 @@ def _capabilities() -> dict:
 
 
 def with_elsa(capabilities: dict) -> dict:
-    """The registry's capabilities and Elsa's grid entries: ``elsa`` and ``elsa-control`` (every
-    pattern kind, objective ``loss``) and ``elsa+INIT`` (INIT's objectives and patterns)."""
+    """The registry's capabilities and Elsa's grid entries: ``elsa``, ``elsa+dense`` and
+    ``elsa-control`` (every pattern kind, objective ``loss``) and ``elsa+INIT`` (INIT's objectives
+    and patterns)."""
     caps = dict(capabilities)
     for name, cap in capabilities.items():
         caps[f"elsa+{name}"] = dict(cap, name=f"elsa+{name}")
     kinds = ["per-row", "nm", "unstructured", "columns"]
     caps.update({name: {"name": name, "objectives": ["loss"], "patterns": kinds, "installed": True}
-                 for name in ("elsa", "elsa-control")})
+                 for name in ("elsa", "elsa+dense", "elsa-control")})
     return caps
 
 
@@ -108,9 +110,9 @@ def _solver_flags(spec: "RunSpec") -> list[str]:
     if not spec.solver.startswith("elsa"):
         return ["--solver", spec.solver, "--objective", spec.objective]
     base, _, init = spec.solver.partition("+")
-    flags = ["--solver", "elsa"]
-    if init:
-        flags += ["--init", init, "--objective", spec.objective]
+    flags = ["--solver", "elsa"] + (["--init", init] if init else [])
+    if init and init != "dense":
+        flags += ["--objective", spec.objective]
     if base == "elsa-control":
         flags += ["--solver-option", "constrained=false"]
     return flags

@@ -303,7 +303,7 @@ def _elsa_lines(report: PruneReport) -> list[str]:
     if opts.get("constrained", True):
         lines.append(f"                   λ {opts['lmda']:g} ({opts['lmda_schedule']}), residual ‖w − Proj(w)‖/‖w‖ "
                      f"{e['final_residual']:.3g} before the final projection; warm start "
-                     f"{warm + ' (layer-wise)' if warm else 'the dense model'}")
+                     f"{warm + ' (layer-wise)' if warm and warm != 'dense' else 'the dense model'}")
     else:
         lines.append("                   control: the same loop with no penalty and no projection (dense)")
     return lines

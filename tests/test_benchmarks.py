@@ -119,9 +119,10 @@ def test_elsa_entries_run_elsa_its_warm_start_and_its_control(bench, tmp_path):
     from layerprune.prune_cli import add_subcommands, config_from_args
 
     caps = bench.with_elsa(CAPS)
-    runs, skipped = bench.plan_runs(["per-row:0.7"], ["elsa", "elsa+sparsegpt:reconstruct", "elsa-control"], caps)
+    runs, skipped = bench.plan_runs(["per-row:0.7"], ["elsa", "elsa+sparsegpt:reconstruct", "elsa-control",
+                                                      "elsa+dense"], caps)
     assert [r.key for r in runs] == ["per-row:0.7 elsa:loss", "per-row:0.7 elsa+sparsegpt:reconstruct",
-                                     "per-row:0.7 elsa-control:loss"] and not skipped
+                                     "per-row:0.7 elsa-control:loss", "per-row:0.7 elsa+dense:loss"] and not skipped
     parser = argparse.ArgumentParser()
     add_subcommands(parser.add_subparsers())
     settings = dict(SETTINGS, prune_args="--solver-option steps=4")
@@ -129,7 +130,7 @@ def test_elsa_entries_run_elsa_its_warm_start_and_its_control(bench, tmp_path):
             for r in runs]
     assert [(c.solver, c.init, c.objective, c.solver_options) for c in cfgs] == [
         ("elsa", None, None, {"steps": 4}), ("elsa", "sparsegpt", "reconstruct", {"steps": 4}),
-        ("elsa", None, None, {"constrained": "false", "steps": 4})]
+        ("elsa", None, None, {"constrained": "false", "steps": 4}), ("elsa", "dense", None, {"steps": 4})]
     with pytest.raises(bench.BenchmarkError, match="cannot take objective"):
         bench.plan_runs(["per-row:0.7"], ["elsa+admm:mask"], caps)
     report = fake_report({"persuasion": 60.0}, 1.0)

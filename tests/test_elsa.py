@@ -231,8 +231,8 @@ def test_run_elsa_from_dense_saves_a_model_on_the_pattern(tiny_job, tmp_path):  
     from layerprune.prune_cli import evaluate
 
     out, rep = tmp_path / "pruned", tmp_path / "report.json"
-    report = run(_config(tiny_job, solver="elsa", pattern="per-row:0.75", out=str(out), report=str(rep),
-                         solver_options={"steps": 4, "batch": 2}), log=lambda s: None)
+    report = run(_config(tiny_job, solver="elsa", init="dense", pattern="per-row:0.75", out=str(out),
+                         report=str(rep), solver_options={"steps": 4, "batch": 2}), log=lambda s: None)
     assert report.sparsity == 0.75 and report.layers == []
     data = json.loads(rep.read_text())
     assert data["elsa"]["steps_done"] == 4 and data["elsa"]["tokens"] == 4 * 2 * 16
@@ -246,14 +246,15 @@ def test_run_elsa_from_dense_saves_a_model_on_the_pattern(tiny_job, tmp_path):  
     assert "elsa               4/4 steps" in text and "warm start the dense model" in text
 
 
-def test_run_elsa_warm_started_from_a_layerwise_prune(tiny_job, tmp_path):  # noqa: F811
+def test_run_elsa_starts_from_a_layerwise_prune_by_default(tiny_job, tmp_path):  # noqa: F811
     from layerprune.pipeline import run
 
-    report = run(_config(tiny_job, solver="elsa", init="wanda", pattern="nm:2:4",
+    report = run(_config(tiny_job, solver="elsa", pattern="nm:2:4",
                          solver_options={"steps": 3, "batch": 2, "projection": "second-moment"}), log=lambda s: None)
     assert report.sparsity == 0.5 and len(report.layers) == 14
     assert {r.solver for r in report.layers} == {"wanda"}
     assert report.elsa["steps_done"] == 3 and "wanda (layer-wise)" in report.format()
+    assert report.settings["init"] == "wanda" and report.settings["objective"] == "mask"
 
 
 def test_run_elsa_interrupted_saves_a_projected_model_and_the_same_command_resumes(tiny_job, tmp_path,  # noqa: F811
@@ -291,19 +292,21 @@ def test_run_elsa_control_is_dense(tiny_job):  # noqa: F811
     report = run(_config(tiny_job, solver="elsa", solver_options={"steps": 3, "batch": 2, "constrained": "false"}),
                  log=lambda s: None)
     assert report.sparsity == 0.0 and "control" in report.format()
+    assert report.settings["init"] == "dense" and report.layers == []
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--solver-option", "stpes=3"], "no such option"),
     (["--solver-option", "lr=0"], "--solver-option lr"),
-    (["--objective", "reconstruct"], "--objective shapes a layer-wise prune"),
-    (["--target", "dense"], "--target dense shapes a layer-wise prune"),
-    (["--max-iter", "3"], "--max-iter shapes"),
+    (["--init", "dense", "--objective", "reconstruct"], "--objective shapes a layer-wise warm start"),
+    (["--init", "dense", "--target", "dense"], "--target dense shapes a layer-wise warm start"),
+    (["--init", "dense", "--max-iter", "3"], "--max-iter shapes"),
+    (["--solver-option", "constrained=false", "--override", "q_proj=wanda"], "--override shapes"),
     (["--dtype", "bfloat16"], "elsa trains float32 weights"),
     (["--structure", "mlp:0.3"], "--structure does not apply with --solver elsa"),
     (["--prune-lm-head"], "--prune-lm-head does not apply"),
     (["--init", "elsa"], "--init elsa"),
-    (["--init", "wanda", "--solver-option", "constrained=false"], "takes no --init"),
+    (["--init", "wanda", "--solver-option", "constrained=false"], "takes no layer-wise --init"),
     (["--init", "sparsegpt", "--pattern", "columns:0.5"], "sparsegpt"),
     (["--pattern", "nm:2:5"], "does not fit layer"),
     (["--solver-option", "checkpoint=."], "is a directory"),

@@ -20,7 +20,7 @@ from layerprune.solvers import Params
 
 from .allocate import ALLOCATIONS, KNAPSACK_NORMS, MAP_FILE, check_allocatable, check_owl_range, read_sparsity_map
 from .channels import STRUCTURE_OBJECTIVE, STRUCTURE_SOLVER, check_structured_model, parse_structure
-from .elsa import ELSA, parse_elsa_options
+from .elsa import DEFAULT_WARM_START, DENSE_START, ELSA, parse_elsa_options
 from .loop import DENSE_TARGET_RIDGE, TARGETS, check_target
 from .plan import DEFAULT_SOLVER, Plan, _plan, build_solvers, check_settings
 from .structure import find_blocks, resolve_device
@@ -107,8 +107,9 @@ class PruneConfig:
     report: Optional[str] = setting(None, "write the JSON report (and layer_errors.png next to it)",
                                     metavar="FILE.json", type=nonempty)
     init: Optional[str] = setting(None, "warm start each layer from this solver (with --solver elsa: the "
-                                  "layer-wise prune Elsa starts from; without it, the dense model)",
-                                  metavar="SOLVER", type=nonempty)
+                                  f"layer-wise prune Elsa starts from, default {DEFAULT_WARM_START}; "
+                                  f"{DENSE_START}: the dense model, as published)", metavar="SOLVER",
+                                  type=nonempty)
     device: Optional[str] = setting(None, "cpu, cuda, cuda:1, …", type=nonempty,
                                     default_text="cuda if available, else cpu")
     time_limit_per_layer: Optional[float] = setting(None, "time limit of each layer's solve", metavar="SECONDS",
@@ -192,30 +193,44 @@ def check_before_loading(config: PruneConfig) -> Checked:
 
 def with_defaults(config: PruneConfig) -> PruneConfig:
     """``config`` with its solver and objective filled in where not given: ``--structure``'s
-    (``alternating``, ``reconstruct``) or the layer-wise defaults (``sparseswaps``, ``mask``;
-    ``--solver elsa`` without ``--init`` prunes nothing layer-wise and keeps no objective)."""
+    (``alternating``, ``reconstruct``) or the layer-wise defaults (``sparseswaps``, ``mask``);
+    ``--solver elsa``'s warm start (``--init``; from the dense model it keeps no objective)."""
     structured = config.structure is not None
     solver = config.solver if config.solver is not None else (STRUCTURE_SOLVER if structured else DEFAULT_SOLVER)
+    init = _elsa_init(config) if solver == ELSA else config.init
     objective = config.objective
-    if objective is None and not (solver == ELSA and config.init is None):   # Elsa alone has no layer objective
+    if objective is None and not (solver == ELSA and init == DENSE_START):   # from dense: no layer objective
         objective = STRUCTURE_OBJECTIVE if structured else "mask"
-    return dataclasses.replace(config, solver=solver, objective=objective)
+    return dataclasses.replace(config, solver=solver, objective=objective, init=init)
+
+
+def _elsa_init(config: PruneConfig) -> str:
+    """Where an Elsa run starts: ``--init`` as given, else the dense model for the control
+    (``constrained=false``) and :data:`~.elsa.DEFAULT_WARM_START`'s prune otherwise."""
+    if config.init is not None:
+        return config.init
+    try:
+        control = not parse_elsa_options(config.solver_options).constrained
+    except SettingError:        # check_elsa says what is wrong
+        control = False
+    return DENSE_START if control else DEFAULT_WARM_START
 
 
 def layerwise(config: PruneConfig) -> PruneConfig:
     """The layer-wise part of a job: ``config`` itself, or under ``--solver elsa`` the warm
-    start's prune (``--init``'s solver; without one, ``magnitude`` stands in to check that the
-    pattern fits every layer, and nothing is pruned layer-wise)."""
+    start's prune (``--init``'s solver; from the dense model ``magnitude`` stands in to check
+    that the pattern fits every layer, and nothing is pruned layer-wise)."""
     config = with_defaults(config)
     if config.solver != ELSA:
         return config
-    return with_defaults(dataclasses.replace(config, solver=config.init or "magnitude", init=None, solver_options={}))
+    solver = "magnitude" if config.init == DENSE_START else config.init
+    return with_defaults(dataclasses.replace(config, solver=solver, init=None, solver_options={}))
 
 
 def check_elsa(config: PruneConfig) -> None:
     """``--solver elsa`` with the settings it takes: its options (``--solver-option``), float32
-    weights, no ``--structure`` or ``lm_head``; the flags of a layer-wise prune only with
-    ``--init`` (they shape the warm start), whose solver must take the pattern."""
+    weights, no ``--structure`` or ``lm_head``; the flags of a layer-wise prune only with a
+    layer-wise warm start (``--init SOLVER`` or the default), whose solver must take the pattern."""
     options = parse_elsa_options(config.solver_options)
     if options.checkpoint is not None:
         path = Path(options.checkpoint).expanduser()
@@ -230,7 +245,12 @@ def check_elsa(config: PruneConfig) -> None:
     if config.dtype != "float32":
         raise SettingError(f"--dtype {config.dtype}: elsa trains float32 weights (for a mixed-precision forward "
                            f"use --solver-option autocast=bfloat16)")
-    if config.init is None:
+    if config.init is not None and config.init != DENSE_START and not options.constrained:
+        raise SettingError(f"--solver-option constrained=false is the dense control (the dense model fine-tuned "
+                           f"by the same loop): it takes no layer-wise --init (only --init {DENSE_START})")
+    if config.init == ELSA:
+        raise SettingError("--init elsa: the warm start is a layer-wise solver")
+    if with_defaults(config).init == DENSE_START:
         layer_flags = (("--objective", config.objective is not None), ("--target dense", config.target != "layer"),
                        ("--target-ridge", config.target_ridge is not None), ("--override", bool(config.overrides)),
                        ("--sequential-order", config.sequential_order),
@@ -238,13 +258,8 @@ def check_elsa(config: PruneConfig) -> None:
                        ("--max-iter", config.max_iter is not None))
         for flag, given in layer_flags:
             if given:
-                raise SettingError(f"{flag} shapes a layer-wise prune: with --solver elsa it needs --init SOLVER "
-                                   f"(the warm start it applies to)")
-    if config.init is not None and not parse_elsa_options(config.solver_options).constrained:
-        raise SettingError("--solver-option constrained=false is the dense control (the dense model fine-tuned "
-                           "by the same loop): it takes no --init")
-    if config.init == ELSA:
-        raise SettingError("--init elsa: the warm start is a layer-wise solver")
+                raise SettingError(f"{flag} shapes a layer-wise warm start: an Elsa run from the dense model "
+                                   f"has none")
     check_solvers(layerwise(config))
 
 

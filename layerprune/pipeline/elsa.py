@@ -65,11 +65,16 @@ from layerprune.solvers.options import Option, OptionError
 
 from ..report import pack_mask
 
-__all__ = ["ELSA", "ELSA_OPTIONS", "ElsaOptions", "ElsaResult", "ElsaLayer", "parse_elsa_options", "project",
+__all__ = ["ELSA", "DENSE_START", "DEFAULT_WARM_START", "ELSA_OPTIONS", "ElsaOptions", "ElsaResult", "ElsaLayer", "parse_elsa_options", "project",
            "global_admm", "training_windows", "check_checkpoint"]
 
 #: the ``--solver`` name of whole-model ADMM
 ELSA = "elsa"
+#: ``--init`` of an Elsa run that starts from the dense model (as published)
+DENSE_START = "dense"
+#: the layer-wise warm start of an Elsa run without ``--init`` (docs/DECISIONS.md: from the dense
+#: model the weights need far more steps than a CPU budget gives)
+DEFAULT_WARM_START = "wanda"
 
 SCHEDULES = ("constant", "linear", "cosine", "exponential")
 PROJECTIONS = ("magnitude", "second-moment")

@@ -26,7 +26,7 @@ from .allocate import (MAP_FILE, Allocation, knapsack_allocation, layer_pattern,
 from .channels import ChannelPruning, parse_structure, prune_mlp_channels
 from .config import (Checked, PruneConfig, check_against_model, check_before_loading, layerwise, target_ridge,
                      with_defaults)
-from .elsa import ELSA, ElsaLayer, ElsaResult, check_checkpoint, global_admm, parse_elsa_options, training_windows
+from .elsa import DENSE_START, ELSA, ElsaLayer, ElsaResult, check_checkpoint, global_admm, parse_elsa_options, training_windows
 from .loop import prune_model
 from .measure import perplexity, release_memory, sparsity
 __all__ = ["PruneConfig", "run"]
@@ -77,7 +77,7 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
             if config.structure is not None:
                 channels = _prune_channels(model, calib_ids, checked, config)
                 records = channels.records
-            elif config.solver != ELSA or config.init:
+            elif config.solver != ELSA or config.init != DENSE_START:
                 records = _prune(model, calib_ids, checked, layerwise(config), allocation)
         if config.solver == ELSA:
             with clock("elsa"):
