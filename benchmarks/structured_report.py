@@ -23,6 +23,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+#: the merged file's ``prune_args`` (each run's own are in its command)
+PER_RUN = "(per run: see each run's command)"
 METHOD_ORDER = ("magnitude:mask", "magnitude:reconstruct", "wanda:mask", "wanda:reconstruct",
                 "alternating:reconstruct")
 METHOD_NAMES = {"magnitude:mask": "channel magnitude, no refit", "magnitude:reconstruct": "channel magnitude, refitted",
@@ -45,7 +47,7 @@ def merge(files: list[Path]) -> dict:
     def same(settings: dict) -> dict:   # a run's --out (in prune_args) changes no measurement
         return {k: v for k, v in settings.items() if k != "prune_args"}
 
-    settings = dict(loaded[0]["settings"], prune_args="(per run: see each run's command)")
+    settings = dict(loaded[0]["settings"], prune_args=PER_RUN)
     for f, d in zip(files, loaded):
         if same(d["settings"]) != same(settings) or not _only_output_args(d["settings"].get("prune_args") or ""):
             raise SystemExit(f"structured_report: {f} was run with other settings: {d['settings']}")
@@ -63,7 +65,9 @@ def merge(files: list[Path]) -> dict:
 
 
 def _only_output_args(text: str) -> bool:
-    """``prune_args`` that only save the model (``--out DIR``, ``--force``)."""
+    """``prune_args`` that only save the model (``--out DIR``, ``--force``), or a merged file's."""
+    if text == PER_RUN:
+        return True
     words = text.split()
     while words:
         if words[0] == "--force":
