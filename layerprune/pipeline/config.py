@@ -256,11 +256,15 @@ def check_elsa(config: PruneConfig) -> None:
                        ("--sequential-order", config.sequential_order),
                        ("--time-limit-per-layer", config.time_limit_per_layer is not None),
                        ("--max-iter", config.max_iter is not None))
-        for flag, given in layer_flags:
-            if given:
-                raise SettingError(f"{flag} shapes a layer-wise warm start: an Elsa run from the dense model "
-                                   f"has none")
+        _refuse_given(layer_flags, "shapes a layer-wise warm start: an Elsa run from the dense model has none")
     check_solvers(layerwise(config))
+
+
+def _refuse_given(flags: tuple, why: str) -> None:
+    """One line for the first ``(flag, given)`` pair that was given: ``"{flag} {why}"``."""
+    for flag, given in flags:
+        if given:
+            raise SettingError(f"{flag} {why}")
 
 
 def check_structure(config: PruneConfig) -> None:
@@ -272,9 +276,7 @@ def check_structure(config: PruneConfig) -> None:
                  ("--sparsity-map", config.sparsity_map is not None), ("--target dense", config.target != "layer"),
                  ("--target-ridge", config.target_ridge is not None), ("--override", bool(config.overrides)),
                  ("--prune-lm-head", config.prune_lm_head), ("--sequential-order", config.sequential_order))
-    for flag, given in conflicts:
-        if given:
-            raise SettingError(f"{flag} does not apply with --structure {structure} (it removes whole MLP channels)")
+    _refuse_given(conflicts, f"does not apply with --structure {structure} (it removes whole MLP channels)")
     pattern = f"columns:{structure.fraction}"
     check_settings(pattern, config.objective, config.solver, {}, config.init)
     build_solvers(config.solver, {}, config.init, config.solver_options, pattern, config.objective)

@@ -108,30 +108,31 @@ ELSA_OPTIONS: tuple[Option, ...] = (
 )
 #: options that do not change what a run computes (a checkpoint resumes across them)
 _BOOKKEEPING = ("checkpoint", "checkpoint_every")
+_DEFAULTS = {o.name: o.default for o in ELSA_OPTIONS}
 
 
 @dataclass(frozen=True)
 class ElsaOptions:
-    """Elsa's settings, one field per :data:`ELSA_OPTIONS` entry."""
+    """Elsa's settings, one field per :data:`ELSA_OPTIONS` entry (its default declared there)."""
 
-    steps: int = 128
-    batch: int = 8
-    micro_batch: Optional[int] = None
-    lr: float = 2e-4
-    warmup: int = 0
-    lmda: float = 0.01
-    lmda_init: float = 0.0
-    lmda_schedule: str = "constant"
-    interval: int = 8
-    projection: str = "magnitude"
-    clip: float = 1.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    checkpointing: bool = False
-    autocast: str = "none"
-    constrained: bool = True
-    checkpoint: Optional[str] = None
-    checkpoint_every: int = 16
+    steps: int = _DEFAULTS["steps"]
+    batch: int = _DEFAULTS["batch"]
+    micro_batch: Optional[int] = _DEFAULTS["micro_batch"]
+    lr: float = _DEFAULTS["lr"]
+    warmup: int = _DEFAULTS["warmup"]
+    lmda: float = _DEFAULTS["lmda"]
+    lmda_init: float = _DEFAULTS["lmda_init"]
+    lmda_schedule: str = _DEFAULTS["lmda_schedule"]
+    interval: int = _DEFAULTS["interval"]
+    projection: str = _DEFAULTS["projection"]
+    clip: float = _DEFAULTS["clip"]
+    beta1: float = _DEFAULTS["beta1"]
+    beta2: float = _DEFAULTS["beta2"]
+    checkpointing: bool = _DEFAULTS["checkpointing"]
+    autocast: str = _DEFAULTS["autocast"]
+    constrained: bool = _DEFAULTS["constrained"]
+    checkpoint: Optional[str] = _DEFAULTS["checkpoint"]
+    checkpoint_every: int = _DEFAULTS["checkpoint_every"]
 
     @property
     def micro(self) -> int:

@@ -26,7 +26,7 @@ from .allocate import (MAP_FILE, Allocation, knapsack_allocation, layer_pattern,
 from .channels import ChannelPruning, parse_structure, prune_mlp_channels
 from .config import (Checked, PruneConfig, check_against_model, check_before_loading, layerwise, target_ridge,
                      with_defaults)
-from .elsa import DENSE_START, ELSA, ElsaLayer, ElsaResult, check_checkpoint, global_admm, parse_elsa_options, training_windows
+from .elsa import DENSE_START, ELSA, ElsaLayer, ElsaOptions, ElsaResult, check_checkpoint, global_admm, parse_elsa_options, training_windows
 from .loop import prune_model
 from .measure import perplexity, release_memory, sparsity
 __all__ = ["PruneConfig", "run"]
@@ -58,9 +58,10 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
         plan = check_against_model(model, config, checked.sparsity_map)
         with clock("data"):
             calib_ids, evals = _tokenize(tokenizer, checked, config)
-            windows = _elsa_windows(tokenizer, checked, config) if config.solver == ELSA else None
+            elsa_options = parse_elsa_options(config.solver_options) if config.solver == ELSA else None
+            windows = _elsa_windows(tokenizer, checked, config, elsa_options) if elsa_options else None
         if windows is not None:
-            _check_elsa_checkpoint(plan, windows, config, log)
+            _check_elsa_checkpoint(plan, windows, elsa_options, log)
         with clock("dense_eval"):
             dense = _perplexities(model, evals, config.seqlen, checked.device)
         for name, v in dense.items():
@@ -81,7 +82,7 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
                 records = _prune(model, calib_ids, checked, layerwise(config), allocation)
         if config.solver == ELSA:
             with clock("elsa"):
-                elsa = _elsa(model, windows, plan, allocation, checked, config, log)
+                elsa = _elsa(model, windows, plan, allocation, checked, config, elsa_options, log)
         with clock("pruned_eval"):
             pruned = _perplexities(model, evals, config.seqlen, checked.device)
         report = _report(model, config, checked, calib_ids, evals, dense, pruned, records, clock, base)
@@ -180,18 +181,16 @@ def _prune_channels(model: nn.Module, calib_ids: torch.Tensor, checked: Checked,
                               device=checked.device, progress=config.progress, reference=config.reference)
 
 
-def _elsa_windows(tokenizer, checked: Checked, config: PruneConfig) -> torch.Tensor:
+def _elsa_windows(tokenizer, checked: Checked, config: PruneConfig, options: ElsaOptions) -> torch.Tensor:
     """Elsa's training windows, ``steps × batch`` of ``--seqlen`` tokens of the calibration text
     (seeded by ``--seed``; the evaluation texts are disjoint from it)."""
-    options = parse_elsa_options(config.solver_options)
     ids = data.tokenize(tokenizer, checked.calib_text)
     return training_windows(ids, options.steps * options.batch, config.seqlen, config.seed)
 
 
-def _check_elsa_checkpoint(plan, windows: torch.Tensor, config: PruneConfig, log: Callable[[str], Any]) -> None:
+def _check_elsa_checkpoint(plan, windows: torch.Tensor, options: ElsaOptions, log: Callable[[str], Any]) -> None:
     """An existing ``checkpoint`` file is this run's (before the dense evaluation and the warm
     start); say where the run will resume."""
-    options = parse_elsa_options(config.solver_options)
     layers = [ElsaLayer(layer.qualified, layer.linear, layer.pattern) for block in plan.blocks for layer in block]
     step = check_checkpoint(options, layers, windows)
     if step is not None:
@@ -199,14 +198,13 @@ def _check_elsa_checkpoint(plan, windows: torch.Tensor, config: PruneConfig, log
 
 
 def _elsa(model: nn.Module, windows: torch.Tensor, plan, allocation: Optional[Allocation], checked: Checked,
-          config: PruneConfig, log: Callable[[str], Any]) -> ElsaResult:
+          config: PruneConfig, options: ElsaOptions, log: Callable[[str], Any]) -> ElsaResult:
     """Elsa on every planned linear, each with its own pattern (an allocation's where one was
     made), from the model as it stands (dense, or ``--init``'s layer-wise prune)."""
     own = allocation.fractions if allocation is not None and allocation.method != "uniform" else None
     layers = [ElsaLayer(layer.qualified, layer.linear,
                         layer_pattern(config.pattern, own[layer.qualified]) if own else layer.pattern)
               for block in plan.blocks for layer in block]
-    options = parse_elsa_options(config.solver_options)
     result = global_admm(model, windows, layers, options, device=checked.device, progress=config.progress)
     if result.interrupted:
         resume = f"; its state is in {options.checkpoint}: the same command resumes" if options.checkpoint else ""
