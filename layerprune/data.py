@@ -44,7 +44,7 @@ from layerprune.problems import atomic_write
 
 __all__ = ["DataError", "CACHE_DIR", "BUNDLED", "DEFAULT_CALIBRATION", "DEFAULT_EVALUATION",
            "resolve_cache_dir", "prepare_bundled_corpora", "read_rdata_objects", "load_text", "text_name", "tokenize",
-           "calibration_batch", "eval_tokens", "sources_overlap", "KNOWN_DATASETS"]
+           "calibration_batch", "calibration_windows", "random_windows", "eval_tokens", "sources_overlap", "KNOWN_DATASETS"]
 
 
 class DataError(RuntimeError):
@@ -501,12 +501,38 @@ def calibration_batch(tokenizer, text: str, nsamples: int, seqlen: int, seed: in
     """
     if nsamples < 1 or seqlen < 1:
         raise DataError(f"need nsamples ≥ 1 and seqlen ≥ 1, got {nsamples} × {seqlen}")
-    ids = tokenize(tokenizer, text)
+    return calibration_windows(tokenize(tokenizer, text), nsamples, seqlen, seed)
+
+
+def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """:func:`calibration_batch` of an already tokenized text ``ids``, shape ``(T,)``.
+
+    Raises
+    ------
+    DataError
+        When ``T < nsamples·seqlen`` or ``T < seqlen + 1``.
+    """
     T = int(ids.numel())
     if T < max(nsamples * seqlen, seqlen + 1):
         raise DataError(f"text too short for {nsamples}×{seqlen} calibration tokens (has {T} tokens)")
+    return random_windows(ids, nsamples, seqlen, seed)
+
+
+def random_windows(ids: torch.Tensor, count: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``count`` windows of ``seqlen`` consecutive tokens of ``ids`` (1-D, ``T ≥ seqlen + 1``
+    tokens), their starts drawn uniformly from ``[0, T − seqlen]`` by a ``torch.Generator``
+    seeded by ``seed``; windows may overlap and repeat.
+
+    Returns
+    -------
+    torch.LongTensor
+        Shape ``(count, seqlen)``.
+    """
+    ids = ids.reshape(-1)
+    if ids.numel() < seqlen + 1:
+        raise DataError(f"text too short for one window of {seqlen} tokens (has {ids.numel()} tokens)")
     gen = torch.Generator().manual_seed(int(seed))
-    starts = torch.randint(0, T - seqlen + 1, (nsamples,), generator=gen)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (count,), generator=gen)
     return ids[starts[:, None] + torch.arange(seqlen)[None, :]]
 
 

@@ -187,6 +187,7 @@ def test_calibration_batch(tokenizer, long_text):
     assert batch.shape == (8, 32) and batch.dtype == torch.long
     assert torch.equal(batch, data.calibration_batch(tokenizer, long_text, 8, 32, seed=0))
     assert not torch.equal(batch, data.calibration_batch(tokenizer, long_text, 8, 32, seed=1))
+    assert torch.equal(batch, data.calibration_windows(ids, 8, 32, seed=0))  # the same of the tokenized text
     windows = ids.unfold(0, 32, 1)  # every contiguous window of the token stream
     for row in batch:
         assert (windows == row).all(dim=1).any()

@@ -10,13 +10,14 @@ import math
 import pytest
 import torch
 
+from layerprune import data
 from layerprune.pipeline import find_blocks, find_linears
 from layerprune.pipeline.elsa import (ElsaLayer, ElsaOptions, global_admm, parse_elsa_options, project,
                                       training_windows)
 from layerprune.problems import parse_pattern
 from layerprune.settings import SettingError
 
-from test_pipeline import VOCAB, _config, _one_thread, _parser, tiny_llama  # noqa: F401
+from test_pipeline import VOCAB, _config, _one_thread, assert_prune_refused, tiny_llama  # noqa: F401
 from test_pipeline import tiny_job  # noqa: F401 (fixture)
 
 transformers = pytest.importorskip("transformers")
@@ -110,7 +111,8 @@ def test_training_windows_are_seeded_windows_of_the_text():
     a, b = training_windows(ids, 30, 8, seed=3), training_windows(ids, 30, 8, seed=3)
     assert torch.equal(a, b) and a.shape == (30, 8)
     assert bool(((a[:, 1:] - a[:, :-1]) == 1).all())        # consecutive tokens
-    with pytest.raises(SettingError, match="fewer than one window"):
+    assert not torch.equal(a, data.random_windows(ids, 30, 8, seed=3))  # not the calibration set's windows
+    with pytest.raises(data.DataError, match="too short for one window of 8"):
         training_windows(torch.arange(8), 1, 8, seed=0)
 
 
@@ -312,15 +314,7 @@ def test_run_elsa_control_is_dense(tiny_job):  # noqa: F811
     (["--solver-option", "checkpoint=."], "is a directory"),
 ])
 def test_elsa_bad_input_is_one_line_exit_2_nothing_written(tiny_job, tmp_path, capsys, flags, message):  # noqa: F811
-    out = tmp_path / "out"
-    argv = ["prune", "--model", str(tiny_job / "model"), "--calib", str(tiny_job / "calib.txt"), "--eval",
-            str(tiny_job / "heldout.txt"), "--nsamples", "4", "--seqlen", "16", "--eval-tokens", "256",
-            "--device", "cpu", "--no-progress", "--out", str(out), "--solver", "elsa", *flags]
-    args = _parser().parse_args(argv)
-    assert args.handler(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1, err
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert_prune_refused(tiny_job, tmp_path, capsys, ["--solver", "elsa", *flags], message)
 
 
 @pytest.mark.slow

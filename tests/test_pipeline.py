@@ -524,6 +524,25 @@ def tiny_job(tmp_path_factory):
     return root
 
 
+def assert_prune_refused(root, tmp_path, capsys, flags: list[str], message: str) -> None:
+    """``layerprune prune`` on the tiny job with ``flags`` (output under ``tmp_path``): exit 2
+    with one error line holding ``message`` (or argparse's own refusal), nothing written."""
+    out = tmp_path / "out"
+    argv = ["prune", "--model", str(root / "model"), "--calib", str(root / "calib.txt"), "--eval",
+            str(root / "heldout.txt"), "--nsamples", "4", "--seqlen", "16", "--eval-tokens", "256",
+            "--device", "cpu", "--no-progress", "--out", str(out), *flags]
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse refuses a bad value itself
+        assert exc.code == 2
+        assert message in capsys.readouterr().err
+        return
+    assert args.handler(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
 def _config(root, **kw):
     from layerprune.pipeline import PruneConfig
 

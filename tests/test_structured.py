@@ -12,7 +12,7 @@ from layerprune.pipeline.channels import Structure, check_structured_model, pars
 from layerprune.problems import LayerProblem, ProblemError
 from layerprune.settings import SettingError
 from layerprune.solvers import SolverError
-from test_pipeline import _config, _one_thread, _parser, calib, tiny_llama, tiny_opt, tiny_qwen2  # noqa: F401
+from test_pipeline import _config, _one_thread, assert_prune_refused, calib, tiny_llama, tiny_opt, tiny_qwen2  # noqa: F401
 from test_pipeline import tiny_job  # noqa: F401 (fixture)
 
 transformers = pytest.importorskip("transformers")
@@ -163,17 +163,4 @@ def test_run_structure_saves_a_smaller_standard_checkpoint(tiny_job, tmp_path): 
 ])
 def test_structure_bad_input_is_one_line_exit_2_nothing_written(tiny_job, tmp_path, capsys, flags,  # noqa: F811
                                                                 message):
-    out = tmp_path / "out"
-    argv = ["prune", "--model", str(tiny_job / "model"), "--calib", str(tiny_job / "calib.txt"), "--eval",
-            str(tiny_job / "heldout.txt"), "--nsamples", "4", "--seqlen", "16", "--eval-tokens", "256",
-            "--device", "cpu", "--no-progress", "--out", str(out), *flags]
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:  # argparse refuses a bad value itself
-        assert exc.code == 2
-        assert message in capsys.readouterr().err
-        return
-    assert args.handler(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1, err
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert_prune_refused(tiny_job, tmp_path, capsys, flags, message)

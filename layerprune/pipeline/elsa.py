@@ -252,7 +252,8 @@ class ElsaResult:
 
 
 def training_windows(ids: torch.Tensor, count: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``count`` random windows of ``seqlen`` consecutive tokens of ``ids`` (1-D), seeded.
+    """``count`` random windows of ``seqlen`` consecutive tokens of ``ids`` (1-D), seeded by
+    ``seed + 1`` (not the calibration set's windows, :func:`layerprune.data.random_windows`).
 
     Windows may repeat: a long run passes over a short text several times.
 
@@ -260,12 +261,9 @@ def training_windows(ids: torch.Tensor, count: int, seqlen: int, seed: int) -> t
     -------
     (count, seqlen) LongTensor
     """
-    ids = ids.reshape(-1)
-    if ids.numel() < seqlen + 1:
-        raise SettingError(f"the calibration text has {ids.numel()} tokens: fewer than one window of {seqlen}")
-    gen = torch.Generator().manual_seed(int(seed) + 1)  # not the calibration set's windows
-    starts = torch.randint(0, ids.numel() - seqlen + 1, (count,), generator=gen)
-    return ids[starts[:, None] + torch.arange(seqlen)[None, :]]
+    from layerprune.data import random_windows
+
+    return random_windows(ids, count, seqlen, int(seed) + 1)
 
 
 class _Split:
@@ -441,7 +439,8 @@ class _Checkpoint:
 
     def load(self, *, patterns: bool = True) -> dict:
         """The saved state, checked to be this run's (``patterns=False``: every layer's name but
-        not its pattern, for a check made before an allocation gives the patterns).
+        not its pattern, for a check made before an allocation gives the patterns; the tensors
+        are then memory-mapped, not read).
 
         Raises
         ------
@@ -449,7 +448,7 @@ class _Checkpoint:
             The file cannot be read or was written by another run.
         """
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=False)
+            state = torch.load(self.path, map_location="cpu", weights_only=False, mmap=not patterns)
         except Exception as exc:  # noqa: BLE001 — any unreadable file is one line
             raise SettingError(f"--solver-option checkpoint={self.path}: cannot be read ({exc})") from None
         mine, theirs = self.fingerprint, state.get("fingerprint") if isinstance(state, dict) else None

@@ -21,12 +21,13 @@ from torch import nn
 from layerprune import data
 
 from ..report import MODEL_COPIES, PruneReport, plot_layer_errors, write_json_atomic
-from .allocate import (MAP_FILE, Allocation, knapsack_allocation, layer_pattern, owl_allocation, sparsity_map_json,
+from .allocate import (MAP_FILE, Allocation, knapsack_allocation, owl_allocation, sparsity_map_json,
                        uniform_allocation)
 from .channels import ChannelPruning, parse_structure, prune_mlp_channels
 from .config import (Checked, PruneConfig, check_against_model, check_before_loading, layerwise, target_ridge,
                      with_defaults)
-from .elsa import DENSE_START, ELSA, ElsaLayer, ElsaOptions, ElsaResult, check_checkpoint, global_admm, parse_elsa_options, training_windows
+from .elsa import DENSE_START, ELSA
+from .elsa_stage import ElsaStage
 from .loop import prune_model
 from .measure import perplexity, release_memory, sparsity
 __all__ = ["PruneConfig", "run"]
@@ -57,11 +58,10 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
             base = _base_bytes(model)
         plan = check_against_model(model, config, checked.sparsity_map)
         with clock("data"):
-            calib_ids, evals = _tokenize(tokenizer, checked, config)
-            elsa_options = parse_elsa_options(config.solver_options) if config.solver == ELSA else None
-            windows = _elsa_windows(tokenizer, checked, config, elsa_options) if elsa_options else None
-        if windows is not None:
-            _check_elsa_checkpoint(plan, windows, elsa_options, log)
+            calib_tokens, calib_ids, evals = _tokenize(tokenizer, checked, config)
+        stage = ElsaStage.prepare(calib_tokens, plan, config, log) if config.solver == ELSA else None
+        del calib_tokens
+        release_memory()  # the tokenized calibration text
         with clock("dense_eval"):
             dense = _perplexities(model, evals, config.seqlen, checked.device)
         for name, v in dense.items():
@@ -80,9 +80,9 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
                 records = channels.records
             elif config.solver != ELSA or config.init != DENSE_START:
                 records = _prune(model, calib_ids, checked, layerwise(config), allocation)
-        if config.solver == ELSA:
+        if stage is not None:
             with clock("elsa"):
-                elsa = _elsa(model, windows, plan, allocation, checked, config, elsa_options, log)
+                elsa = stage.run(model, plan, allocation, config, checked.device, log)
         with clock("pruned_eval"):
             pruned = _perplexities(model, evals, config.seqlen, checked.device)
         report = _report(model, config, checked, calib_ids, evals, dense, pruned, records, clock, base)
@@ -127,10 +127,12 @@ def _threads_kept() -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
-def _tokenize(tokenizer, checked: Checked, config: PruneConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The calibration windows, (nsamples, seqlen), and each evaluation text's first tokens,
-    (1, T) with at least one window of ``seqlen``."""
-    calib_ids = data.calibration_batch(tokenizer, checked.calib_text, config.nsamples, config.seqlen, config.seed)
+def _tokenize(tokenizer, checked: Checked,
+              config: PruneConfig) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """The calibration text's tokens, (T,), its calibration windows, (nsamples, seqlen), and each
+    evaluation text's first tokens, (1, T) with at least one window of ``seqlen``."""
+    calib_tokens = data.tokenize(tokenizer, checked.calib_text)
+    calib_ids = data.calibration_windows(calib_tokens, config.nsamples, config.seqlen, config.seed)
     evals = {}
     for name, text in checked.eval_texts.items():
         ids = data.eval_tokens(tokenizer, text, max_tokens=config.eval_tokens)
@@ -138,8 +140,7 @@ def _tokenize(tokenizer, checked: Checked, config: PruneConfig) -> tuple[torch.T
             raise data.DataError(f"evaluation text {name!r} has {ids.numel()} tokens: fewer than one "
                                  f"window of --seqlen {config.seqlen}")
         evals[name] = ids
-    release_memory()  # the tokenized calibration text
-    return calib_ids, evals
+    return calib_tokens, calib_ids, evals
 
 
 def _perplexities(model: nn.Module, evals: dict[str, torch.Tensor], seqlen: int,
@@ -179,38 +180,6 @@ def _prune_channels(model: nn.Module, calib_ids: torch.Tensor, checked: Checked,
     return prune_mlp_channels(model, calib_ids, config.structure, solver=config.solver, objective=config.objective,
                               solver_options=config.solver_options, init=config.init, params=checked.params,
                               device=checked.device, progress=config.progress, reference=config.reference)
-
-
-def _elsa_windows(tokenizer, checked: Checked, config: PruneConfig, options: ElsaOptions) -> torch.Tensor:
-    """Elsa's training windows, ``steps × batch`` of ``--seqlen`` tokens of the calibration text
-    (seeded by ``--seed``; the evaluation texts are disjoint from it)."""
-    ids = data.tokenize(tokenizer, checked.calib_text)
-    return training_windows(ids, options.steps * options.batch, config.seqlen, config.seed)
-
-
-def _check_elsa_checkpoint(plan, windows: torch.Tensor, options: ElsaOptions, log: Callable[[str], Any]) -> None:
-    """An existing ``checkpoint`` file is this run's (before the dense evaluation and the warm
-    start); say where the run will resume."""
-    layers = [ElsaLayer(layer.qualified, layer.linear, layer.pattern) for block in plan.blocks for layer in block]
-    step = check_checkpoint(options, layers, windows)
-    if step is not None:
-        log(f"elsa resumes from {options.checkpoint} at step {step} of {options.steps}")
-
-
-def _elsa(model: nn.Module, windows: torch.Tensor, plan, allocation: Optional[Allocation], checked: Checked,
-          config: PruneConfig, options: ElsaOptions, log: Callable[[str], Any]) -> ElsaResult:
-    """Elsa on every planned linear, each with its own pattern (an allocation's where one was
-    made), from the model as it stands (dense, or ``--init``'s layer-wise prune)."""
-    own = allocation.fractions if allocation is not None and allocation.method != "uniform" else None
-    layers = [ElsaLayer(layer.qualified, layer.linear,
-                        layer_pattern(config.pattern, own[layer.qualified]) if own else layer.pattern)
-              for block in plan.blocks for layer in block]
-    result = global_admm(model, windows, layers, options, device=checked.device, progress=config.progress)
-    if result.interrupted:
-        resume = f"; its state is in {options.checkpoint}: the same command resumes" if options.checkpoint else ""
-        log(f"elsa interrupted after {result.steps_done} of {options.steps} steps: projected onto the pattern, "
-            f"evaluating and saving (Ctrl-C again to stop without writing){resume}")
-    return result
 
 
 def _report(model: nn.Module, config: PruneConfig, checked: Checked, calib_ids: torch.Tensor,
