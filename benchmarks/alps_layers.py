@@ -116,6 +116,27 @@ def write(rec: dict, out: Path) -> None:
         atomic_write(out.with_suffix(".md"), lambda p: Path(p).write_text(markdown(rec)))
 
 
+def check_or_exit(solvers: str, out: Path, more=None):
+    """Before any long work: ``more()`` (the script's own parsing and checks) raises nothing,
+    every solver spec of ``solvers`` (comma-separated) builds, and the results files
+    ``out``.json / .md can be written; else one ``error:`` line and exit 2. Returns what
+    ``more()`` returned (None without it)."""
+    from layerprune.problems.io import check_writable
+    from layerprune.solvers import make_solver
+
+    try:
+        values = None if more is None else more()
+        for spec in solvers.split(","):
+            name, options = parse_solver(spec)
+            make_solver(name, **options)
+        for suffix in (".json", ".md"):
+            check_writable(out.with_suffix(suffix))
+    except Exception as exc:  # one clear line before any long work
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    return values
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results/alps", help="writes OUT.json and OUT.md")
@@ -127,19 +148,8 @@ def main(argv=None):
     ap.add_argument("--layers", default="", help="comma-separated layer kinds (default: all)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    from layerprune.problems.io import check_writable
-    from layerprune.solvers import make_solver
-
     out = Path(args.out)
-    try:
-        for spec in args.solvers.split(","):
-            name, options = parse_solver(spec)
-            make_solver(name, **options)
-        for suffix in (".json", ".md"):
-            check_writable(out.with_suffix(suffix))
-    except Exception as exc:  # one clear line before any long work
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    check_or_exit(args.solvers, out)
     torch.set_num_threads(args.threads)
     from layerprune import data, models
     from layerprune.pipeline import layer_problems

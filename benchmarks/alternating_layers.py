@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from alps_layers import _git, _uptime, parse_solver
+from alps_layers import _git, _uptime, check_or_exit, parse_solver
 
 DEFAULT_SOLVERS = "alternating,alternating:swaps=0,magnitude,wanda,admm"
 BASELINES = ("magnitude", "wanda")
@@ -197,12 +197,10 @@ def main(argv=None):
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    from layerprune.problems.io import check_writable
     from layerprune.problems.library import CHANNEL_RULES
-    from layerprune.solvers import make_solver
 
-    out = Path(args.out)
-    try:
+
+    def parsed():
         blocks, fractions, sizes = _ints(args.blocks), _floats(args.fractions), _ints(args.sub_sizes)
         sub_fractions, rules = _floats(args.sub_fractions), args.sub_channels.split(",")
         if not all(0 < f < 1 for f in fractions + sub_fractions):
@@ -210,13 +208,10 @@ def main(argv=None):
         bad = [r for r in rules if r not in CHANNEL_RULES]
         if bad:
             raise ValueError(f"unknown channel rule {bad[0]!r} (known: {', '.join(CHANNEL_RULES)})")
-        for spec in args.solvers.split(","):
-            make_solver(parse_solver(spec)[0], **parse_solver(spec)[1])
-        for suffix in (".json", ".md"):
-            check_writable(out.with_suffix(suffix))
-    except Exception as exc:  # one clear line before any long work
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        return blocks, fractions, sizes, sub_fractions, rules
+
+    out = Path(args.out)
+    blocks, fractions, sizes, sub_fractions, rules = check_or_exit(args.solvers, out, parsed)
     torch.set_num_threads(args.threads)
     from layerprune import data, models
     from layerprune.pipeline import iter_layer_problems

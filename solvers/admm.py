@@ -43,7 +43,7 @@ import torch
 from layerprune.problems import LayerProblem
 from layerprune.problems.patterns import Columns, PerRow, Unstructured, topk_mask
 
-from .base import Option, Params, Proposal, Solver, Status
+from .base import Option, Params, Proposal, Solver, Status, stop_reason
 from ._baseline import working
 
 __all__ = ["ADMM", "schedule_fraction", "mask_at", "admm_step", "weight_step", "dual_step", "shifted_inverse"]
@@ -193,11 +193,9 @@ class ADMM(Solver):
                 rho, U = rho * growth, U / growth
                 Ainv = inverse(rho)
             history.append({"iteration": t + 1, "primal_residual": float((W - Z).norm())})
-            if callback is not None and callback(dict(history[-1])):
-                limit = "interrupted"
-                break
-            if time.perf_counter() > deadline:
-                limit = "time" if t + 1 < iters else None
+            stop = stop_reason(history[-1], callback, deadline)
+            if stop is not None:  # past the deadline on the last iteration: finished all the same
+                limit = None if stop == "time" and t + 1 == iters else stop
                 break
         if not problem.is_feasible(M):  # stopped before the schedule reached the final sparsity
             M = problem.round((W + U).abs())

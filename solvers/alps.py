@@ -61,7 +61,7 @@ import torch
 from layerprune.problems import LayerProblem
 
 from .admm import dual_step, shifted_inverse, weight_step
-from .base import Option, Params, Proposal, Solver, Status
+from .base import Option, Params, Proposal, Solver, Status, stop_reason
 from ._baseline import working
 
 __all__ = ["ALPS", "RhoUpdate", "rho_update", "damped_scaling", "set_up", "settled_reason"]
@@ -221,11 +221,9 @@ class ALPS(Solver):
             if settled is not None:
                 limit = None
                 break
-            if callback is not None and callback(dict(event)):
-                limit = "interrupted"
-                break
-            if time.perf_counter() > deadline:
-                limit = "time"
+            stop = stop_reason(event, callback, deadline)
+            if stop is not None:
+                limit = stop
                 break
         M = su.scaled.round(W.abs())
         weights = (W * M).to(torch.float64) / su.d[None, :]

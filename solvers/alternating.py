@@ -66,9 +66,9 @@ the V-step's minimiser, in the scaled problem), ``support_change`` (columns that
 ``W̃``, ``B``, ``Ṽ`` (d_out × d_in, working dtype) and ``G̃`` with its factor (d_in × d_in,
 float64); the polish adds ``P``, ``Σ`` (d_in × d_in) and ``Ṽ``, ``R`` (d_out × d_in) in float64.
 
-The returned weights are the exact refit on the kept columns (one shared ``K × K`` Cholesky in
-float64, :func:`columns_refit`); the solver contract re-scores them. A heuristic: no lower
-bound, status ``feasible``.
+The solver returns the kept columns; the solver contract's refit gives the weights (a mask
+whose rows share their support is refitted exactly, one ``K × K`` Cholesky in float64). A
+heuristic: no lower bound, status ``feasible``.
 """
 from __future__ import annotations
 
@@ -80,10 +80,10 @@ import torch
 
 from layerprune.problems import LayerProblem
 
-from .base import Option, Params, Proposal, Solver, Status
+from .base import Option, Params, Proposal, Solver, Status, stop_reason
 from ._baseline import working
 
-__all__ = ["Alternating", "weight_step", "selection_step", "penalised_objective", "columns_refit",
+__all__ = ["Alternating", "weight_step", "selection_step", "penalised_objective",
            "columns_objective", "ExchangeState", "polish"]
 
 #: candidates whose Schur complement Σ_ii (relative to the unit diagonal) is at or below this are not added
@@ -148,25 +148,6 @@ def selection_step(V: torch.Tensor, keep: int, inv_diag: Optional[torch.Tensor] 
 def penalised_objective(W: torch.Tensor, B: torch.Tensor, V: torch.Tensor) -> float:
     """``F_ρ`` at the V-step's minimiser: ``⟨W̃, B⟩ − ⟨Ṽ, B⟩`` (all (d_out, d_in))."""
     return float(((W - V).to(torch.float64) * B.to(torch.float64)).sum())
-
-
-def columns_refit(W64: torch.Tensor, G64: torch.Tensor, kept: torch.Tensor) -> Optional[torch.Tensor]:
-    """The exact refit on the kept columns, all rows at once: ``V_S = (W G)_{:,S} G_SS⁻¹``.
-
-    W64 : (d_out, d_in), G64 : (d_in, d_in) float64; kept : (d_in,) bool. Returns the
-    (d_out, d_in) float64 weights (zero off the kept columns), or None if ``G_SS`` does not
-    factor (the caller leaves the refit to the solver contract).
-    """
-    idx = torch.nonzero(kept).flatten()
-    V = torch.zeros_like(W64)
-    if idx.numel() == 0:
-        return V
-    L, info = torch.linalg.cholesky_ex(G64[idx][:, idx])
-    if int(info) != 0:
-        return None
-    rhs = (W64 @ G64[:, idx]).T
-    V[:, idx] = torch.cholesky_solve(rhs, L).T
-    return V
 
 
 def columns_objective(W64: torch.Tensor, G64: torch.Tensor, kept: torch.Tensor) -> Optional[float]:
@@ -366,11 +347,9 @@ class Alternating(Solver):
             if still >= self.option("patience") and share <= self.option("tol"):
                 limit = None
                 break
-            if callback is not None and callback(dict(event)):
-                limit = "interrupted"
-                break
-            if time.perf_counter() > deadline:
-                limit = "time"
+            stop = stop_reason(event, callback, deadline)
+            if stop is not None:
+                limit = stop
                 break
             rho *= growth
         info = {"rho": rho, "ridge_added": ridge, "stopped": limit or "settled"}
@@ -378,11 +357,8 @@ class Alternating(Solver):
         if self.option("swaps") > 0 and limit not in ("time", "interrupted"):
             kept, info, polish_limit = _polished(W64, su.G64, kept, self.option("swaps"), deadline, info)
             limit = limit or polish_limit
-        weights = columns_refit(W64, su.G64, kept)
-        if weights is not None:
-            weights = weights / su.d[None, :]
         mask = kept.expand(problem.d_out, problem.d_in).clone()
-        return Proposal(mask=mask, weights=weights, status=Status.FEASIBLE, limit=limit,
+        return Proposal(mask=mask, weights=None, status=Status.FEASIBLE, limit=limit,
                         iterations=t + 1, history=history, info=info)
 
 

@@ -29,7 +29,7 @@ from layerprune.problems.refit import DEFAULT_MAX_ITER, DEFAULT_TOL, REFIT_METHO
 from .options import Option, OptionError
 
 __all__ = ["Status", "Limit", "Params", "Proposal", "Result", "Solver", "SolverError", "Callback", "Option",
-           "share_of_time_left", "relative_gap"]
+           "share_of_time_left", "stop_reason", "relative_gap"]
 
 #: an absolute gap below ABS_GAP_TOL × problem.scale is float64 round-off, i.e. closed
 ABS_GAP_TOL = 1e-12
@@ -139,6 +139,17 @@ class Params:
 
     def deadline(self, start: float) -> float:
         return math.inf if self.time_limit is None else start + float(self.time_limit)
+
+
+def stop_reason(event: dict, callback: Optional[Callable[[dict], Any]], deadline: float) -> Optional[str]:
+    """Why an iterative backend stops after an iteration whose history entry is ``event``:
+    ``"interrupted"`` when ``callback`` (given a copy of ``event``) asks to stop, ``"time"``
+    past ``deadline`` (a ``time.perf_counter()`` instant), else None (go on)."""
+    if callback is not None and callback(dict(event)):
+        return "interrupted"
+    if time.perf_counter() > deadline:
+        return "time"
+    return None
 
 
 def share_of_time_left(deadline: float, share: float, start: Optional[float] = None) -> float:
