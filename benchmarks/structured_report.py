@@ -40,25 +40,31 @@ def _bench():
     return mod
 
 
-def merge(files: list[Path]) -> dict:
-    """One results dict from several driver files with the same settings."""
+def merge(files: list[Path], *, args_ok=None, order_key=None, key=None, who: str = "structured_report") -> dict:
+    """One results dict from several driver files with the same settings (``prune_args`` aside:
+    ``args_ok(text)`` says which a file may have, by default only output flags); runs ordered by
+    ``order_key(run)`` (default: fraction, then :data:`METHOD_ORDER`). Runs with the same
+    ``key(run)`` (default: pattern, solver, objective) are one configuration: the last file's
+    run stands."""
     bench = _bench()
+    args_ok = args_ok or _only_output_args
+    order_key = order_key or (lambda r: (float(r["pattern"].split(":")[1]),
+                                         METHOD_ORDER.index(f"{r['solver']}:{r['objective']}")))
     loaded = [json.loads(Path(f).read_text()) for f in files]
     def same(settings: dict) -> dict:   # a run's --out (in prune_args) changes no measurement
         return {k: v for k, v in settings.items() if k != "prune_args"}
 
     settings = dict(loaded[0]["settings"], prune_args=PER_RUN)
     for f, d in zip(files, loaded):
-        if same(d["settings"]) != same(settings) or not _only_output_args(d["settings"].get("prune_args") or ""):
-            raise SystemExit(f"structured_report: {f} was run with other settings: {d['settings']}")
+        if same(d["settings"]) != same(settings) or not args_ok(d["settings"].get("prune_args") or ""):
+            raise SystemExit(f"{who}: {f} was run with other settings: {d['settings']}")
     runs = {}
     for d in loaded:
         for r in d["runs"]:
             if r.get("status") == "ok":
-                runs[f"{r['pattern']} {r['solver']}:{r['objective']}"] = r
-    order = sorted(runs.values(), key=lambda r: (float(r["pattern"].split(":")[1]),
-                                                 METHOD_ORDER.index(f"{r['solver']}:{r['objective']}")))
-    results = {"benchmark": "prune_model", "settings": settings, "environment": loaded[-1].get("environment"),
+                runs[key(r) if key else f"{r['pattern']} {r['solver']}:{r['objective']}"] = r
+    order = sorted(runs.values(), key=order_key)
+    results = {"benchmark": "prune_model", "settings": settings, "environment": loaded[-1].get("environment") or {},
                "skipped": [], "runs": order, "sources": [str(f) for f in files]}
     results["dense_perplexity"], results["dense_mismatch"] = bench.dense_perplexity(order)
     return results

@@ -328,3 +328,39 @@ def test_structured_report_merges_runs_and_compares_alternating_with_the_best_ba
     (tmp_path / "3.json").write_text(json.dumps({"settings": dict(SETTINGS, nsamples=4), "runs": []}))
     with pytest.raises(SystemExit, match="other settings"):
         mod.merge(files + [tmp_path / "3.json"])
+
+
+def test_elsa_report_compares_each_run_with_the_best_layerwise_and_its_control(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("elsa_report", ROOT / "benchmarks" / "elsa_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    budget = {"steps": 4, "batch": 2, "lr": 2e-4, "warmup": 0, "clip": 1.0, "beta1": 0.9, "beta2": 0.95}
+
+    def run(solver, objective, ppl, options=None):
+        elsa = None if options is None else {"steps_done": options["steps"], "tokens": 8 * options["steps"],
+                                             "options": options}
+        return {"pattern": "per-row:0.7", "solver": solver, "objective": objective, "status": "ok", "code": "abc",
+                "load_at_start": [1.0, 1.0, 1.0], "perplexity": ppl, "dense_perplexity": {"a": 10.0, "b": 20.0},
+                "wall_s": 1.0, "peak_rss_bytes": 2 ** 20, "elsa": elsa}
+
+    layerwise = {"settings": dict(SETTINGS), "runs": [run("wanda", "mask", {"a": 100.0, "b": 200.0}),
+                                                      run("admm", "reconstruct", {"a": 50.0, "b": 250.0})]}
+    elsa = {"settings": dict(SETTINGS, prune_args="--solver-option steps=4"),
+            "runs": [run("elsa", "loss", {"a": 30.0, "b": 150.0}, budget),
+                     run("elsa", "loss", {"a": 20.0, "b": 100.0}, dict(budget, steps=8)),  # no control at 8 steps
+                     run("elsa-control", "loss", {"a": 8.0, "b": 19.0}, budget)]}
+    files = [tmp_path / "1.json", tmp_path / "2.json"]
+    for f, d in zip(files, (layerwise, elsa)):
+        f.write_text(json.dumps(d))
+    results = mod.merge(files, args_ok=lambda text: True, order_key=mod._order, key=mod._key)
+    assert [r["solver"] for r in results["runs"]] == ["admm", "wanda", "elsa", "elsa", "elsa-control"]
+    rows = {(r["steps"], r["text"]): r for r in mod.comparisons(results)}
+    a, b = rows[(4, "a")], rows[(4, "b")]
+    assert a["best_layerwise_method"] == "admm:reconstruct" and a["change_vs_best_layerwise"] == pytest.approx(-0.4)
+    assert a["control_change_vs_dense"] == pytest.approx(-0.2) and a["meets_target"] is True
+    assert b["best_layerwise_method"] == "wanda:mask" and b["change_vs_best_layerwise"] == pytest.approx(-0.25)
+    assert b["meets_target"] is False                                   # only 25% below the best
+    assert rows[(8, "a")]["control"] is None and rows[(8, "a")]["meets_target"] is None
+    text = mod.markdown(dict(results, comparisons=mod.comparisons(results), note=""))
+    assert "| per-row:0.7 | elsa | 4 (32) | a | 30.00 | 50.00 | admm:reconstruct | -40.0% | 8.00 | -20.0% | met |" in text
