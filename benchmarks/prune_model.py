@@ -232,6 +232,8 @@ def summarise_report(report: dict) -> dict:
     """The benchmark's fields from one ``--report`` JSON."""
     ratios = [r["objective"] / r["wanda_objective"] for r in report.get("layers", [])
               if r.get("objective") is not None and r.get("wanda_objective")]
+    if report.get("elsa"):
+        ratios = []  # the layer records are Elsa's warm start's, not the final model's
     statuses: dict[str, int] = {}
     for r in report.get("layers", []):
         statuses[r.get("status")] = statuses.get(r.get("status"), 0) + 1

@@ -246,7 +246,7 @@ def format_report(report: PruneReport) -> str:
     else:
         lines.append(f"sparsity reached   {100 * report.sparsity:.2f}% of target linear weights "
                      f"({len(report.layers)} layers)")
-    if med is not None:
+    if med is not None and not report.elsa:  # under Elsa the layer records are the warm start's
         lines.append(f"error vs Wanda     median {100 * med:+.1f}% reduction per layer")
     certified = [r for r in report.layers if r.gap is not None]
     if certified:
@@ -257,14 +257,17 @@ def format_report(report: PruneReport) -> str:
         values = list(alloc["fractions"].values())
         lines.append(f"allocation         {alloc['method']}: layer sparsity {100 * min(values):.2f}% … "
                      f"{100 * max(values):.2f}%")
-    lines.append(f"time               {report.seconds:.1f} s"
-                 + (f" (pruning {report.timings['prune']:.1f} s)" if "prune" in report.timings else ""))
+    steps = [f"{label} {report.timings[key]:.1f} s" for key, label in (("prune", "pruning"), ("elsa", "elsa"))
+             if key in report.timings]
+    lines.append(f"time               {report.seconds:.1f} s" + (f" ({', '.join(steps)})" if steps else ""))
     mem = f"peak memory        {_fmt_bytes(report.peak_memory_bytes)} RSS"
     if report.peak_device_memory_bytes:
         mem += f", {_fmt_bytes(report.peak_device_memory_bytes)} on the device"
     if report.model_size_bytes:
         mem += f" (model {_fmt_bytes(report.model_size_bytes)}"
-        if report.memory_target_bytes:
+        if report.elsa:
+            mem += "; Elsa trains: weights, gradients, Adam's moments, z, u and the activations"
+        elif report.memory_target_bytes:
             mem += (f"; target {_fmt_bytes(report.memory_target_bytes)} = base at load "
                     f"{_fmt_bytes(report.memory_base_bytes)} + {MODEL_COPIES} × model + one block's hidden states")
         mem += ")"

@@ -255,8 +255,12 @@ def test_run_elsa_starts_from_a_layerwise_prune_by_default(tiny_job, tmp_path): 
                          solver_options={"steps": 3, "batch": 2, "projection": "second-moment"}), log=lambda s: None)
     assert report.sparsity == 0.5 and len(report.layers) == 14
     assert {r.solver for r in report.layers} == {"wanda"}
-    assert report.elsa["steps_done"] == 3 and "wanda (layer-wise)" in report.format()
+    text = report.format()
+    assert report.elsa["steps_done"] == 3 and "wanda (layer-wise)" in text
     assert report.settings["init"] == "wanda" and report.settings["objective"] == "mask"
+    # the layer records are the warm start's: no layer-error line, the training's time and memory said
+    assert "error vs Wanda" not in text and "elsa " in text.split("time")[-1].splitlines()[0]
+    assert "Elsa trains" in text and "target" not in text.split("peak memory")[-1]
 
 
 def test_run_elsa_interrupted_saves_a_projected_model_and_the_same_command_resumes(tiny_job, tmp_path,  # noqa: F811
