@@ -418,11 +418,13 @@ def _elsa_lines(runs: list) -> list[str]:
              "constraint (the dense model fine-tuned on the same tokens). `prune s` includes the training."]
     for r in rows:
         e, o = r["elsa"], r["elsa"].get("options") or {}
+        admm = (f", λ {o.get('lmda')}, interval {o.get('interval')}" if o.get("constrained", True) else
+                " (no constraint)")
+        residual = (f"; residual before the final projection {_fmt(e.get('final_residual'), 3)}"
+                    if o.get("constrained", True) else "")
         lines.append(f"- {r['pattern']} {r['solver']}: {e['steps_done']} steps × {o.get('batch')} windows "
-                     f"({e['tokens']} tokens), lr {o.get('lr')}, λ {o.get('lmda')}, interval {o.get('interval')}; "
-                     f"training loss {_fmt(e.get('loss_first'), 3)} → {_fmt(e.get('loss_last'), 3)}; residual "
-                     f"before the final projection {_fmt(e.get('final_residual'), 3)}"
-                     + (" (interrupted)" if e.get("interrupted") else ""))
+                     f"({e['tokens']} tokens), lr {o.get('lr')}{admm}; training loss {_fmt(e.get('loss_first'), 3)} → "
+                     f"{_fmt(e.get('loss_last'), 3)}{residual}" + (" (interrupted)" if e.get("interrupted") else ""))
     return lines
 
 

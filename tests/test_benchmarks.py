@@ -143,6 +143,12 @@ def test_elsa_entries_run_elsa_its_warm_start_and_its_control(bench, tmp_path):
     assert rec["prune_s"] == 43.0 and rec["elsa"]["loss_last"] == 3.1
     table = bench.markdown({"settings": SETTINGS, "runs": [rec], "dense_perplexity": {"persuasion": 40.0}})
     assert "- per-row:0.7 elsa: 4 steps × 8 windows (8192 tokens)" in table and "3.500 → 3.100" in table
+    assert "λ 0.01, interval 8" in table and "residual before the final projection 0.010" in table
+    assert rec["mean_error_vs_wanda"] is None            # the layer records are the warm start's
+    control = dict(rec, solver="elsa-control", elsa=dict(rec["elsa"], options=dict(rec["elsa"]["options"],
+                                                                                   constrained=False)))
+    table = bench.markdown({"settings": SETTINGS, "runs": [control], "dense_perplexity": {"persuasion": 40.0}})
+    assert "lr 0.0002 (no constraint); training loss 3.500 → 3.100\n" in table + "\n" and "λ" not in table
 
 
 def test_summary_table_json_and_resume(bench, tmp_path):
