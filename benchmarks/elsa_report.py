@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from structured_report import _bench, merge
+from structured_report import _bench, merge, runs_lines, write
 
 #: the options that make two runs train on the same tokens with the same optimiser
 BUDGET = ("steps", "batch", "lr", "warmup", "clip", "beta1", "beta2")
@@ -109,12 +109,7 @@ def markdown(results: dict) -> str:
                      f"{_num(r['best_layerwise'])} | {r['best_layerwise_method'] or '–'} | "
                      f"{_pct(r['change_vs_best_layerwise'])} | {_num(r['control'])} | "
                      f"{_pct(r['control_change_vs_dense'])} | {verdict} |")
-    lines += ["", "## Runs: commit, load", "", "| run | commit | load (1/5/15 min) at start |", "|---|---|---|"]
-    for r in results["runs"]:
-        load = " / ".join(f"{v:.2f}" for v in r.get("load_at_start") or [])
-        lines.append(f"| {r['pattern']} {r['solver']}:{r['objective']} | {r.get('code')} | {load} |")
-    if results.get("note"):
-        lines += ["", results["note"]]
+    lines += runs_lines(results)
     return "\n".join(lines) + "\n"
 
 
@@ -130,10 +125,7 @@ def main(argv=None) -> int:
             run["mean_error_vs_wanda"] = None
     results["note"] = args.note
     results["comparisons"] = comparisons(results)
-    bench = _bench()
-    bench._atomic_text(args.out, json.dumps(results, indent=1) + "\n")
-    bench._atomic_text(args.out.with_suffix(".md"), markdown(results))
-    print(markdown(results))
+    write(results, args.out, markdown(results))
     return 0
 
 

@@ -127,6 +127,25 @@ def speed_rows(speed: dict, names: list[str]) -> list[dict]:
     return out
 
 
+def runs_lines(results: dict) -> list[str]:
+    """The markdown lines of each run's commit and load, then the note."""
+    lines = ["", "## Runs: commit, load", "", "| run | commit | load (1/5/15 min) at start |", "|---|---|---|"]
+    for r in results["runs"]:
+        load = " / ".join(f"{v:.2f}" for v in r.get("load_at_start") or [])
+        lines.append(f"| {r['pattern']} {r['solver']}:{r['objective']} | {r.get('code')} | {load} |")
+    if results.get("note"):
+        lines += ["", results["note"]]
+    return lines
+
+
+def write(results: dict, out: Path, text: str) -> None:
+    """``out`` (JSON) and its ``.md`` (``text``), each atomically; ``text`` printed."""
+    bench = _bench()
+    bench._atomic_text(out, json.dumps(results, indent=1) + "\n")
+    bench._atomic_text(out.with_suffix(".md"), text)
+    print(text)
+
+
 def markdown(results: dict) -> str:
     bench = _bench()
     lines = [bench.markdown(results).rstrip(), "", "## Against the best structured baseline", "",
@@ -134,12 +153,7 @@ def markdown(results: dict) -> str:
     for r in results["against_baselines"]:
         lines.append(f"| {r['fraction']:g} | {r['text']} | {r['alternating']:.2f} | {r['best_baseline']:.2f} | "
                      f"{METHOD_NAMES[r['best_baseline_method']].strip('*')} | {100 * r['change']:+.1f}% |")
-    lines += ["", "## Runs: commit, load", "", "| run | commit | load (1/5/15 min) at start |", "|---|---|---|"]
-    for r in results["runs"]:
-        load = " / ".join(f"{v:.2f}" for v in r.get("load_at_start") or [])
-        lines.append(f"| {r['pattern']} {r['solver']}:{r['objective']} | {r.get('code')} | {load} |")
-    if results.get("note"):
-        lines += ["", results["note"]]
+    lines += runs_lines(results)
     if results.get("speed"):
         s = results["speed_settings"]
         lines += ["", "## Size and speed of the saved `alternating` checkpoints against the dense one", "",
@@ -178,10 +192,7 @@ def main(argv=None) -> int:
         results["speed_settings"] = speed["settings"]
         results["speed_load"] = [speed["environment"]["loadavg_start"][0], speed["environment"]["loadavg_end"][0]]
         results["speed_command"] = args.speed_command
-    bench = _bench()
-    bench._atomic_text(args.out, json.dumps(results, indent=1) + "\n")
-    bench._atomic_text(args.out.with_suffix(".md"), markdown(results))
-    print(markdown(results))
+    write(results, args.out, markdown(results))
     return 0
 
 
