@@ -50,6 +50,7 @@ def merge(files: list[Path], *, args_ok=None, order_key=None, key=None, who: str
     args_ok = args_ok or _only_output_args
     order_key = order_key or (lambda r: (float(r["pattern"].split(":")[1]),
                                          METHOD_ORDER.index(f"{r['solver']}:{r['objective']}")))
+    key = key or (lambda r: f"{r['pattern']} {r['solver']}:{r['objective']}")
     loaded = [json.loads(Path(f).read_text()) for f in files]
     def same(settings: dict) -> dict:   # a run's --out (in prune_args) changes no measurement
         return {k: v for k, v in settings.items() if k != "prune_args"}
@@ -62,7 +63,7 @@ def merge(files: list[Path], *, args_ok=None, order_key=None, key=None, who: str
     for d in loaded:
         for r in d["runs"]:
             if r.get("status") == "ok":
-                runs[key(r) if key else f"{r['pattern']} {r['solver']}:{r['objective']}"] = r
+                runs[key(r)] = r
     order = sorted(runs.values(), key=order_key)
     results = {"benchmark": "prune_model", "settings": settings, "environment": loaded[-1].get("environment") or {},
                "skipped": [], "runs": order, "sources": [str(f) for f in files]}

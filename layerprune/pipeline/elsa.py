@@ -59,6 +59,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from layerprune.data import random_windows
 from layerprune.problems import parse_pattern
 from layerprune.settings import SettingError
 from layerprune.solvers.options import Option, OptionError
@@ -261,8 +262,6 @@ def training_windows(ids: torch.Tensor, count: int, seqlen: int, seed: int) -> t
     -------
     (count, seqlen) LongTensor
     """
-    from layerprune.data import random_windows
-
     return random_windows(ids, count, seqlen, int(seed) + 1)
 
 
