@@ -835,7 +835,8 @@ def test_prune_flags_come_from_prune_config_fields():
     # parsing no flags gives exactly the dataclass defaults
     assert config_from_args(parser.parse_args(["prune"])) == PruneConfig()
     help_text = parser._subparsers._group_actions[0].choices["prune"].format_help()
-    assert "(default: sparseswaps; alternating with --structure)" in " ".join(help_text.split())
+    assert ("(default: admm, sparseswaps with --objective mask; alternating with --structure)"
+            in " ".join(help_text.split()))
 
 
 def test_prune_model_and_the_job_share_the_default_solver():
@@ -845,8 +846,33 @@ def test_prune_model_and_the_job_share_the_default_solver():
 
     from layerprune.pipeline.config import with_defaults
 
-    assert inspect.signature(prune_model).parameters["solver"].default == with_defaults(PruneConfig()).solver \
-        == "sparseswaps"
+    from layerprune.pipeline.plan import default_solver
+
+    signature = inspect.signature(prune_model).parameters
+    job = with_defaults(PruneConfig())
+    assert default_solver(signature["solver"].default, signature["objective"].default) \
+        == (job.solver, job.objective) == ("admm", "reconstruct")
+
+
+@pytest.mark.parametrize("given, expected", [
+    ({}, ("admm", "reconstruct")),                                          # the default prune
+    ({"objective": "mask"}, ("sparseswaps", "mask")),                       # an objective picks its solver
+    ({"objective": "reconstruct"}, ("admm", "reconstruct")),
+    ({"solver": "wanda"}, ("wanda", "mask")),                               # a solver runs its own objective
+    ({"solver": "alps"}, ("alps", "reconstruct")),
+    ({"solver": "wanda", "objective": "reconstruct"}, ("wanda", "reconstruct")),
+    ({"solver": "nosuch"}, ("nosuch", "mask")),                             # refused later, by the solver check
+    ({"structure": "mlp:0.3"}, ("alternating", "reconstruct")),
+    ({"solver": "elsa"}, ("elsa", "mask")),                                 # Elsa: its warm start's (Wanda)
+    ({"solver": "elsa", "init": "admm"}, ("elsa", "reconstruct")),
+    ({"solver": "elsa", "init": "dense"}, ("elsa", None)),
+])
+def test_with_defaults_fills_the_solver_and_objective(given, expected):
+    from layerprune.pipeline import PruneConfig
+    from layerprune.pipeline.config import with_defaults
+
+    job = with_defaults(PruneConfig(**given))
+    assert (job.solver, job.objective) == expected
 
 
 # ----------------------------------------------------------------------------- no global side effects

@@ -22,7 +22,7 @@ from .allocate import ALLOCATIONS, KNAPSACK_NORMS, MAP_FILE, check_allocatable, 
 from .channels import STRUCTURE_OBJECTIVE, STRUCTURE_SOLVER, check_structured_model, parse_structure
 from .elsa import DEFAULT_WARM_START, DENSE_START, ELSA, parse_elsa_options
 from .loop import DENSE_TARGET_RIDGE, TARGETS, check_target
-from .plan import DEFAULT_SOLVER, Plan, _plan, build_solvers, check_settings
+from .plan import DEFAULT_OBJECTIVE, DEFAULT_SOLVERS, Plan, _plan, build_solvers, check_settings, default_solver, native_objective
 from .structure import find_blocks, resolve_device
 
 __all__ = ["PruneConfig", "Checked", "check_before_loading", "check_outputs", "check_against_model",
@@ -67,7 +67,8 @@ class PruneConfig:
     solver: Optional[str] = setting(None, "backend (layerprune solvers), or elsa: whole-model ADMM on the "
                                     "model's loss (its options: --solver-option; see docs)", metavar="NAME",
                                     type=nonempty,
-                                    default_text=f"{DEFAULT_SOLVER}; {STRUCTURE_SOLVER} with --structure")
+                                    default_text=f"{DEFAULT_SOLVERS['reconstruct']}, {DEFAULT_SOLVERS['mask']} with "
+                                    f"--objective mask; {STRUCTURE_SOLVER} with --structure")
     pattern: str = setting(DEFAULT_PATTERN, "per-row:0.5 | nm:2:4 | unstructured:0.6 | columns:0.3 (pruned fractions)",
                            metavar="PATTERN", type=nonempty)
     structure: Optional[str] = setting(None, "structured pruning instead of --pattern: mlp:F removes the fraction F "
@@ -87,7 +88,8 @@ class PruneConfig:
                                           "fraction} (as the report names layers); layers not in it take "
                                           "--pattern's", metavar="FILE.json", type=nonempty)
     objective: Optional[str] = setting(None, "layer error with the kept weights fixed or refitted", choices=OBJECTIVES,
-                                       default_text=f"mask; {STRUCTURE_OBJECTIVE} with --structure")
+                                       default_text=f"{DEFAULT_OBJECTIVE} without --solver, else the "
+                                       f"solver's own (mask where it takes it); {STRUCTURE_OBJECTIVE} with --structure")
     target: str = setting("layer", "match each layer's own outputs on the pruned model's inputs, or the dense "
                           "model's outputs (dense: one more copy of the calibration hidden states)",
                           choices=TARGETS)
@@ -193,15 +195,21 @@ def check_before_loading(config: PruneConfig) -> Checked:
 
 def with_defaults(config: PruneConfig) -> PruneConfig:
     """``config`` with its solver and objective filled in where not given: ``--structure``'s
-    (``alternating``, ``reconstruct``) or the layer-wise defaults (``sparseswaps``, ``mask``);
-    ``--solver elsa``'s warm start (``--init``; from the dense model it keeps no objective)."""
-    structured = config.structure is not None
-    solver = config.solver if config.solver is not None else (STRUCTURE_SOLVER if structured else DEFAULT_SOLVER)
-    init = _elsa_init(config) if solver == ELSA else config.init
-    objective = config.objective
-    if objective is None and not (solver == ELSA and init == DENSE_START):   # from dense: no layer objective
-        objective = STRUCTURE_OBJECTIVE if structured else "mask"
-    return dataclasses.replace(config, solver=solver, objective=objective, init=init)
+    (``alternating``, ``reconstruct``); a layer-wise prune's by :func:`~.plan.default_solver`
+    (neither given: ``admm``, ``reconstruct``; ``--objective mask`` alone: ``sparseswaps``; a
+    solver alone: its own objective, ``mask`` where it takes it); under ``--solver elsa`` its
+    warm start's (``--init``; from the dense model it keeps no objective)."""
+    if config.structure is not None:
+        return dataclasses.replace(config, solver=config.solver or STRUCTURE_SOLVER,
+                                   objective=config.objective or STRUCTURE_OBJECTIVE)
+    if config.solver == ELSA:
+        init = _elsa_init(config)
+        objective = config.objective
+        if objective is None and init != DENSE_START:      # from dense: no layer objective
+            objective = native_objective(init)
+        return dataclasses.replace(config, objective=objective, init=init)
+    solver, objective = default_solver(config.solver, config.objective)
+    return dataclasses.replace(config, solver=solver, objective=objective)
 
 
 def _elsa_init(config: PruneConfig) -> str:

@@ -26,7 +26,7 @@ from ..report import LayerRecord, pack_mask
 from .capture import (CALIB_BATCH, _accumulate, _accumulate_targets, _Batch, _GramAccumulator, _propagate, _Stop,
                       capture_block_inputs, linear_groups)
 from .measure import release_memory
-from .plan import DEFAULT_SOLVER, _Layer, _plan, build_solvers
+from .plan import _Layer, _plan, build_solvers, default_solver
 from .structure import _eval_mode, _model_device, _on_device, find_blocks, find_linears
 
 __all__ = ["PruningInterrupted", "prune_model", "BlockState", "SolveSettings", "TARGETS", "DENSE_TARGET_RIDGE", "check_target"]
@@ -141,8 +141,8 @@ class _Progress:
         self.bar.close()
 
 
-def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str, Solver] = DEFAULT_SOLVER,
-                pattern: str = "per-row:0.5", objective: str = "mask",
+def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[None, str, Solver] = None,
+                pattern: str = "per-row:0.5", objective: Optional[str] = None,
                 overrides: Optional[dict[str, str]] = None, solver_options: Optional[dict] = None,
                 init: Optional[str] = None, params: Optional[Params] = None,
                 device: Union[None, str, torch.device] = None, sequential_order: bool = False,
@@ -157,10 +157,11 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
     ----------
     model : a Hugging Face causal LM (``model(input_ids=…)``), modified in place
     calib_ids : (nsamples, seqlen) LongTensor of calibration tokens
-    solver : registry name of the default backend (default :data:`~.plan.DEFAULT_SOLVER`), or a
-        :class:`Solver` instance
+    solver : registry name of the default backend, or a :class:`Solver` instance
+    objective : ``mask`` or ``reconstruct``. Either or both left out are filled in as
+        ``layerprune prune`` does (:func:`~.plan.default_solver`): neither → ``admm``,
+        ``reconstruct``; a solver alone → its own objective (``mask`` where it takes it)
     pattern : pattern string; fractions (``per-row:0.5``) resolve per layer width
-    objective : ``mask`` or ``reconstruct``
     overrides : {module name or substring of it: solver name}, e.g. ``{"down_proj": "sparsegpt"}``;
         a key that names no layer is an error
     solver_options : constructor options of the default solver
@@ -203,6 +204,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[str,
     _check_calibration_ids(calib_ids)
     if target not in TARGETS:
         raise ProblemError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    solver, objective = default_solver(solver, objective)
     overrides = dict(overrides or {})
     home = _model_device(model)
     device = torch.device(device) if device is not None else home

@@ -12,10 +12,38 @@ from layerprune.solvers import Solver, SolverError, get_solver_class, make_solve
 
 from .structure import _qualified, find_linears
 
-__all__ = ["DEFAULT_SOLVER", "Plan", "check_settings", "build_solvers"]
+__all__ = ["DEFAULT_SOLVER", "DEFAULT_OBJECTIVE", "DEFAULT_SOLVERS", "native_objective", "default_solver", "Plan",
+           "check_settings", "build_solvers"]
 
-#: the backend a prune uses unless told otherwise (``PruneConfig``, ``prune_model``)
-DEFAULT_SOLVER = "sparseswaps"
+#: the objective of a prune told neither its solver nor its objective (``PruneConfig``, ``prune_model``)
+DEFAULT_OBJECTIVE = "reconstruct"
+#: the backend a prune uses for each objective unless told otherwise: ADMM with the CG refit
+#: fits the 15-minute default job on 2 cores (docs/DECISIONS.md, "The default prune")
+DEFAULT_SOLVERS = {"reconstruct": "admm", "mask": "sparseswaps"}
+DEFAULT_SOLVER = DEFAULT_SOLVERS[DEFAULT_OBJECTIVE]
+
+
+def native_objective(solver: Union[str, Solver]) -> str:
+    """The objective a solver (registry name or instance) runs when none is given: ``mask``
+    where it takes it (Wanda's, RIA's and SparseSwaps' published form; SparseGPT's weight update
+    needs ``reconstruct`` given), else ``reconstruct`` (ADMM, ALPS, …); an unknown name gets
+    ``mask`` and is refused by the solver checks that follow."""
+    try:
+        objectives = solver.objectives if isinstance(solver, Solver) else get_solver_class(solver).objectives
+    except SolverError:
+        return "mask"
+    return "mask" if "mask" in objectives else "reconstruct"
+
+
+def default_solver(solver: Union[None, str, Solver], objective: Optional[str]) -> tuple:
+    """``(solver, objective)`` of a layer-wise prune with the defaults filled in: neither given →
+    the default prune (:data:`DEFAULT_SOLVER`, :data:`DEFAULT_OBJECTIVE`); an objective alone →
+    its default solver (:data:`DEFAULT_SOLVERS`; an unknown objective keeps the default solver
+    and is refused by the checks); a solver alone → :func:`native_objective`."""
+    if solver is None:
+        objective = objective or DEFAULT_OBJECTIVE
+        return DEFAULT_SOLVERS.get(objective, DEFAULT_SOLVER), objective
+    return solver, objective if objective is not None else native_objective(solver)
 
 
 def _resolve_solver(qualified: str, default: str, overrides: dict[str, str]) -> str:
