@@ -566,6 +566,7 @@ def test_run_end_to_end_saves_reloads_and_reports(tiny_job, tmp_path):
     assert all(math.isfinite(v) for v in data["perplexity"].values())
     s = data["settings"]
     assert (s["calib"], s["nsamples"], s["seqlen"], s["seed"]) == ("calib", 4, 16, 0)
+    assert (s["solver"], s["objective"]) == ("admm", "reconstruct")      # the default prune
     assert data["peak_memory_bytes"] > 0 and data["seconds"] > 0
     # base at load + 2 × model + the hidden states in and out of one block: 4 × 16 tokens × 32 wide × 4 bytes × 2
     assert data["memory_base_bytes"] > 0
