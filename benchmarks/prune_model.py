@@ -17,10 +17,11 @@ Usage::
         --solvers magnitude wanda --patterns per-row:0.5 --out /tmp/quick.json   # quick check
 
 A solver is ``NAME`` or ``NAME:OBJECTIVE``; a bare name takes the solver's only objective, or
-``mask`` when it has both. Whole-model ADMM: ``elsa`` (its default warm start, Wanda's prune),
-``elsa+dense`` (from the dense model, as published), ``elsa+INIT:OBJECTIVE`` (warm-started from a
-layer-wise prune by INIT) and ``elsa-control`` (the same loop without the constraint: the dense
-model fine-tuned); their options go in ``--prune-args "--solver-option …"`` (so such a grid holds
+``mask`` when it has both. Whole-model ADMM: ``elsa`` (its default warm start, ADMM's prune;
+Wanda's in runs at commit 98a276d and before), ``elsa+dense`` (from the dense model, as
+published), ``elsa+INIT:OBJECTIVE`` (warm-started from a layer-wise prune by INIT) and
+``elsa-control`` (the same loop without the constraint: the dense model fine-tuned); their
+options go in ``--prune-args "--solver-option …"`` (so such a grid holds
 Elsa runs only). Results are written atomically after every run to ``--out``
 (JSON) and the markdown table next to it (``.md``); ``--resume`` keeps the runs of an existing
 results file made with the same settings and runs only the missing or failed ones.

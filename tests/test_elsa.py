@@ -254,10 +254,10 @@ def test_run_elsa_starts_from_a_layerwise_prune_by_default(tiny_job, tmp_path): 
     report = run(_config(tiny_job, solver="elsa", pattern="nm:2:4",
                          solver_options={"steps": 3, "batch": 2, "projection": "second-moment"}), log=lambda s: None)
     assert report.sparsity == 0.5 and len(report.layers) == 14
-    assert {r.solver for r in report.layers} == {"wanda"}
+    assert {r.solver for r in report.layers} == {"admm"}
     text = report.format()
-    assert report.elsa["steps_done"] == 3 and "wanda (layer-wise)" in text
-    assert report.settings["init"] == "wanda" and report.settings["objective"] == "mask"
+    assert report.elsa["steps_done"] == 3 and "admm (layer-wise)" in text
+    assert report.settings["init"] == "admm" and report.settings["objective"] == "reconstruct"
     # the layer records are the warm start's: no layer-error line, the training's time and memory said
     assert "error vs Wanda" not in text and "elsa " in text.split("time")[-1].splitlines()[0]
     assert "Elsa trains" in text and "target" not in text.split("peak memory")[-1]

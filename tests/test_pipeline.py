@@ -864,7 +864,8 @@ def test_prune_model_and_the_job_share_the_default_solver():
     ({"solver": "wanda", "objective": "reconstruct"}, ("wanda", "reconstruct")),
     ({"solver": "nosuch"}, ("nosuch", "mask")),                             # refused later, by the solver check
     ({"structure": "mlp:0.3"}, ("alternating", "reconstruct")),
-    ({"solver": "elsa"}, ("elsa", "mask")),                                 # Elsa: its warm start's (Wanda)
+    ({"solver": "elsa"}, ("elsa", "reconstruct")),                          # Elsa: its warm start's (ADMM)
+    ({"solver": "elsa", "init": "wanda"}, ("elsa", "mask")),
     ({"solver": "elsa", "init": "admm"}, ("elsa", "reconstruct")),
     ({"solver": "elsa", "init": "dense"}, ("elsa", None)),
 ])

@@ -74,8 +74,9 @@ ELSA = "elsa"
 #: ``--init`` of an Elsa run that starts from the dense model (as published)
 DENSE_START = "dense"
 #: the layer-wise warm start of an Elsa run without ``--init`` (docs/DECISIONS.md: from the dense
-#: model the weights need far more steps than a CPU budget gives)
-DEFAULT_WARM_START = "wanda"
+#: model the weights need far more steps than a CPU budget gives; from ADMM's prune Elsa ends far
+#: below where it ends from Wanda's)
+DEFAULT_WARM_START = "admm"
 
 SCHEDULES = ("constant", "linear", "cosine", "exponential")
 PROJECTIONS = ("magnitude", "second-moment")
