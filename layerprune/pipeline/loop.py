@@ -158,10 +158,10 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[None
     model : a Hugging Face causal LM (``model(input_ids=…)``), modified in place
     calib_ids : (nsamples, seqlen) LongTensor of calibration tokens
     solver : registry name of the default backend, or a :class:`Solver` instance
-    objective : ``mask`` or ``reconstruct``. Either or both left out are filled in as
-        ``layerprune prune`` does (:func:`~.plan.default_solver`): neither → ``admm``,
-        ``reconstruct``; a solver alone → its own objective (``mask`` where it takes it)
     pattern : pattern string; fractions (``per-row:0.5``) resolve per layer width
+    objective : ``mask`` or ``reconstruct``. Either or both of ``solver`` and ``objective`` left
+        out are filled in as ``layerprune prune`` does (:func:`~.plan.default_solver`): neither →
+        ``admm``, ``reconstruct``; a solver alone → its own objective (``mask`` where it takes it)
     overrides : {module name or substring of it: solver name}, e.g. ``{"down_proj": "sparsegpt"}``;
         a key that names no layer is an error
     solver_options : constructor options of the default solver
