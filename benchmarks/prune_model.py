@@ -419,10 +419,11 @@ def _elsa_lines(runs: list) -> list[str]:
              "constraint (the dense model fine-tuned on the same tokens). `prune s` includes the training."]
     for r in rows:
         e, o = r["elsa"], r["elsa"].get("options") or {}
-        admm = (f", λ {o.get('lmda')}, interval {o.get('interval')}" if o.get("constrained", True) else
-                " (no constraint)")
-        residual = (f"; residual before the final projection {_fmt(e.get('final_residual'), 3)}"
-                    if o.get("constrained", True) else "")
+        if o.get("constrained", True):
+            admm = f", λ {o.get('lmda')}, interval {o.get('interval')}"
+            residual = f"; residual before the final projection {_fmt(e.get('final_residual'), 3)}"
+        else:
+            admm, residual = " (no constraint)", ""
         lines.append(f"- {r['pattern']} {r['solver']}: {e['steps_done']} steps × {o.get('batch')} windows "
                      f"({e['tokens']} tokens), lr {o.get('lr')}{admm}; training loss {_fmt(e.get('loss_first'), 3)} → "
                      f"{_fmt(e.get('loss_last'), 3)}{residual}" + (" (interrupted)" if e.get("interrupted") else ""))

@@ -22,7 +22,7 @@ from .allocate import ALLOCATIONS, KNAPSACK_NORMS, MAP_FILE, check_allocatable, 
 from .channels import STRUCTURE_OBJECTIVE, STRUCTURE_SOLVER, check_structured_model, parse_structure
 from .elsa import DEFAULT_WARM_START, DENSE_START, ELSA, parse_elsa_options
 from .loop import DENSE_TARGET_RIDGE, TARGETS, check_target
-from .plan import DEFAULT_OBJECTIVE, DEFAULT_SOLVERS, Plan, _plan, build_solvers, check_settings, default_solver, native_objective
+from .plan import DEFAULT_OBJECTIVE, DEFAULT_SOLVER, DEFAULT_SOLVERS, Plan, _plan, build_solvers, check_settings, default_solver, native_objective
 from .structure import find_blocks, resolve_device
 
 __all__ = ["PruneConfig", "Checked", "check_before_loading", "check_outputs", "check_against_model",
@@ -67,7 +67,7 @@ class PruneConfig:
     solver: Optional[str] = setting(None, "backend (layerprune solvers), or elsa: whole-model ADMM on the "
                                     "model's loss (its options: --solver-option; see docs)", metavar="NAME",
                                     type=nonempty,
-                                    default_text=f"{DEFAULT_SOLVERS['reconstruct']}, {DEFAULT_SOLVERS['mask']} with "
+                                    default_text=f"{DEFAULT_SOLVER}, {DEFAULT_SOLVERS['mask']} with "
                                     f"--objective mask; {STRUCTURE_SOLVER} with --structure")
     pattern: str = setting(DEFAULT_PATTERN, "per-row:0.5 | nm:2:4 | unstructured:0.6 | columns:0.3 (pruned fractions)",
                            metavar="PATTERN", type=nonempty)
