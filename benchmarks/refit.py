@@ -2,8 +2,8 @@
 
 (a) ``real``: every linear of block ``--block`` of the bundled SmolLM2 (calibrated as ``layerprune
     prune`` does: Austen, 64 × 256 tokens, seed 0), per-row 50%; SparseGPT's mask and own weights;
-    the exact refit and PCG from SparseGPT's weights (float32), each timed, and their objectives
-    (float64 re-score) against the exact one.
+    the exact refit and PCG from SparseGPT's weights (float32) without and with the dual start
+    (``--dual-iter``), each timed, and their objectives (float64 re-score) against the exact one.
 (b) ``synthetic``: LLaMA-7B-shaped layers 4096×11008 (``down_proj``) and 11008×4096 (``up``/``gate``).
     ``G = D·G̃·D``: ``G̃`` has the eigenvalues of a real SmolLM2 layer's unit-diagonal Gram
     (``down_proj``'s for 11008 inputs, ``q_proj``'s for 4096), interpolated in log scale over the
@@ -11,8 +11,9 @@
     d³ work); ``D`` are channel scales ``sqrt(G_jj)`` drawn from the same real layer, outlier
     channels included; ``W`` entries drawn from its weights. Each method runs in its own
     subprocess (peak RSS = that process's ``VmHWM``, loading included) on the first
-    ``--rows`` rows; SparseGPT's factorisation is timed whole, its sweep, PCG and the exact
-    refit (``--exact-rows`` rows) per row and extrapolated linearly to all ``d_out`` rows.
+    ``--rows`` rows; SparseGPT's factorisation and the dual start's inverse of ``G`` are timed
+    whole, SparseGPT's sweep, PCG (without and with the dual start) and the exact refit
+    (``--exact-rows`` rows) per row and extrapolated linearly to all ``d_out`` rows.
 
 Usage (one run, ratios from the same load)::
 
@@ -31,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from layerprune.problems.refit import DEFAULT_DUAL_ITER
 
 SHAPES = ((4096, 11008, "down_proj"), (11008, 4096, "q_proj"))
 
@@ -57,7 +60,7 @@ def _timed(f):
 
 
 # ---------------------------------------------------------------------------- (a) real layers
-def real_part(problems: dict, tol: float, max_iter: int) -> list[dict]:
+def real_part(problems: dict, tol: float, max_iter: int, dual_iter: int) -> list[dict]:
     from layerprune.problems import LayerProblem, pcg_refit
     from layerprune.solvers import Params, make_solver
 
@@ -66,13 +69,20 @@ def real_part(problems: dict, tol: float, max_iter: int) -> list[dict]:
         p = LayerProblem.create(p.W, p.G, pattern="per-row:0.5", objective="reconstruct")
         prop = make_solver("sparsegpt").propose(p, Params())
         exact, t_exact = _timed(lambda: p.refit(prop.mask))
-        fit, t_cg = _timed(lambda: pcg_refit(p.W, p.G, prop.mask, prop.weights, tol=tol, max_iter=max_iter))
+        fit, t_cg = _timed(lambda: pcg_refit(p.W, p.G, prop.mask, prop.weights, tol=tol, max_iter=max_iter,
+                                             dual_iter=0))
+        dual, t_dual = _timed(lambda: pcg_refit(p.W, p.G, prop.mask, prop.weights, tol=tol, max_iter=max_iter,
+                                                dual_iter=dual_iter))
         e_exact = float(p.weight_errors(exact).sum())
         e_cg = float(p.weight_errors(fit.weights).sum())
+        e_dual = float(p.weight_errors(dual.weights).sum())
         e_own = float(p.weight_errors(prop.weights.to(torch.float64) * prop.mask).sum())
         rows.append({"layer": name.split(".")[-1], "shape": list(p.shape), "exact_s": t_exact, "cg_s": t_cg,
                      "cg_iterations": fit.iterations, "cg_max_relative_residual": fit.max_relative_residual,
                      "cg_converged": fit.converged, "cg_over_exact_objective": e_cg / e_exact,
+                     "dual_s": t_dual, "dual_iterations": dual.dual_iterations,
+                     "dual_primal_iterations": dual.iterations, "dual_max_relative_residual": dual.max_relative_residual,
+                     "dual_converged": dual.converged, "dual_over_exact_objective": e_dual / e_exact,
                      "sparsegpt_own_over_exact_objective": e_own / e_exact})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -107,6 +117,7 @@ def synthetic_arrays(real, d_out: int, d_in: int, seed: int) -> tuple[torch.Tens
 def child(args) -> dict:
     """One method on the cached synthetic layer, in its own process (for its peak RSS)."""
     from layerprune.problems import LayerProblem, parse_pattern, pcg_refit
+    from layerprune.problems.refit import _damped_inverse
     from layerprune.solvers.sparsegpt import inverse_hessian_factor, obs_prune
 
     torch.set_num_threads(args.threads)
@@ -123,15 +134,21 @@ def child(args) -> dict:
         (keep, Q, _), t_sweep = _timed(lambda: obs_prune(Wr, U, "per-row", prune=d_in // 2))
         torch.save((keep, Q), cache / "sparsegpt.pt")
         out.update(factor_s=t_factor, sweep_s=t_sweep, seconds=t_factor + t_sweep * d_out / rows)
-    elif args.child == "cg":
+    elif args.child in ("cg", "cg-primal"):
         keep, Q = torch.load(cache / "sparsegpt.pt")
-        fit, t = _timed(lambda: pcg_refit(W[:rows], G, keep, Q, tol=args.tol, max_iter=args.max_iter))
+        dual_iter = args.dual_iter if args.child == "cg" else 0
+        t_inverse = _timed(lambda: _damped_inverse(G))[1] if dual_iter else 0.0  # once per layer, not per row
+        fit, t = _timed(lambda: pcg_refit(W[:rows], G, keep, Q, tol=args.tol, max_iter=args.max_iter,
+                                          dual_iter=dual_iter))
         p = LayerProblem(W[:rows].to(torch.float64), G.to(torch.float64), parse_pattern("per-row:0.5").bind(rows, d_in),
                          "reconstruct")
         e_cg, t_score = _timed(lambda: float(p.weight_errors(fit.weights).sum()))
         e_own = float(p.weight_errors(Q.to(torch.float64)).sum())
-        torch.save(fit.weights[:args.exact_rows], cache / "cg_weights.pt")
-        out.update(seconds=t * d_out / rows, rescore_float64_s=t_score * d_out / rows, iterations=fit.iterations,
+        if args.child == "cg":
+            torch.save(fit.weights[:args.exact_rows], cache / "cg_weights.pt")
+        out.update(seconds=t_inverse + (t - t_inverse) * d_out / rows, inverse_s=t_inverse,
+                   rescore_float64_s=t_score * d_out / rows, iterations=fit.iterations,
+                   dual_iterations=fit.dual_iterations,
                    max_relative_residual=fit.max_relative_residual, converged=fit.converged,
                    cg_over_own_objective=e_cg / e_own)
     else:  # exact, on the first exact_rows rows
@@ -156,10 +173,10 @@ def synthetic_part(args, real_by_kind: dict) -> list[dict]:
         torch.save((W, G), cache / "layer.pt")
         del W, G
         rec = {"shape": [d_out, d_in], "spectrum_from": f"smollm2 block {args.block} {kind}", "methods": {}}
-        for method in ("sparsegpt", "cg", "exact"):
+        for method in ("sparsegpt", "cg-primal", "cg", "exact"):
             cmd = [sys.executable, __file__, "--child", method, "--cache", str(cache), "--rows", str(args.rows),
                    "--exact-rows", str(args.exact_rows), "--tol", str(args.tol), "--max-iter", str(args.max_iter),
-                   "--threads", str(args.threads)]
+                   "--dual-iter", str(args.dual_iter), "--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"refit benchmark: {method} on {d_out}x{d_in} failed:\n{proc.stderr[-2000:]}")
@@ -167,40 +184,51 @@ def synthetic_part(args, real_by_kind: dict) -> list[dict]:
             print(d_out, d_in, json.dumps(rec["methods"][method]), flush=True)
         m = rec["methods"]
         rec["cg_over_sparsegpt_time"] = m["cg"]["seconds"] / m["sparsegpt"]["seconds"]
+        rec["cg_primal_over_sparsegpt_time"] = m["cg-primal"]["seconds"] / m["sparsegpt"]["seconds"]
         rec["exact_over_sparsegpt_time"] = m["exact"]["seconds"] / m["sparsegpt"]["seconds"]
         results.append(rec)
     return results
 
 
 def markdown(rec: dict) -> str:
+    dual = rec.get("dual_iter", 0)
     lines = [f"Command: `{rec['command']}`  ", f"Commit {rec['commit']}; load average before/after "
              f"{rec['load_before']} / {rec['load_after']}; {rec['threads']} torch threads; "
-             f"CG tol {rec['tol']}, max_iter {rec['max_iter']}, float32; objectives re-scored in float64.", ""]
+             f"CG tol {rec['tol']}, max_iter {rec['max_iter']}, dual start at most {dual} iterations, float32; "
+             "objectives re-scored in float64.", ""]
     if rec.get("real"):
         lines += ["## (a) SmolLM2 block {} layers, per-row 50%, SparseGPT's mask".format(rec["block"]), "",
-                  "| layer | shape | exact s | CG s | CG iterations | max rel. residual | CG / exact objective "
-                  "| SparseGPT own / exact |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "`CG`: the primal CG alone (dual_iter 0); `CG + dual`: the default, the dual start then the "
+                  "primal CG (iterations dual / primal). Both from SparseGPT's own weights, same tolerance.", "",
+                  "| layer | shape | exact s | CG s | CG iterations | CG + dual s | its iterations | "
+                  "CG / exact objective | CG + dual / exact objective | SparseGPT own / exact |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rec["real"]:
             lines.append(f"| {r['layer']} | {r['shape'][0]}×{r['shape'][1]} | {r['exact_s']:.2f} | {r['cg_s']:.2f} | "
-                         f"{r['cg_iterations']} | {r['cg_max_relative_residual']:.1e} | "
-                         f"{r['cg_over_exact_objective']:.6f} | {r['sparsegpt_own_over_exact_objective']:.4f} |")
+                         f"{r['cg_iterations']} | {r['dual_s']:.2f} | {r['dual_iterations']} / "
+                         f"{r['dual_primal_iterations']} | {r['cg_over_exact_objective']:.8f} | "
+                         f"{r['dual_over_exact_objective']:.8f} | {r['sparsegpt_own_over_exact_objective']:.4f} |")
         lines.append("")
     if rec.get("synthetic"):
         lines += ["## (b) LLaMA-7B-shaped synthetic layers, per-row 50%", "",
                   f"Timed on the first {rec['rows']} rows (exact refit: first {rec['exact_rows']}), extrapolated "
-                  "linearly to all rows; SparseGPT's Cholesky factorisation timed whole. Peak RSS per "
-                  "method process (loading W and G included).", "",
-                  "| shape | spectrum from | SparseGPT s | CG refit s (iterations) | exact refit s (extrapolated) "
-                  "| CG / SparseGPT time | CG / SparseGPT-own objective | CG / exact objective (exact rows) "
-                  "| peak RSS MiB: SparseGPT / CG / exact |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+                  "linearly to all rows; SparseGPT's Cholesky factorisation and the dual start's inverse timed "
+                  "whole. Peak RSS per method process (loading W and G included).", "",
+                  "| shape | spectrum from | SparseGPT s | CG s (iterations) | CG + dual s (iterations dual / primal) "
+                  "| exact refit s (extrapolated) | CG / SparseGPT time | CG + dual / SparseGPT time "
+                  "| CG + dual / SparseGPT-own objective | CG + dual / exact objective (exact rows) "
+                  "| peak RSS MiB: SparseGPT / CG / CG + dual / exact |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rec["synthetic"]:
             m = r["methods"]
             lines.append(
                 f"| {r['shape'][0]}×{r['shape'][1]} | {r['spectrum_from']} | {m['sparsegpt']['seconds']:.1f} | "
-                f"{m['cg']['seconds']:.1f} ({m['cg']['iterations']}) | {m['exact']['seconds']:.0f} | "
-                f"{r['cg_over_sparsegpt_time']:.2f} | {m['cg']['cg_over_own_objective']:.4f} | "
-                f"{m['exact']['cg_over_exact_objective_on_these_rows']:.6f} | "
-                f"{m['sparsegpt']['peak_rss_mib']:.0f} / {m['cg']['peak_rss_mib']:.0f} / {m['exact']['peak_rss_mib']:.0f} |")
+                f"{m['cg-primal']['seconds']:.1f} ({m['cg-primal']['iterations']}) | {m['cg']['seconds']:.1f} "
+                f"({m['cg']['dual_iterations']} / {m['cg']['iterations']}) | {m['exact']['seconds']:.0f} | "
+                f"{r['cg_primal_over_sparsegpt_time']:.2f} | {r['cg_over_sparsegpt_time']:.2f} | "
+                f"{m['cg']['cg_over_own_objective']:.4f} | {m['exact']['cg_over_exact_objective_on_these_rows']:.6f} | "
+                f"{m['sparsegpt']['peak_rss_mib']:.0f} / {m['cg-primal']['peak_rss_mib']:.0f} / "
+                f"{m['cg']['peak_rss_mib']:.0f} / {m['exact']['peak_rss_mib']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -216,7 +244,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cache", default="/tmp/layerprune-refit-bench")
-    ap.add_argument("--child", choices=("sparsegpt", "cg", "exact"), help=argparse.SUPPRESS)
+    ap.add_argument("--dual-iter", type=int, default=DEFAULT_DUAL_ITER, help="the CG's dual start cap (0: none)")
+    ap.add_argument("--child", choices=("sparsegpt", "cg-primal", "cg", "exact"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(args)))
@@ -227,14 +256,14 @@ def main(argv=None):
 
     rec = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": _commit(),
            "load_before": os.getloadavg()[0], "threads": args.threads, "tol": args.tol, "max_iter": args.max_iter,
-           "block": args.block, "rows": args.rows, "exact_rows": args.exact_rows}
+           "block": args.block, "rows": args.rows, "exact_rows": args.exact_rows, "dual_iter": args.dual_iter}
     model, tokenizer = models.load_model("smollm2")
     ids = data.calibration_batch(tokenizer, data.load_text("austen-calib"), 64, 256, 0)
     problems = layer_problems(model, ids, block=args.block)
     del model
     parts = args.parts.split(",")
     if "real" in parts:
-        rec["real"] = real_part(problems, args.tol, args.max_iter)
+        rec["real"] = real_part(problems, args.tol, args.max_iter, args.dual_iter)
     if "synthetic" in parts:
         by_kind = {n.split(".")[-1]: p for n, p in problems.items()}
         rec["synthetic"] = synthetic_part(args, by_kind)

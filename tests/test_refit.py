@@ -79,6 +79,36 @@ def test_caps_are_respected():
     assert torch.equal(late.weights, (p.W.to(torch.float32) * mask).to(torch.float64))
 
 
+def test_dual_start_cuts_the_primal_iterations_on_a_real_like_layer():
+    """The dual (OBS-form) start: same accuracy as the primal CG alone, in fewer primal
+    iterations, on an ill-conditioned layer with outlier channels."""
+    W, G = make_arrays(48, 96, seed=11, rho=0.9, outlier_scale=100.0)
+    p = LayerProblem.create(W, G, pattern="per-row:0.5", objective="reconstruct")
+    mask = _wanda_mask(p)
+    alone = pcg_refit(p.W, p.G, mask, dual_iter=0, tol=1e-5)
+    dual = pcg_refit(p.W, p.G, mask, tol=1e-5)
+    assert alone.dual_iterations == 0 and dual.dual_iterations > 0
+    assert alone.converged and dual.converged and dual.iterations < alone.iterations
+    assert _relative_excess(p, dual.weights, mask) <= max(_relative_excess(p, alone.weights, mask), 1e-9)
+    assert dual.describe()["dual_iterations"] == dual.dual_iterations
+
+
+def test_dual_start_needs_a_factorisation_and_time():
+    """No dual start where ``G`` has no positive diagonal (nothing to factorise) or the deadline
+    has passed; the primal CG still returns the right weights."""
+    from layerprune.problems.refit import _damped_inverse
+
+    assert _damped_inverse(torch.zeros(4, 4)) is None
+    W = torch.randn(3, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    p = LayerProblem.create(W, torch.zeros(8, 8, dtype=torch.float64), pattern="per-row:0.5", objective="reconstruct")
+    mask = _wanda_mask(p)
+    fit = pcg_refit(p.W, p.G, mask, dtype=torch.float64)
+    assert fit.dual_iterations == 0 and fit.converged and torch.isfinite(fit.weights).all()
+    q = _problem(16, 32, seed=12)
+    late = pcg_refit(q.W, q.G, _wanda_mask(q), deadline=time.perf_counter())
+    assert late.dual_iterations == 0 and late.iterations == 0
+
+
 def test_chunks_give_the_same_weights():
     p = _problem(40, 32, seed=4)
     mask = _wanda_mask(p)
