@@ -24,7 +24,7 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 
 from layerprune.problems import LayerProblem
-from layerprune.problems.refit import DEFAULT_MAX_ITER, DEFAULT_TOL, REFIT_METHODS, refit_weights
+from layerprune.problems.refit import DEFAULT_DUAL_ITER, DEFAULT_MAX_ITER, DEFAULT_TOL, REFIT_METHODS, refit_weights
 
 from .options import Option, OptionError
 
@@ -111,6 +111,8 @@ class Params:
         (batched preconditioned CG from the solver's own weights, :mod:`problems.refit`) or
         ``auto`` (exact on small layers, CG above :data:`problems.refit.EXACT_MAX_FLOPS`)
     refit_tol, refit_max_iter : CG's relative residual tolerance and iteration cap per row
+    refit_dual_iter : cap on CG's dual (OBS-form) start per row; 0 starts the primal CG from the
+        solver's own weights directly (:mod:`problems.refit`)
     """
 
     time_limit: Optional[float] = None
@@ -124,12 +126,13 @@ class Params:
     refit: str = "auto"
     refit_tol: float = DEFAULT_TOL
     refit_max_iter: int = DEFAULT_MAX_ITER
+    refit_dual_iter: int = DEFAULT_DUAL_ITER
 
     def __post_init__(self):
         if self.refit not in REFIT_METHODS:
             raise ValueError(f"refit must be one of {REFIT_METHODS}, got {self.refit!r}")
-        if not self.refit_tol > 0 or self.refit_max_iter < 0:
-            raise ValueError("refit_tol must be > 0 and refit_max_iter ≥ 0")
+        if not self.refit_tol > 0 or self.refit_max_iter < 0 or self.refit_dual_iter < 0:
+            raise ValueError("refit_tol must be > 0, refit_max_iter and refit_dual_iter ≥ 0")
         tl = self.time_limit
         if tl is not None:
             if isinstance(tl, bool) or not isinstance(tl, (int, float)) or math.isnan(tl) or tl <= 0:
@@ -523,7 +526,7 @@ def _refit(problem: LayerProblem, mask: torch.Tensor, own: Optional[torch.Tensor
     dtype = params.dtype if params.dtype in (torch.float32, torch.float64) else torch.float32
     started = time.perf_counter()
     fit = refit_weights(problem, mask, own, method=params.refit, tol=params.refit_tol,
-                        max_iter=params.refit_max_iter, dtype=dtype)
+                        max_iter=params.refit_max_iter, dual_iter=params.refit_dual_iter, dtype=dtype)
     weights, errors = fit.weights, problem.weight_errors(fit.weights)
     info["refit"] = fit.describe()
     info["refit"]["seconds"] = time.perf_counter() - started  # not in Result.seconds (the solve's)

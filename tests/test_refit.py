@@ -109,6 +109,22 @@ def test_dual_start_needs_a_factorisation_and_time():
     assert late.dual_iterations == 0 and late.iterations == 0
 
 
+def test_params_choose_the_dual_start():
+    """``Params.refit_dual_iter`` reaches the refit (0: none) and is validated."""
+    from layerprune.solvers.base import _refit
+
+    p = _ill_conditioned(32, 64, seed=13)
+    mask = _wanda_mask(p)
+    runs = {}
+    for cap in (0, 24):
+        info = {}
+        _refit(p, mask, None, Params(refit="cg", refit_dual_iter=cap), info)
+        runs[cap] = info["refit"]["dual_iterations"]
+    assert runs[0] == 0 and runs[24] > 0
+    with pytest.raises(ValueError):
+        Params(refit_dual_iter=-1)
+
+
 def test_chunks_give_the_same_weights():
     p = _problem(40, 32, seed=4)
     mask = _wanda_mask(p)
