@@ -41,12 +41,11 @@ solves, for every row ``r`` with support ``S`` (``K = |S|``),
     so that ``v*_P = 0`` and ``(G(w − v*))_S = (e_P y)_S = 0``: the minimiser. ``y`` is the
     constraint's multiplier, warm-started as ``y₀ = (G(w − v₀))_P`` from the start ``v₀`` (exact
     at the optimum); Jacobi on ``diag H``; the same stop rules, at most ``dual_iter`` iterations.
-    On real layers the dual system is much better conditioned than ``G_SS`` (SmolLM2 block 14:
-    8–12 iterations to an objective within 1e-5 of exact where the primal needs 35–78 to 1e-4),
-    and each iteration costs the same one GEMM. ``H`` is one Cholesky inverse of
-    ``G + δI`` in the working dtype (``δ`` = 1e-6 of the mean diagonal, raised ×100 until the
-    factorisation succeeds), ``d_in³`` flop, about one CG iteration's worth on a 7B
-    ``down_proj``. ``v = M ⊙ (W − Y H)`` replaces the start in every row where its exact
+    On real layers' Grams the dual system is far better conditioned than ``G_SS`` (measurements:
+    docs/DECISIONS.md, "The dual start"), and each iteration costs the same one GEMM. ``H`` is
+    one Cholesky inverse of ``G + δI`` in the working dtype (``δ`` = 1e-6 of the mean diagonal,
+    raised ×100 until the factorisation succeeds), ``d_in³`` flop once per layer, a few CG
+    iterations' worth. ``v = M ⊙ (W − Y H)`` replaces the start in every row where its exact
     error is lower (one more GEMM), and the primal CG then finishes from it to ``tol``: the
     stated residual is the primal one either way, and damping or float32 rounding in ``H``
     only makes the start worse, never the result wrong.
