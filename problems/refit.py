@@ -48,7 +48,8 @@ solves, for every row ``r`` with support ``S`` (``K = |S|``),
     iterations' worth. ``v = M ⊙ (W − Y H)`` replaces the start in every row where its exact
     error is lower (one more GEMM), and the primal CG then finishes from it to ``tol``: the
     stated residual is the primal one either way, and damping or float32 rounding in ``H``
-    only makes the start worse, never the result wrong.
+    only makes the start worse, never the result wrong. Memory: ``H`` (d_in² of the working
+    dtype) beside ``G``, and about ten (rows × d_in) arrays per chunk while the dual runs.
 """
 from __future__ import annotations
 
