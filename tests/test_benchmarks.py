@@ -370,3 +370,19 @@ def test_elsa_report_compares_each_run_with_the_best_layerwise_and_its_control(t
     assert rows[(8, "a")]["control"] is None and rows[(8, "a")]["meets_target"] is None
     text = mod.markdown(dict(results, comparisons=mod.comparisons(results), note=""))
     assert "| per-row:0.7 | elsa | 4 (32) | a | 30.00 | 50.00 | admm:reconstruct | -40.0% | 8.00 | -20.0% | met |" in text
+
+
+def test_elsa_report_bar_depends_on_the_pattern(monkeypatch):
+    """70/80% per-row: 30% below the best and below the control's change; 50%: not worse than the
+    best (no control needed); other patterns (2:4): no bar."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("elsa_report", ROOT / "benchmarks" / "elsa_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.verdict("per-row:0.8", -0.35, -0.1) is True
+    assert mod.verdict("per-row:0.7", -0.35, -0.4) is False      # the control gained more
+    assert mod.verdict("per-row:0.7", -0.35, None) is None
+    assert mod.verdict("per-row:0.5", 0.0, None) is True
+    assert mod.verdict("per-row:0.5", 0.01, -0.5) is False
+    assert mod.verdict("nm:2:4", -0.5, -0.1) is None
+    assert mod.verdict("per-row:0.6", -0.5, -0.1) is None
