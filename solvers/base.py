@@ -140,6 +140,11 @@ class Params:
             if tl > MAX_TIME_LIMIT:  # no backend takes more (SCIP refuses 1e300): it means no limit
                 object.__setattr__(self, "time_limit", None)
 
+    def refit_options(self) -> dict:
+        """The keyword arguments of :func:`problems.refit.refit_weights` these parameters set."""
+        return {"method": self.refit, "tol": self.refit_tol, "max_iter": self.refit_max_iter,
+                "dual_iter": self.refit_dual_iter}
+
     def deadline(self, start: float) -> float:
         return math.inf if self.time_limit is None else start + float(self.time_limit)
 
@@ -525,8 +530,7 @@ def _refit(problem: LayerProblem, mask: torch.Tensor, own: Optional[torch.Tensor
         info["own_weights_objective"] = float(own_errors.sum())
     dtype = params.dtype if params.dtype in (torch.float32, torch.float64) else torch.float32
     started = time.perf_counter()
-    fit = refit_weights(problem, mask, own, method=params.refit, tol=params.refit_tol,
-                        max_iter=params.refit_max_iter, dual_iter=params.refit_dual_iter, dtype=dtype)
+    fit = refit_weights(problem, mask, own, dtype=dtype, **params.refit_options())
     weights, errors = fit.weights, problem.weight_errors(fit.weights)
     info["refit"] = fit.describe()
     info["refit"]["seconds"] = time.perf_counter() - started  # not in Result.seconds (the solve's)

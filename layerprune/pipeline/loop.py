@@ -340,9 +340,7 @@ def _solve_layer(layer: _Layer, G: torch.Tensor, ntokens: int, settings: SolveSe
         fallback = init_mask if settings.init is not None else (wanda.mask if wanda is not None else None)
         if fallback is None:
             raise SolverError(f"layer {layer.qualified}: solver {layer.solver!r} found no mask ({status})")
-        p = settings.params
-        weights = refit_weights(problem, fallback, method=p.refit, tol=p.refit_tol, max_iter=p.refit_max_iter,
-                                dual_iter=p.refit_dual_iter).weights \
+        weights = refit_weights(problem, fallback, **settings.params.refit_options()).weights \
             if settings.objective == "reconstruct" else problem.W.to(torch.float64) * fallback
         mask, value = fallback, float(problem.weight_errors(weights).sum())
         limit = f"{limit or status}; fell back to {'init' if settings.init is not None else 'wanda'} mask"
