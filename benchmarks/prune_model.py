@@ -364,6 +364,8 @@ def markdown(results: dict) -> str:
         f"Machine: {results.get('environment', {}).get('machine', '?')}.",
         "",
     ]
+    if results.get("command"):
+        lines += [f"Command: `{results['command']}`", ""]
     lines += _memory_target_lines(runs)
     lines += [
         "`layer err / wanda`: mean over layers of the layer objective divided by Wanda's on the "
@@ -501,9 +503,11 @@ def _environment() -> dict:
 
 def benchmark(settings: dict, runs: list[RunSpec], out: Path, *, resume: bool = False,
               skipped: Optional[list] = None, timeout: Optional[float] = None,
-              runner: Callable[..., dict] = run_one, log=print, redo: tuple = ()) -> dict:
+              runner: Callable[..., dict] = run_one, log=print, redo: tuple = (),
+              command: Optional[str] = None) -> dict:
     """Run every configuration not already done (or named in ``redo``, keys like
-    ``"per-row:0.5 admm:reconstruct"``); write the results after each run."""
+    ``"per-row:0.5 admm:reconstruct"``); write the results after each run. ``command``: the
+    benchmark's own command line, recorded in the results (and their markdown header)."""
     previous = load_previous(out, settings) if resume else []
     done = {f"{r['pattern']} {r['solver']}:{r['objective']}": r for r in previous if r.get("status") == "ok"}
     unknown = set(redo) - {spec.key for spec in runs}
@@ -512,6 +516,8 @@ def benchmark(settings: dict, runs: list[RunSpec], out: Path, *, resume: bool = 
     done = {k: r for k, r in done.items() if k not in set(redo)}
     results = {"benchmark": "prune_model", "settings": settings, "environment": _environment(),
                "skipped": list(skipped or []), "runs": []}
+    if command is not None:
+        results["command"] = command
     # keep earlier results of configurations not in this grid (resume with a different grid)
     wanted = {spec.key for spec in runs}
     results["runs"] = [r for k, r in done.items() if k not in wanted]
@@ -563,6 +569,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _own_command(argv=None) -> str:
+    """This benchmark's command line as a user would type it from the repository root."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return shlex.join(["python", "benchmarks/prune_model.py", *args])
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     settings = {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen,
@@ -577,7 +589,7 @@ def main(argv=None) -> int:
             print(f"skipping {sk['key']}: {sk['reason']}", file=sys.stderr)
         results = benchmark(settings, runs, args.out, resume=args.resume, skipped=skipped,
                             timeout=args.timeout, log=lambda s: print(s, file=sys.stderr, flush=True),
-                            redo=tuple(args.redo))
+                            redo=tuple(args.redo), command=_own_command(argv))
     except BenchmarkError as exc:
         print(f"prune_model: error: {exc}", file=sys.stderr)
         return 2

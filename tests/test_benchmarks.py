@@ -169,9 +169,11 @@ def test_summary_table_json_and_resume(bench, tmp_path):
                 "status": "ok", "error": None, "returncode": 0, "wall_s": 20.0,
                 "peak_rss_bytes": 1000 * 2 ** 20, "timed_out": False, **bench.summarise_report(rep)}
 
-    res = bench.benchmark(SETTINGS, specs, out, runner=runner, log=lambda s: None)
+    command = "python benchmarks/prune_model.py --patterns per-row:0.5"
+    res = bench.benchmark(SETTINGS, specs, out, runner=runner, log=lambda s: None, command=command)
     assert calls == [s.key for s in specs]
     saved = json.loads(out.read_text())
+    assert saved["command"] == command
     assert saved["settings"] == SETTINGS and saved["dense_perplexity"] == {"persuasion": 37.0, "mobydick": 42.5}
     mag = saved["runs"][0]
     assert mag["mean_error_vs_wanda"] == pytest.approx(1.5) and mag["prune_s"] == 3.5
@@ -183,7 +185,7 @@ def test_summary_table_json_and_resume(bench, tmp_path):
     assert rows[1].startswith("| dense | – | – | 37.00 | 42.50 |")
     assert rows[2] == "| per-row:0.5 | magnitude | mask | 90.00 | 135.00 | 1.500 | 3.5 | 20.0 | 1000 |"
     assert rows[4].startswith("| per-row:0.5 | sparsegpt | reconstruct | failed: layerprune: error: boom / bang |")
-    assert "austen-calib: 8 × 256 tokens" in md
+    assert "austen-calib: 8 × 256 tokens" in md and f"Command: `{command}`" in md
     assert not list(out.parent.glob(".*tmp"))  # atomic writes leave no temporaries
 
     # --resume reruns only the failed configuration, keeping the others as they were
