@@ -388,3 +388,64 @@ def test_elsa_report_bar_depends_on_the_pattern(monkeypatch):
     assert mod.verdict("per-row:0.5", 0.01, -0.5) is False
     assert mod.verdict("nm:2:4", -0.5, -0.1) is None
     assert mod.verdict("per-row:0.6", -0.5, -0.1) is None
+
+
+def test_targets_report_bars_candidates_and_distances(tmp_path, monkeypatch):
+    """Issue 16's bars: fixed, lowered by a better unstructured anchor (not by a re-measured per-row
+    one), relative at 70%; the best run overall (Elsa, with its control) and the best layer-wise
+    one; a later file replaces an earlier file's run; other settings are refused."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("targets_report", ROOT / "benchmarks" / "targets_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    budget = {"steps": 4, "batch": 2, "lr": 2e-4, "warmup": 0, "clip": 1.0, "beta1": 0.9, "beta2": 0.95}
+    dense = {"persuasion": 40.0, "mobydick": 50.0}
+
+    def run(pattern, solver, objective, p, m, options=None):
+        elsa = None if options is None else {"steps_done": 4, "tokens": 32, "options": options}
+        return {"pattern": pattern, "solver": solver, "objective": objective, "status": "ok", "code": "abc",
+                "load_at_start": [1.0, 1.0, 1.0], "perplexity": {"persuasion": p, "mobydick": m},
+                "dense_perplexity": dense, "elsa": elsa}
+
+    old = {"settings": dict(SETTINGS), "runs": [
+        run("per-row:0.5", "admm", "reconstruct", 60.0, 90.0),        # replaced by the later file's run
+        run("per-row:0.6", "admm", "reconstruct", 70.0, 126.0),
+        run("per-row:0.7", "wanda", "mask", 500.0, 800.0),
+        run("per-row:0.7", "sparsegpt", "reconstruct", 120.0, 300.0),
+        run("per-row:0.7", "admm", "reconstruct", 100.0, 240.0)]}
+    new = {"settings": dict(SETTINGS, prune_args="--no-reference"), "runs": [
+        run("per-row:0.5", "admm", "reconstruct", 54.0, 86.0),        # 0.9 × 86 < 77.9: not a lowering anchor
+        run("unstructured:0.5", "sparsegpt", "reconstruct", 50.0, 95.0),   # lowers Persuasion's bar to 45
+        run("unstructured:0.5", "admm", "reconstruct", 52.0, 88.0)]}
+    elsa = {"settings": dict(SETTINGS, prune_args="--solver-option steps=4"), "runs": [
+        run("per-row:0.7", "elsa+admm", "reconstruct", 60.0, 170.0, budget),
+        run("per-row:0.5", "elsa+admm", "reconstruct", 40.0, 80.0, dict(budget, lr=1e-3)),
+        run("per-row:0.7", "elsa-control", "loss", 30.0, 49.0, budget)]}
+    files = [tmp_path / f"{i}.json" for i in range(3)]
+    for f, d in zip(files, (old, new, elsa)):
+        f.write_text(json.dumps(d))
+    results = mod.load(files)
+    assert sum(r["pattern"] == "per-row:0.5" and r["solver"] == "admm" for r in results["runs"]) == 1
+    rows = {(r["target"], r["text"]): r for r in mod.verdicts(results)}
+    p5, m5 = rows[("0.5", "persuasion")], rows[("0.5", "mobydick")]
+    assert p5["bar"] == pytest.approx(45.0) and p5["bar_from"] == "0.9 × unstructured:0.5 sparsegpt:reconstruct"
+    assert m5["bar"] == 77.9 and m5["anchors_missing"] == []
+    assert p5["best"] == "per-row:0.5 elsa+admm:reconstruct (batch 2; lr 0.001; steps 4)" and p5["best_met"] is True
+    assert p5["control_change_vs_dense"] is None                     # no control at lr 1e-3
+    assert p5["best_layerwise"] == "unstructured:0.5 sparsegpt:reconstruct"
+    assert p5["best_layerwise_vs_bar"] == pytest.approx(50.0 / 45.0 - 1.0) and p5["best_layerwise_met"] is False
+    assert m5["best_ppl"] == 80.0 and m5["best_met"] is False
+    assert rows[("0.6", "mobydick")]["anchors_missing"] == ["unstructured:0.6 sparsegpt:reconstruct",
+                                                            "unstructured:0.6 admm:reconstruct"]
+    p7, m7 = rows[("0.7", "persuasion")], rows[("0.7", "mobydick")]
+    assert p7["bar"] == pytest.approx(75.0) and m7["bar"] == pytest.approx(180.0)
+    assert p7["best_met"] is True and m7["best_vs_bar"] == pytest.approx(170.0 / 180.0 - 1.0)
+    assert m7["control_change_vs_dense"] == pytest.approx(49.0 / 50.0 - 1.0)
+    assert rows[("0.5 moonshot", "persuasion")]["bar"] == pytest.approx(46.0)
+    text = mod.markdown(dict(results, targets=mod.verdicts(results), note="n"))
+    assert "| 0.7 | mobydick | 180.00 | 0.75 × per-row:0.7 admm:reconstruct | per-row:0.7 elsa+admm:reconstruct " \
+           "(batch 2; steps 4) | " \
+           "170.00 | -5.6% | met | per-row:0.7 admm:reconstruct | 240.00 | +33.3% | not met | -2.0% |" in text
+    files[2].write_text(json.dumps(dict(elsa, settings=dict(SETTINGS, nsamples=16))))
+    with pytest.raises(SystemExit, match="other settings"):
+        mod.load(files)
