@@ -22,13 +22,11 @@ Writes the JSON and a markdown file next to it.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Optional
 
-from structured_report import _bench, merge, runs_lines, write
+from structured_report import _bench, merge, report_parser, runs_lines, write
 
 #: the options that make two runs train on the same tokens with the same optimiser
 BUDGET = ("steps", "batch", "lr", "warmup", "clip", "beta1", "beta2")
@@ -128,11 +126,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", nargs="+", type=Path, required=True)
-    p.add_argument("--note", default="")
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
+    args = report_parser(__doc__).parse_args(argv)
     results = merge(args.runs, args_ok=lambda text: True, order_key=_order, key=_key, who="elsa_report")
     for run in results["runs"]:
         if run.get("elsa"):  # files recorded before the driver left it empty: the warm start's ratio

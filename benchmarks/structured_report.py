@@ -139,6 +139,15 @@ def runs_lines(results: dict) -> list[str]:
     return lines
 
 
+def report_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line every report shares: ``--runs`` (driver files), ``--note``, ``--out``."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--runs", nargs="+", type=Path, required=True)
+    p.add_argument("--note", default="")
+    p.add_argument("--out", type=Path, required=True)
+    return p
+
+
 def write(results: dict, out: Path, text: str) -> None:
     """``out`` (JSON) and its ``.md`` (``text``), each atomically; ``text`` printed."""
     bench = _bench()
@@ -176,13 +185,10 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", nargs="+", type=Path, required=True)
+    p = report_parser(__doc__)
     p.add_argument("--speed", type=Path)
     p.add_argument("--speed-names", nargs="*", default=[])
     p.add_argument("--speed-command", default="")
-    p.add_argument("--note", default="")
-    p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     results = merge(args.runs)
     results["note"] = args.note

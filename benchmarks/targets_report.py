@@ -25,15 +25,14 @@ by the same loop and tokens) shows how much of a gain plain fine-tuning gives.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Optional
 
-from elsa_report import _budget, _kind
+from elsa_report import _budget, _kind, _num, _pct
 from layerprune.pipeline.elsa import ELSA_OPTIONS
-from structured_report import PER_RUN, write
+from structured_report import PER_RUN, report_parser, write
 
 #: today's per-row ADMM less 10% (the issue's table), by sparsity level and text
 FIXED_BARS = {"0.5": {"persuasion": 48.9, "mobydick": 77.9}, "0.6": {"persuasion": 62.9, "mobydick": 113.5},
@@ -172,14 +171,6 @@ def verdicts(results: dict) -> list[dict]:
     return rows
 
 
-def _num(x: Optional[float]) -> str:
-    return "–" if x is None else f"{x:.2f}"
-
-
-def _pct(x: Optional[float]) -> str:
-    return "–" if x is None else f"{100 * x:+.1f}%"
-
-
 def _met(x: Optional[bool]) -> str:
     return {True: "met", False: "not met", None: "–"}[x]
 
@@ -224,11 +215,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", nargs="+", type=Path, required=True)
-    p.add_argument("--note", default="")
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
+    args = report_parser(__doc__).parse_args(argv)
     results = load(args.runs)
     results["note"] = args.note
     results["targets"] = verdicts(results)
