@@ -51,7 +51,7 @@ def merge(files: list[Path], *, args_ok=None, order_key=None, key=None, who: str
     order_key = order_key or (lambda r: (float(r["pattern"].split(":")[1]),
                                          METHOD_ORDER.index(f"{r['solver']}:{r['objective']}")))
     key = key or (lambda r: f"{r['pattern']} {r['solver']}:{r['objective']}")
-    loaded = [json.loads(Path(f).read_text()) for f in files]
+    loaded = [read_results(f, who) for f in files]
     def same(settings: dict) -> dict:   # a run's --out (in prune_args) changes no measurement
         return {k: v for k, v in settings.items() if k != "prune_args"}
 
@@ -69,6 +69,17 @@ def merge(files: list[Path], *, args_ok=None, order_key=None, key=None, who: str
                "skipped": [], "runs": order, "sources": [str(f) for f in files]}
     results["dense_perplexity"], results["dense_mismatch"] = bench.dense_perplexity(order)
     return results
+
+
+def read_results(path: Path, who: str) -> dict:
+    """A driver's results file (``settings`` and ``runs``), or one line saying why it is not one."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"{who}: error: cannot read {path}: {exc}") from None
+    if not isinstance(d, dict) or not {"settings", "runs"} <= d.keys():
+        raise SystemExit(f"{who}: error: {path} is not a prune_model results file (no settings and runs)")
+    return d
 
 
 def _only_output_args(text: str) -> bool:

@@ -32,7 +32,7 @@ from typing import Optional
 
 from elsa_report import _budget, _kind, _num, _pct
 from layerprune.pipeline.elsa import ELSA_OPTIONS
-from structured_report import PER_RUN, report_parser, write
+from structured_report import PER_RUN, read_results, report_parser, write
 
 #: today's per-row ADMM less 10% (the issue's table), by sparsity level and text
 FIXED_BARS = {"0.5": {"persuasion": 48.9, "mobydick": 77.9}, "0.6": {"persuasion": 62.9, "mobydick": 113.5},
@@ -65,7 +65,7 @@ def load(files: list[Path]) -> dict:
     file's run of the same configuration replaces an earlier one."""
     runs, settings, dense = {}, None, {}
     for f in files:
-        d = json.loads(Path(f).read_text())
+        d = read_results(f, "targets_report")
         these = {k: d["settings"].get(k) for k in SAME}
         if settings is None:
             settings = these

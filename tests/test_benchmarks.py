@@ -449,3 +449,8 @@ def test_targets_report_bars_candidates_and_distances(tmp_path, monkeypatch):
     files[2].write_text(json.dumps(dict(elsa, settings=dict(SETTINGS, nsamples=16))))
     with pytest.raises(SystemExit, match="other settings"):
         mod.load(files)
+    files[2].write_text(json.dumps({"benchmark": "allocation", "runs": []}))
+    with pytest.raises(SystemExit, match="2.json is not a prune_model results file"):
+        mod.load(files)
+    with pytest.raises(SystemExit, match="cannot read .*missing.json"):
+        mod.load([tmp_path / "missing.json"])
