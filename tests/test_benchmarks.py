@@ -454,3 +454,39 @@ def test_targets_report_bars_candidates_and_distances(tmp_path, monkeypatch):
         mod.load(files)
     with pytest.raises(SystemExit, match="cannot read .*missing.json"):
         mod.load([tmp_path / "missing.json"])
+
+
+def test_refit_benchmark_times_each_backend_whole(tmp_path):
+    """benchmarks/refit.py (c): a backend's proposal is split into a fixed and a per-row part and
+    extrapolated, its refit added; SparseGPT's backend is its algorithm plus the CG refit."""
+    import argparse
+
+    spec = importlib.util.spec_from_file_location("refit_bench", ROOT / "benchmarks" / "refit.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(96, 32, generator=g)
+    W, G = torch.randn(24, 32, generator=g), X.T @ X
+    torch.save((W, G), tmp_path / "layer.pt")
+    threads = torch.get_num_threads()
+    args = argparse.Namespace(cache=str(tmp_path), rows=8, exact_rows=2, tol=1e-4, max_iter=200, dual_iter=24,
+                              threads=1)
+    try:
+        methods = {}
+        for child in ("sparsegpt", "cg", "admm", "alps"):
+            methods[child] = mod.child(argparse.Namespace(**vars(args), child=child))
+    finally:
+        torch.set_num_threads(threads)
+    admm = methods["admm"]
+    assert set(admm["propose_timed_s"]) == {4, 8} and admm["propose_fixed_s"] >= 0.0
+    assert admm["propose_s"] == pytest.approx(admm["propose_fixed_s"] + 24 * admm["propose_per_row_s"])
+    assert admm["seconds"] == pytest.approx(admm["propose_s"] + admm["refit_s"])
+    assert admm["refit_over_own_objective"] <= 1.0 + 1e-9          # the refit never raises the error
+    rows = mod.backend_rows(methods, ["admm", "alps"])
+    own = methods["sparsegpt"]["seconds"]
+    assert rows["sparsegpt"]["seconds"] == pytest.approx(own + methods["cg"]["seconds"])
+    assert rows["alps"]["over_sparsegpt_own"] == pytest.approx(methods["alps"]["seconds"] / own)
+    text = "\n".join(mod._backend_lines([{"shape": [24, 32], "backends": rows}]))
+    assert "| 24×32 | admm |" in text and "## (c)" in text
+    with pytest.raises(SystemExit):
+        mod.main(["--backends", "admm,nope"])
