@@ -28,6 +28,12 @@ The JSON written by ``layerprune prune --report FILE.json`` is :meth:`PruneRepor
     ``tokens``, ``interrupted``, ``seconds``, ``final_residual`` and the per-step ``history``
     (loss, gradient norm, learning rate, λ, and at z-updates the residual and mask change);
     None otherwise
+``block_tuning``
+    under ``--block-tune`` (:mod:`layerprune.pipeline.block_tune`): ``epochs``, ``lr``, ``seed``
+    and per block ``error_before`` / ``error_after`` (the block's mean square output error
+    against the dense block on the same inputs), ``steps``, ``seconds``. The layer records then
+    hold each layer's layer-wise solve (objective, mask) before its block was tuned; the masks
+    are the final ones, the weights are not. None otherwise
 ``structure``
     under ``--structure`` (:mod:`layerprune.pipeline.channels`): ``kind``, ``fraction``,
     ``intermediate_size`` (before, after), ``decoder_parameters`` (the decoder blocks'
@@ -174,6 +180,7 @@ class PruneReport:
     map_path: Optional[str] = None      # the sparsity map written beside the report
     structure: Optional[dict] = None    # structured pruning (pipeline.channels): what was removed
     elsa: Optional[dict] = None         # whole-model ADMM (pipeline.elsa): its settings, steps and history
+    block_tuning: Optional[dict] = None  # --block-tune (pipeline.block_tune): each block's error before, after
 
     # ------------------------------------------------------------------ views
     def to_json(self) -> dict:
@@ -195,6 +202,7 @@ class PruneReport:
             "allocation": self.allocation,
             "structure": self.structure,
             "elsa": self.elsa,
+            "block_tuning": self.block_tuning,
             "layers": [r.to_json() for r in self.layers],
         }
 
@@ -252,6 +260,8 @@ def format_report(report: PruneReport) -> str:
     if certified:
         gaps = sorted(r.gap for r in certified)
         lines.append(f"certified layers   {len(certified)}, median gap {100 * statistics.median(gaps):.2f}%")
+    if report.block_tuning and report.block_tuning.get("blocks"):
+        lines.append(_block_tuning_line(report.block_tuning))
     alloc = report.allocation
     if alloc and alloc.get("method") != "uniform" and alloc.get("fractions"):
         values = list(alloc["fractions"].values())
@@ -279,6 +289,14 @@ def format_report(report: PruneReport) -> str:
         if path:
             lines.append(f"{label:<18} {path}")
     return "\n".join(lines)
+
+
+def _block_tuning_line(tuning: dict) -> str:
+    """``--block-tune``'s summary: blocks, epochs, and the median change of a block's output error."""
+    changes = [b["error_after"] / b["error_before"] - 1.0 for b in tuning["blocks"] if b["error_before"] > 0]
+    median = f", block output error median {100 * statistics.median(changes):+.1f}%" if changes else ""
+    return (f"block tuning       {len(tuning['blocks'])} blocks × {tuning['epochs']} epochs, lr {tuning['lr']:g}"
+            f"{median} (layer errors above: before tuning)")
 
 
 def _structure_line(structure: dict) -> str:

@@ -19,6 +19,7 @@ from layerprune.settings import (SettingError, check_values, nonempty, nonnegati
 from layerprune.solvers import Params
 
 from .allocate import ALLOCATIONS, KNAPSACK_NORMS, MAP_FILE, check_allocatable, check_owl_range, read_sparsity_map
+from .block_tune import DEFAULT_BLOCK_TUNE_LR
 from .channels import STRUCTURE_OBJECTIVE, STRUCTURE_SOLVER, check_structured_model, parse_structure
 from .elsa import DEFAULT_WARM_START, DENSE_START, ELSA, parse_elsa_options
 from .loop import DENSE_TARGET_RIDGE, TARGETS, check_target
@@ -128,6 +129,11 @@ class PruneConfig:
     reference: bool = setting(True, "no Wanda reference per layer (under reconstruct: one refit less per layer; "
                               "the report has no error ratio to Wanda)", negate=True)
     sequential_order: bool = setting(False, "within a block prune q,k,v → o → gate,up → down, re-capturing inputs")
+    block_tune: int = setting(0, "after each block's layer-wise solve, tune its pruned linears' kept weights for "
+                              "EPOCHS passes so the block's output matches the dense block's on the same inputs "
+                              "(EBFT; masks unchanged; 0: off)", metavar="EPOCHS", type=nonnegative_int)
+    block_tune_lr: Optional[float] = setting(None, "learning rate of --block-tune (AdamW, decaying linearly to 0)",
+                                             metavar="LR", type=positive_float, default_text=f"{DEFAULT_BLOCK_TUNE_LR:g}")
     prune_lm_head: bool = setting(False, "prune lm_head too")
     dtype: str = setting("float32", "dtype of the model's weights", choices=DTYPES)
     progress: bool = setting(True, "no progress bars", negate=True)
@@ -183,6 +189,7 @@ def check_before_loading(config: PruneConfig) -> Checked:
     else:
         check_solvers(config)
         fractions = check_allocation(config)
+    check_block_tune(config)
     check_outputs(config.out, config.report, config.force)
     calib_source = config.calib if config.calib is not None else data.DEFAULT_CALIBRATION
     eval_sources = list(config.eval) if config.eval else list(data.DEFAULT_EVALUATION)
@@ -266,6 +273,21 @@ def check_elsa(config: PruneConfig) -> None:
                        ("--max-iter", config.max_iter is not None))
         _refuse_given(layer_flags, "shapes a layer-wise warm start: an Elsa run from the dense model has none")
     check_solvers(layerwise(config))
+
+
+def check_block_tune(config: PruneConfig) -> None:
+    """``--block-tune`` and ``--block-tune-lr`` with the settings they take: a layer-wise prune
+    (no ``--structure``, no ``--solver elsa``), the layer target, float32 weights."""
+    if config.block_tune_lr is not None and not config.block_tune:
+        raise SettingError("--block-tune-lr applies with --block-tune EPOCHS (≥ 1) only")
+    if not config.block_tune:
+        return
+    flags = (("--structure", config.structure is not None), ("--solver elsa", config.solver == ELSA),
+             ("--target dense", config.target != "layer"))
+    _refuse_given(flags, "does not apply with --block-tune (it tunes a layer-wise prune's blocks toward the "
+                         "dense block on the same inputs)")
+    if config.dtype != "float32":
+        raise SettingError(f"--dtype {config.dtype}: --block-tune trains float32 weights")
 
 
 def _refuse_given(flags: tuple, why: str) -> None:

@@ -23,6 +23,7 @@ from layerprune import data
 from ..report import MODEL_COPIES, PruneReport, plot_layer_errors, write_json_atomic
 from .allocate import (MAP_FILE, Allocation, knapsack_allocation, owl_allocation, sparsity_map_json,
                        uniform_allocation)
+from .block_tune import DEFAULT_BLOCK_TUNE_LR, BlockTuning
 from .channels import ChannelPruning, parse_structure, prune_mlp_channels
 from .config import (Checked, PruneConfig, check_against_model, check_before_loading, layerwise, target_ridge,
                      with_defaults)
@@ -74,12 +75,13 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
             values = list(allocation.fractions.values())
             log(f"allocation {allocation.method}: layer sparsity {min(values):.4f} … {max(values):.4f}")
         records, elsa = [], None
+        tuning = _block_tuning(config)
         with clock("prune"):
             if config.structure is not None:
                 channels = _prune_channels(model, calib_ids, checked, config)
                 records = channels.records
             elif config.solver != ELSA or config.init != DENSE_START:
-                records = _prune(model, calib_ids, checked, layerwise(config), allocation)
+                records = _prune(model, calib_ids, checked, layerwise(config), allocation, tuning)
         if stage is not None:
             with clock("elsa"):
                 elsa = stage.run(model, plan, allocation, config, checked.device, log)
@@ -87,6 +89,7 @@ def run(config: PruneConfig, *, log: Callable[[str], Any] = print) -> PruneRepor
             pruned = _perplexities(model, evals, config.seqlen, checked.device)
         report = _report(model, config, checked, calib_ids, evals, dense, pruned, records, clock, base)
         report.allocation = None if allocation is None else allocation.to_json()
+        report.block_tuning = None if tuning is None else tuning.to_json()
         if config.structure is not None:
             report.structure = channels.to_json(parse_structure(config.structure))
         masks = None if config.structure is not None else {r.name: r.packed_mask for r in records}
@@ -164,8 +167,16 @@ def _allocate(model: nn.Module, calib_ids: torch.Tensor, checked: Checked, confi
     return uniform_allocation(names, config.pattern, checked.sparsity_map)
 
 
+def _block_tuning(config: PruneConfig) -> Optional[BlockTuning]:
+    """``--block-tune``'s settings (its log fills during the prune), or None when off."""
+    if not config.block_tune:
+        return None
+    lr = DEFAULT_BLOCK_TUNE_LR if config.block_tune_lr is None else config.block_tune_lr
+    return BlockTuning(config.block_tune, lr, config.seed)
+
+
 def _prune(model: nn.Module, calib_ids: torch.Tensor, checked: Checked, config: PruneConfig,
-           allocation: Optional[Allocation]) -> list:
+           allocation: Optional[Allocation], tuning: Optional[BlockTuning] = None) -> list:
     own = allocation is not None and allocation.method != "uniform"
     return prune_model(model, calib_ids, solver=config.solver, pattern=config.pattern,
                        objective=config.objective, overrides=config.overrides,
@@ -173,7 +184,7 @@ def _prune(model: nn.Module, calib_ids: torch.Tensor, checked: Checked, config: 
                        device=checked.device, sequential_order=config.sequential_order,
                        prune_lm_head=config.prune_lm_head, progress=config.progress, target=config.target,
                        sparsity_map=allocation.fractions if own else None, target_ridge=target_ridge(config),
-                       reference=config.reference)
+                       reference=config.reference, block_tuning=tuning)
 
 
 def _prune_channels(model: nn.Module, calib_ids: torch.Tensor, checked: Checked, config: PruneConfig) -> ChannelPruning:

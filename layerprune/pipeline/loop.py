@@ -23,6 +23,7 @@ from layerprune.problems import (LayerProblem, ProblemError, check_ridge_fractio
 from layerprune.solvers import Params, Result, Solver, SolverError, make_solver
 
 from ..report import LayerRecord, pack_mask
+from .block_tune import BlockTuning, dense_targets, tune_block
 from .capture import (CALIB_BATCH, _accumulate, _accumulate_targets, _Batch, _GramAccumulator, _propagate, _Stop,
                       capture_block_inputs, linear_groups)
 from .measure import release_memory
@@ -73,6 +74,8 @@ class BlockState:
         (B, T, H)); after :func:`_propagate` its outputs, the next block's inputs
     groups : names of the linears that read one input tensor, in forward order
         (``q,k,v`` → ``o`` → ``gate,up`` → ``down``); set by :func:`_group_linears`
+    masks : each solved linear's (d_out, d_in) bool mask, by name inside the block; set by
+        :func:`_prune_block`
     """
 
     index: int
@@ -81,6 +84,7 @@ class BlockState:
     batches: list[_Batch]
     groups: list[list[str]] = field(default_factory=list)
     dense: Optional["DenseTwin"] = None
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def linears(self) -> dict[str, nn.Linear]:
@@ -112,6 +116,7 @@ class _Solved:
 
     weights: torch.Tensor           # (d_out, d_in) float64, zeros where pruned
     record: LayerRecord
+    mask: torch.Tensor              # (d_out, d_in) bool, True where kept
 
 
 class _Progress:
@@ -150,7 +155,8 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[None
                 callback: Optional[Callable[[LayerRecord], Any]] = None,
                 batch_size: int = CALIB_BATCH, target: str = "layer",
                 sparsity_map: Optional[dict[str, float]] = None,
-                target_ridge: float = DENSE_TARGET_RIDGE, reference: bool = True) -> list[LayerRecord]:
+                target_ridge: float = DENSE_TARGET_RIDGE, reference: bool = True,
+                block_tuning: Optional[BlockTuning] = None) -> list[LayerRecord]:
     """Prune every target linear of every decoder block, block after block.
 
     Parameters
@@ -187,6 +193,10 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[None
     reference : score Wanda's mask on every layer, each record's ``wanda_objective``. False
         skips it (under ``reconstruct`` a second refit per layer); Wanda's mask is still
         found where it starts or backs up a solve
+    block_tuning : after each block's layer-wise solve, tune the kept weights of its pruned
+        linears so the block's output matches the dense block's on the same inputs
+        (:mod:`.block_tune`; masks unchanged, each layer's record keeps its layer-wise
+        objective); ``block_tuning.log`` receives each block's errors before and after
     sparsity_map : {qualified layer name: pruned fraction}: those layers take ``pattern``'s
         kind with their own fraction (:mod:`.allocate`); the pattern must be a fraction
         (``per-row:F``, ``unstructured:F``, ``columns:F``) and every name a target layer
@@ -223,7 +233,10 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[None
             with _on_device(state.module, device, home):
                 if dense_batches is not None:
                     state.dense = DenseTwin(copy.deepcopy(state.module), dense_batches)
+                targets = dense_targets(state.module, state.batches) if block_tuning is not None else None
                 _prune_block(state, settings, sequential_order, written)
+                if targets is not None and state.masks:
+                    tune_block(index, state.module, state.linears, state.masks, state.batches, targets, block_tuning)
                 _propagate(state.module, state.batches)
                 if state.dense is not None:
                     _propagate(state.dense.module, state.dense.batches)
@@ -286,6 +299,7 @@ def _prune_block(state: BlockState, settings: SolveSettings, sequential_order: b
             layer = state.layers[local]
             solved = _solve_layer(layer, G, acc.n, settings, C, G0)
             _write_back(layer.linear, solved.weights)
+            state.masks[local] = solved.mask
             written.add(solved.record)
     written.skip(len(state.layers) - sum(len(g) for g in state.groups))  # never called: stay dense
 
@@ -354,7 +368,7 @@ def _solve_layer(layer: _Layer, G: torch.Tensor, ntokens: int, settings: SolveSe
         lower_bound=res.lower_bound, bound_source=res.bound_source, gap=gap, status=status, limit=limit,
         seconds=res.seconds, ntokens=ntokens, sparsity=1.0 - float(mask.double().mean()),
         packed_mask=pack_mask(mask))
-    return _Solved(weights, record)
+    return _Solved(weights, record, mask)
 
 
 def _wanda_reference(problem: LayerProblem, params: Params, scored: bool = True) -> Optional[Result]:

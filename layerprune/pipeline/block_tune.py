@@ -1,0 +1,140 @@
+r"""Block reconstruction after the layer-wise solve (``--block-tune``; EBFT, Guo et al. 2024,
+whose public code is sunggo/EBFT).
+
+Each layer's problem sees only its own output. Once every target linear of a block has been
+solved and written, their kept weights ``V_l`` are tuned together so that the block's output
+matches the dense block's on the same inputs::
+
+    min_{V : supp V_l ⊆ M_l}  (1 / (N·H)) Σ_batches ‖f(X̃; V) − f(X̃; W)‖²
+
+``X̃`` (N tokens × H) the inputs the block sees in the pruned model, ``f(·; W)`` the block before
+pruning, ``M_l`` each linear's mask from the layer-wise solve (fixed). This is the layer target
+lifted to the block: a linear's error now counts through what follows it in the block (the
+attention softmax, the MLP's gate, the residual stream). Everything else in the block (norms,
+linears outside the plan) stays as it was.
+
+Optimiser (as EBFT's ``train``): AdamW with β = (0.9, 0.95), gradient-norm clip 1, the learning
+rate decaying linearly to 0 over the run, no warm-up; one step per calibration mini-batch,
+``epochs`` passes over them in a seeded order; no weight decay (EBFT's 0.1 would also shrink
+the kept weights). Pruned entries get zero gradient and are zeroed again after every step, so
+each mask holds exactly. Cost per block: ``epochs`` forward and backward passes of the block
+over the calibration set, one more forward for the targets and two for the error before and
+after; memory: one more copy of the block's input hidden states (the targets), AdamW's two
+moments of the tuned weights and one mini-batch's activations.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .capture import _Batch, _call_block
+
+__all__ = ["BlockTuning", "BlockTuned", "DEFAULT_BLOCK_TUNE_LR", "dense_targets", "tune_block"]
+
+#: the learning rate of EBFT's published runs (its README: ``--learning_rate 0.0002``)
+DEFAULT_BLOCK_TUNE_LR = 2e-4
+#: AdamW's betas and the gradient-norm clip (EBFT's defaults)
+BETAS, CLIP = (0.9, 0.95), 1.0
+
+
+@dataclass(frozen=True)
+class BlockTuned:
+    """One block's tuning: its output error (mean square over the calibration tokens and hidden
+    units, against the dense block's output on the same inputs) before and after, the steps
+    taken and the seconds (targets and both errors included)."""
+
+    block: int
+    error_before: float
+    error_after: float
+    steps: int
+    seconds: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class BlockTuning:
+    """``--block-tune``'s settings, and ``log``: each tuned block's :class:`BlockTuned`, in
+    order, filled while the prune runs (an interrupted prune keeps the blocks it finished)."""
+
+    epochs: int
+    lr: float = DEFAULT_BLOCK_TUNE_LR
+    seed: int = 0
+    log: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if not (isinstance(self.epochs, int) and self.epochs >= 1):
+            raise ValueError(f"block tuning needs epochs ≥ 1, got {self.epochs!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"block tuning needs a finite learning rate > 0, got {self.lr!r}")
+
+    def to_json(self) -> dict:
+        return {"epochs": self.epochs, "lr": self.lr, "seed": self.seed,
+                "blocks": [b.to_json() for b in self.log]}
+
+
+def dense_targets(block: nn.Module, batches: list[_Batch]) -> list[torch.Tensor]:
+    """The block's outputs on each mini-batch before any of its weights change: (B, T, H) each."""
+    with torch.no_grad():
+        return [_call_block(block, b).detach().clone() for b in batches]
+
+
+def _error(block: nn.Module, batches: list[_Batch], targets: list[torch.Tensor]) -> float:
+    """Mean square of the block's output minus the targets, over every token and hidden unit."""
+    with torch.no_grad():
+        total = sum(float((_call_block(block, b).float() - t.float()).pow(2).sum()) for b, t in zip(batches, targets))
+    return total / sum(t.numel() for t in targets)
+
+
+def tune_block(index: int, block: nn.Module, linears: dict[str, nn.Linear], masks: dict[str, torch.Tensor],
+               batches: list[_Batch], targets: list[torch.Tensor], tuning: BlockTuning) -> BlockTuned:
+    """Tune the kept weights of ``linears`` (each masked by ``masks[name]``, (d_out, d_in) bool)
+    so the block's output on ``batches`` matches ``targets`` (:func:`dense_targets`); the
+    block's other parameters stay as they are. Appends the result to ``tuning.log``."""
+    start = time.perf_counter()
+    before = _error(block, batches, targets)
+    weights = [linears[name].weight for name in masks]
+    keep = [masks[name].to(device=w.device, dtype=w.dtype) for name, w in zip(masks, weights)]
+    frozen = [(p, p.requires_grad) for p in block.parameters()]
+    steps = tuning.epochs * len(batches)
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        for w in weights:
+            w.requires_grad_(True)
+        _train(block, weights, keep, batches, targets, tuning, steps)
+    finally:
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+            p.grad = None
+    done = BlockTuned(index, before, _error(block, batches, targets), steps, time.perf_counter() - start)
+    tuning.log.append(done)
+    return done
+
+
+def _train(block: nn.Module, weights: list[torch.Tensor], keep: list[torch.Tensor], batches: list[_Batch],
+           targets: list[torch.Tensor], tuning: BlockTuning, steps: int) -> None:
+    """AdamW steps with masked gradients and a linear learning-rate decay (module docstring)."""
+    opt = torch.optim.AdamW(weights, lr=tuning.lr, betas=BETAS, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1.0 - t / steps))
+    order = torch.Generator().manual_seed(tuning.seed)
+    with torch.enable_grad():
+        for _ in range(tuning.epochs):
+            for i in torch.randperm(len(batches), generator=order).tolist():
+                out = _call_block(block, batches[i])
+                loss = (out.float() - targets[i].float()).pow(2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                for w, m in zip(weights, keep):
+                    w.grad.mul_(m)
+                torch.nn.utils.clip_grad_norm_(weights, CLIP)
+                opt.step()
+                schedule.step()
+                with torch.no_grad():
+                    for w, m in zip(weights, keep):
+                        w.mul_(m)

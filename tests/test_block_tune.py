@@ -1,0 +1,73 @@
+"""--block-tune: each block's kept weights tuned toward the dense block's outputs (EBFT), on tiny models."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from layerprune.pipeline import find_blocks, find_linears, prune_model
+from layerprune.pipeline.block_tune import BlockTuning
+from layerprune.report import unpack_mask
+
+from test_pipeline import _config, _one_thread, assert_prune_refused, calib, tiny_llama  # noqa: F401
+from test_pipeline import tiny_job  # noqa: F401 (fixture)
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {f"{i}.{n}": lin.weight.detach().clone() for i, b in enumerate(find_blocks(model)[0])
+            for n, lin in find_linears(b).items()}
+
+
+def test_tuning_lowers_each_blocks_output_error_and_keeps_every_mask():
+    ids = calib()
+    plain = tiny_llama()
+    prune_model(plain, ids, solver="wanda", progress=False)
+    tuned = tiny_llama()
+    tuning = BlockTuning(epochs=4, lr=1e-2)
+    records = prune_model(tuned, ids, solver="wanda", progress=False, block_tuning=tuning)
+    assert [b.block for b in tuning.log] == [0, 1]
+    for b in tuning.log:
+        assert b.error_after < b.error_before and b.steps == 4 * 1       # one mini-batch of 6 sequences
+    after, before = _weights(tuned), _weights(plain)
+    for r in records:
+        block, name = r.name.split(".")[2], ".".join(r.name.split(".")[3:])
+        w, mask = after[f"{block}.{name}"], unpack_mask(r.packed_mask)
+        assert bool((w[~mask] == 0).all())                                # the mask holds exactly
+        assert r.sparsity == pytest.approx(0.5)
+    assert any(not torch.equal(after[k], before[k]) for k in after)       # the kept weights moved
+    assert all(p.requires_grad for p in tuned.parameters())               # as they were before the prune
+
+
+def test_block_tuning_settings_are_checked():
+    with pytest.raises(ValueError, match="epochs ≥ 1"):
+        BlockTuning(epochs=0)
+    with pytest.raises(ValueError, match="learning rate"):
+        BlockTuning(epochs=1, lr=float("nan"))
+
+
+def test_job_reports_each_tuned_block(tiny_job, tmp_path):
+    from layerprune.pipeline import run
+
+    rep = tmp_path / "report.json"
+    report = run(_config(tiny_job, solver="wanda", report=str(rep), block_tune=2, block_tune_lr=1e-3),
+                 log=lambda s: None)
+    data = json.loads(rep.read_text())
+    tuning = data["block_tuning"]
+    assert (tuning["epochs"], tuning["lr"], len(tuning["blocks"])) == (2, 1e-3, 2)
+    assert all(b["error_after"] < b["error_before"] for b in tuning["blocks"])
+    assert data["settings"]["block_tune"] == 2 and report.sparsity == 0.5
+    assert "block tuning       2 blocks × 2 epochs, lr 0.001, block output error median -" in report.format()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--block-tune-lr", "0.001"], "--block-tune-lr applies with --block-tune EPOCHS (≥ 1) only"),
+    (["--block-tune", "2", "--structure", "mlp:0.25"], "--structure does not apply with --block-tune"),
+    (["--block-tune", "2", "--solver", "elsa"], "--solver elsa does not apply with --block-tune"),
+    (["--block-tune", "2", "--target", "dense", "--solver", "sparsegpt", "--objective", "reconstruct"],
+     "--target dense does not apply with --block-tune"),
+    (["--block-tune", "2", "--dtype", "float16"], "--dtype float16: --block-tune trains float32 weights"),
+    (["--block-tune", "-1"], "--block-tune"),
+])
+def test_block_tune_refusals_are_one_line_and_write_nothing(tiny_job, tmp_path, capsys, flags, message):
+    assert_prune_refused(tiny_job, tmp_path, capsys, flags, message)
