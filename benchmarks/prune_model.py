@@ -258,7 +258,19 @@ def summarise_report(report: dict) -> dict:
         "eval_tokens_used": report.get("settings", {}).get("eval_tokens_used"),
         "structure": _structure_summary(report.get("structure")),
         "elsa": _elsa_summary(report.get("elsa")),
+        "block_tuning": _block_tuning_summary(report.get("block_tuning")),
     }
+
+
+def _block_tuning_summary(tuning: Optional[dict]) -> Optional[dict]:
+    """A ``--block-tune`` run's settings and each block's output error before and after."""
+    if not tuning:
+        return None
+    blocks = tuning.get("blocks") or []
+    changes = [b["error_after"] / b["error_before"] - 1.0 for b in blocks if b.get("error_before")]
+    return {"epochs": tuning.get("epochs"), "lr": tuning.get("lr"), "blocks": blocks,
+            "median_error_change": statistics.median(changes) if changes else None,
+            "seconds": sum(b.get("seconds") or 0.0 for b in blocks)}
 
 
 def _prune_seconds(timings: dict) -> Optional[float]:

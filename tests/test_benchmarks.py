@@ -109,6 +109,12 @@ def test_structure_entries_run_with_the_structure_flag(bench, tmp_path):
                                                     "decoder_parameters": [1000, 800], "kept_channels": {"x": [1]}}})
     assert summary["structure"] == {"kind": "mlp", "fraction": 0.3, "intermediate_size": [64, 45],
                                     "decoder_parameters": [1000, 800]}
+    assert summary["block_tuning"] is None
+    blocks = [{"block": 0, "error_before": 2.0, "error_after": 1.0, "steps": 8, "seconds": 3.0},
+              {"block": 1, "error_before": 4.0, "error_after": 3.0, "steps": 8, "seconds": 5.0}]
+    tuned = bench.summarise_report({"block_tuning": {"epochs": 1, "lr": 1e-3, "seed": 0, "blocks": blocks}})
+    assert tuned["block_tuning"]["median_error_change"] == pytest.approx(-0.375)
+    assert tuned["block_tuning"]["seconds"] == 8.0 and tuned["block_tuning"]["blocks"] == blocks
 
 
 def test_elsa_entries_run_elsa_its_warm_start_and_its_control(bench, tmp_path):

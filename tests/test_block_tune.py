@@ -46,7 +46,7 @@ def test_block_tuning_settings_are_checked():
         BlockTuning(epochs=1, lr=float("nan"))
 
 
-def test_job_reports_each_tuned_block(tiny_job, tmp_path):
+def test_job_reports_each_tuned_block(tiny_job, tmp_path):  # noqa: F811
     from layerprune.pipeline import run
 
     rep = tmp_path / "report.json"
@@ -69,5 +69,5 @@ def test_job_reports_each_tuned_block(tiny_job, tmp_path):
     (["--block-tune", "2", "--dtype", "float16"], "--dtype float16: --block-tune trains float32 weights"),
     (["--block-tune", "-1"], "--block-tune"),
 ])
-def test_block_tune_refusals_are_one_line_and_write_nothing(tiny_job, tmp_path, capsys, flags, message):
+def test_block_tune_refusals_are_one_line_and_write_nothing(tiny_job, tmp_path, capsys, flags, message):  # noqa: F811
     assert_prune_refused(tiny_job, tmp_path, capsys, flags, message)
