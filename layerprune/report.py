@@ -29,8 +29,8 @@ The JSON written by ``layerprune prune --report FILE.json`` is :meth:`PruneRepor
     (loss, gradient norm, learning rate, λ, and at z-updates the residual and mask change);
     None otherwise
 ``block_tuning``
-    under ``--block-tune`` (:mod:`layerprune.pipeline.block_tune`): ``epochs``, ``lr``, ``seed``
-    and per block ``error_before`` / ``error_after`` (the block's mean square output error
+    under ``--block-tune`` (:mod:`layerprune.pipeline.block_tune`): ``epochs``, ``lr``, ``seed``,
+    ``batch`` (sequences per step; None: each calibration mini-batch) and per block ``error_before`` / ``error_after`` (the block's mean square output error
     against the dense block on the same inputs), ``steps``, ``seconds``. The layer records then
     hold each layer's layer-wise solve (objective, mask) before its block was tuned; the masks
     are the final ones, the weights are not. None otherwise

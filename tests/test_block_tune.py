@@ -44,6 +44,15 @@ def test_block_tuning_settings_are_checked():
         BlockTuning(epochs=0)
     with pytest.raises(ValueError, match="learning rate"):
         BlockTuning(epochs=1, lr=float("nan"))
+    with pytest.raises(ValueError, match="batch of ≥ 1 sequences"):
+        BlockTuning(epochs=1, batch=0)
+
+
+def test_smaller_batches_take_more_steps_over_the_same_sequences():
+    tuning = BlockTuning(epochs=3, lr=1e-3, batch=4)
+    prune_model(tiny_llama(), calib(), solver="wanda", progress=False, block_tuning=tuning)
+    assert [b.steps for b in tuning.log] == [3 * 2, 3 * 2]                # 6 sequences: steps of 4 and 2
+    assert all(b.error_after < b.error_before for b in tuning.log)
 
 
 def test_job_reports_each_tuned_block(tiny_job, tmp_path):  # noqa: F811
@@ -62,6 +71,8 @@ def test_job_reports_each_tuned_block(tiny_job, tmp_path):  # noqa: F811
 
 @pytest.mark.parametrize("flags, message", [
     (["--block-tune-lr", "0.001"], "--block-tune-lr applies with --block-tune EPOCHS (≥ 1) only"),
+    (["--block-tune-batch", "2"], "--block-tune-batch applies with --block-tune EPOCHS (≥ 1) only"),
+    (["--block-tune", "1", "--block-tune-batch", "0"], "--block-tune-batch"),
     (["--block-tune", "2", "--structure", "mlp:0.25"], "--structure does not apply with --block-tune"),
     (["--block-tune", "2", "--solver", "elsa"], "--solver elsa does not apply with --block-tune"),
     (["--block-tune", "2", "--target", "dense", "--solver", "sparsegpt", "--objective", "reconstruct"],

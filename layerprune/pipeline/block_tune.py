@@ -14,8 +14,9 @@ attention softmax, the MLP's gate, the residual stream). Everything else in the 
 linears outside the plan) stays as it was.
 
 Optimiser (as EBFT's ``train``): AdamW with β = (0.9, 0.95), gradient-norm clip 1, the learning
-rate decaying linearly to 0 over the run, no warm-up; one step per calibration mini-batch,
-``epochs`` passes over them in a seeded order; no weight decay (EBFT's 0.1 would also shrink
+rate decaying linearly to 0 over the run, no warm-up; one step per ``batch`` calibration
+sequences (default: each calibration mini-batch of 8 whole), ``epochs`` passes over them in a
+seeded order; no weight decay (EBFT's 0.1 would also shrink
 the kept weights). Pruned entries get zero gradient and are zeroed again after every step, so
 each mask holds exactly. Cost per block: ``epochs`` forward and backward passes of the block
 over the calibration set, one more forward for the targets and two for the error before and
@@ -31,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .capture import _Batch, _call_block
+from .capture import _Batch, _call_block, _sequences
 
 __all__ = ["BlockTuning", "BlockTuned", "DEFAULT_BLOCK_TUNE_LR", "dense_targets", "tune_block"]
 
@@ -65,6 +66,7 @@ class BlockTuning:
     epochs: int
     lr: float = DEFAULT_BLOCK_TUNE_LR
     seed: int = 0
+    batch: int | None = None        # sequences per step (None: each calibration mini-batch whole)
     log: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -72,9 +74,11 @@ class BlockTuning:
             raise ValueError(f"block tuning needs epochs ≥ 1, got {self.epochs!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"block tuning needs a finite learning rate > 0, got {self.lr!r}")
+        if self.batch is not None and not (isinstance(self.batch, int) and self.batch >= 1):
+            raise ValueError(f"block tuning needs a batch of ≥ 1 sequences, got {self.batch!r}")
 
     def to_json(self) -> dict:
-        return {"epochs": self.epochs, "lr": self.lr, "seed": self.seed,
+        return {"epochs": self.epochs, "lr": self.lr, "seed": self.seed, "batch": self.batch,
                 "blocks": [b.to_json() for b in self.log]}
 
 
@@ -101,7 +105,7 @@ def tune_block(index: int, block: nn.Module, linears: dict[str, nn.Linear], mask
     weights = [linears[name].weight for name in masks]
     keep = [masks[name].to(device=w.device, dtype=w.dtype) for name, w in zip(masks, weights)]
     frozen = [(p, p.requires_grad) for p in block.parameters()]
-    steps = tuning.epochs * len(batches)
+    steps = tuning.epochs * len(_steps(batches, tuning.batch))
     try:
         for p, _ in frozen:
             p.requires_grad_(False)
@@ -117,17 +121,30 @@ def tune_block(index: int, block: nn.Module, linears: dict[str, nn.Linear], mask
     return done
 
 
+def _steps(batches: list[_Batch], size: int | None) -> list[tuple[int, int, int]]:
+    """One epoch's steps: ``(mini-batch index, first sequence, end)``, ``size`` sequences each
+    (None: each mini-batch whole)."""
+    out = []
+    for i, b in enumerate(batches):
+        n = b.hidden.shape[0]
+        step = n if size is None else size
+        out += [(i, s, min(s + step, n)) for s in range(0, n, step)]
+    return out
+
+
 def _train(block: nn.Module, weights: list[torch.Tensor], keep: list[torch.Tensor], batches: list[_Batch],
            targets: list[torch.Tensor], tuning: BlockTuning, steps: int) -> None:
     """AdamW steps with masked gradients and a linear learning-rate decay (module docstring)."""
     opt = torch.optim.AdamW(weights, lr=tuning.lr, betas=BETAS, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1.0 - t / steps))
     order = torch.Generator().manual_seed(tuning.seed)
+    parts = _steps(batches, tuning.batch)
     with torch.enable_grad():
         for _ in range(tuning.epochs):
-            for i in torch.randperm(len(batches), generator=order).tolist():
-                out = _call_block(block, batches[i])
-                loss = (out.float() - targets[i].float()).pow(2).mean()
+            for k in torch.randperm(len(parts), generator=order).tolist():
+                i, start, stop = parts[k]
+                out = _call_block(block, _sequences(batches[i], start, stop))
+                loss = (out.float() - targets[i][start:stop].float()).pow(2).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 for w, m in zip(weights, keep):

@@ -89,7 +89,7 @@ def linear_groups(block: nn.Module, linears: dict[str, nn.Linear], probe: _Batch
             if not any(n == _name for n, _ in seen):
                 seen.append((_name, args[0]))
         handles.append(lin.register_forward_pre_hook(hook))
-    one = _Batch(probe.hidden[:1], probe.args, _slice_kwargs(probe.kwargs, probe.hidden.shape[0]))
+    one = _sequences(probe, 0, 1)
     try:
         with torch.no_grad():
             _call_block(block, one)
@@ -109,15 +109,18 @@ def linear_groups(block: nn.Module, linears: dict[str, nn.Linear], probe: _Batch
     return groups
 
 
-def _slice_kwargs(kwargs: dict, batch: int) -> dict:
-    """First sequence of batched tensors in the block kwargs (batch dim = dim 0 of size ``batch``)."""
-    def first(v):
+def _sequences(b: _Batch, start: int, stop: int) -> _Batch:
+    """Sequences ``start:stop`` of a mini-batch: its hidden states and the batched tensors of its
+    kwargs (those whose dim 0 has the batch's size; the others are shared by every sequence)."""
+    batch = b.hidden.shape[0]
+
+    def part(v):
         if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == batch and batch > 1:
-            return v[:1]
+            return v[start:stop]
         if isinstance(v, tuple):
-            return tuple(first(o) for o in v)
+            return tuple(part(o) for o in v)
         return v
-    return {k: first(v) for k, v in kwargs.items()}
+    return _Batch(b.hidden[start:stop], b.args, {k: part(v) for k, v in b.kwargs.items()})
 
 
 class _GramAccumulator:

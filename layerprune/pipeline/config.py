@@ -134,6 +134,9 @@ class PruneConfig:
                               "(EBFT; masks unchanged; 0: off)", metavar="EPOCHS", type=nonnegative_int)
     block_tune_lr: Optional[float] = setting(None, "learning rate of --block-tune (AdamW, decaying linearly to 0)",
                                              metavar="LR", type=positive_float, default_text=f"{DEFAULT_BLOCK_TUNE_LR:g}")
+    block_tune_batch: Optional[int] = setting(None, "calibration sequences per --block-tune step",
+                                              metavar="N", type=positive_int,
+                                              default_text="each calibration mini-batch of 8 whole")
     prune_lm_head: bool = setting(False, "prune lm_head too")
     dtype: str = setting("float32", "dtype of the model's weights", choices=DTYPES)
     progress: bool = setting(True, "no progress bars", negate=True)
@@ -276,10 +279,12 @@ def check_elsa(config: PruneConfig) -> None:
 
 
 def check_block_tune(config: PruneConfig) -> None:
-    """``--block-tune`` and ``--block-tune-lr`` with the settings they take: a layer-wise prune
+    """``--block-tune`` (with ``--block-tune-lr``, ``--block-tune-batch``) and the settings it takes: a layer-wise prune
     (no ``--structure``, no ``--solver elsa``), the layer target, float32 weights."""
-    if config.block_tune_lr is not None and not config.block_tune:
-        raise SettingError("--block-tune-lr applies with --block-tune EPOCHS (≥ 1) only")
+    for flag, given in (("--block-tune-lr", config.block_tune_lr is not None),
+                        ("--block-tune-batch", config.block_tune_batch is not None)):
+        if given and not config.block_tune:
+            raise SettingError(f"{flag} applies with --block-tune EPOCHS (≥ 1) only")
     if not config.block_tune:
         return
     flags = (("--structure", config.structure is not None), ("--solver elsa", config.solver == ELSA),

@@ -172,7 +172,7 @@ def _block_tuning(config: PruneConfig) -> Optional[BlockTuning]:
     if not config.block_tune:
         return None
     lr = DEFAULT_BLOCK_TUNE_LR if config.block_tune_lr is None else config.block_tune_lr
-    return BlockTuning(config.block_tune, lr, config.seed)
+    return BlockTuning(config.block_tune, lr, config.seed, config.block_tune_batch)
 
 
 def _prune(model: nn.Module, calib_ids: torch.Tensor, checked: Checked, config: PruneConfig,
