@@ -14,6 +14,8 @@ The job (:func:`prune_model`):
      :math:`G = \frac{1}{n}\sum_t x_t x_t^T` (running mean over the ``n`` calibration tokens);
    - one :class:`~layerprune.problems.LayerProblem` per linear, solved by the chosen backend
      (per-module overrides), the pruned weights written back in the layer's dtype;
+   - with ``block_tuning`` (``--block-tune``), the kept weights of the block's pruned linears
+     tuned together toward the dense block's outputs on the same inputs (:mod:`.block_tune`);
    - the block re-run with pruned weights produces the next block's inputs (errors propagate
      as they will at inference). With ``sequential_order=True`` each group is pruned before
      the next group's Gram matrix is captured from the partially pruned block.
@@ -32,6 +34,7 @@ knapsack, a map file), :mod:`.config` (:class:`PruneConfig` and the checks befor
 loading) and :mod:`.job` (:func:`run`).
 """
 from .allocate import knapsack_allocation, owl_allocation, read_sparsity_map
+from .block_tune import BlockTuning
 from .capture import CALIB_BATCH, capture_block_inputs, iter_layer_problems, layer_problems, linear_groups
 from .config import PruneConfig
 from .job import run
@@ -39,7 +42,7 @@ from .loop import PruningInterrupted, prune_model
 from .measure import EVAL_BATCH, EVAL_LOGITS_BYTES, NLL_CHUNK_ELEMENTS, perplexity, release_memory, sparsity
 from .structure import find_blocks, find_linears
 
-__all__ = ["PruneConfig", "PruningInterrupted", "prune_model", "perplexity", "sparsity", "run", "release_memory",
+__all__ = ["PruneConfig", "PruningInterrupted", "prune_model", "BlockTuning", "perplexity", "sparsity", "run", "release_memory",
            "find_blocks", "find_linears", "capture_block_inputs", "linear_groups", "layer_problems",
            "iter_layer_problems",
            "owl_allocation", "knapsack_allocation", "read_sparsity_map",
