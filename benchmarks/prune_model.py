@@ -416,6 +416,7 @@ def markdown(results: dict) -> str:
                              f"{st['intermediate_size'][0]} → {st['intermediate_size'][1]}, decoder parameters "
                              f"{before / 1e6:.2f}M → {after / 1e6:.2f}M ({100 * (after / before - 1):+.1f}%)")
     lines += _elsa_lines(runs)
+    lines += _block_tuning_lines(runs)
     for sk in results.get("skipped", []):
         lines.append(f"\nSkipped {sk['key']}: {sk['reason']}.")
     if results.get("dense_mismatch"):
@@ -441,6 +442,21 @@ def _elsa_lines(runs: list) -> list[str]:
         lines.append(f"- {r['pattern']} {r['solver']}: {e['steps_done']} steps × {o.get('batch')} windows "
                      f"({e['tokens']} tokens), lr {o.get('lr')}{admm}; training loss {_fmt(e.get('loss_first'), 3)} → "
                      f"{_fmt(e.get('loss_last'), 3)}{residual}" + (" (interrupted)" if e.get("interrupted") else ""))
+    return lines
+
+
+def _block_tuning_lines(runs: list) -> list[str]:
+    """Notes on the ``--block-tune`` rows: epochs, learning rate, the blocks' output error change."""
+    rows = [r for r in runs if r.get("block_tuning")]
+    if not rows:
+        return []
+    lines = ["\n`--block-tune` rows: after each block's layer-wise solve its kept weights were tuned toward the "
+             "dense block's outputs on the same inputs; `layer err / wanda` is the layer-wise solve's, before it."]
+    for r in rows:
+        t = r["block_tuning"]
+        lines.append(f"- {r['pattern']} {r['solver']}:{r['objective']}: {t['epochs']} epochs, lr {t['lr']:g}; "
+                     f"block output error median {100 * (t['median_error_change'] or 0.0):+.1f}% over "
+                     f"{len(t['blocks'])} blocks; tuning {t['seconds']:.0f} s")
     return lines
 
 
