@@ -15,8 +15,8 @@ linears outside the plan) stays as it was.
 
 Optimiser (as EBFT's ``train``): AdamW with β = (0.9, 0.95), gradient-norm clip 1, the learning
 rate decaying linearly to 0 over the run, no warm-up; one step per ``batch`` calibration
-sequences (default: each calibration mini-batch of 8 whole), ``epochs`` passes over them in a
-seeded order; no weight decay (EBFT's 0.1 would also shrink
+sequences (:data:`DEFAULT_BLOCK_TUNE_BATCH`; None: each calibration mini-batch whole), ``epochs``
+passes over them in a seeded order; no weight decay (EBFT's 0.1 would also shrink
 the kept weights). Pruned entries get zero gradient and are zeroed again after every step, so
 each mask holds exactly. Cost per block: ``epochs`` forward and backward passes of the block
 over the calibration set, one more forward for the targets and two for the error before and
@@ -34,10 +34,12 @@ from torch import nn
 
 from .capture import _Batch, _call_block, _sequences
 
-__all__ = ["BlockTuning", "BlockTuned", "DEFAULT_BLOCK_TUNE_LR", "dense_targets", "tune_block"]
+__all__ = ["BlockTuning", "BlockTuned", "DEFAULT_BLOCK_TUNE_LR", "DEFAULT_BLOCK_TUNE_BATCH", "dense_targets", "tune_block"]
 
-#: the learning rate of EBFT's published runs (its README: ``--learning_rate 0.0002``)
-DEFAULT_BLOCK_TUNE_LR = 2e-4
+#: the learning rate and the sequences per step measured on the bundled model (docs/DECISIONS.md:
+#: EBFT's 2e-4 over its 320 steps per block moves a weight about as far as 1e-3 over the 64 steps
+#: of 2 epochs of 2-sequence steps at 64 calibration sequences)
+DEFAULT_BLOCK_TUNE_LR, DEFAULT_BLOCK_TUNE_BATCH = 1e-3, 2
 #: AdamW's betas and the gradient-norm clip (EBFT's defaults)
 BETAS, CLIP = (0.9, 0.95), 1.0
 
@@ -66,7 +68,7 @@ class BlockTuning:
     epochs: int
     lr: float = DEFAULT_BLOCK_TUNE_LR
     seed: int = 0
-    batch: int | None = None        # sequences per step (None: each calibration mini-batch whole)
+    batch: int | None = DEFAULT_BLOCK_TUNE_BATCH   # sequences per step (None: each calibration mini-batch whole)
     log: list = field(default_factory=list)
 
     def __post_init__(self):

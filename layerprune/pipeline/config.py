@@ -19,7 +19,7 @@ from layerprune.settings import (SettingError, check_values, nonempty, nonnegati
 from layerprune.solvers import Params
 
 from .allocate import ALLOCATIONS, KNAPSACK_NORMS, MAP_FILE, check_allocatable, check_owl_range, read_sparsity_map
-from .block_tune import DEFAULT_BLOCK_TUNE_LR
+from .block_tune import DEFAULT_BLOCK_TUNE_BATCH, DEFAULT_BLOCK_TUNE_LR
 from .channels import STRUCTURE_OBJECTIVE, STRUCTURE_SOLVER, check_structured_model, parse_structure
 from .elsa import DEFAULT_WARM_START, DENSE_START, ELSA, parse_elsa_options
 from .loop import DENSE_TARGET_RIDGE, TARGETS, check_target
@@ -136,7 +136,7 @@ class PruneConfig:
                                              metavar="LR", type=positive_float, default_text=f"{DEFAULT_BLOCK_TUNE_LR:g}")
     block_tune_batch: Optional[int] = setting(None, "calibration sequences per --block-tune step",
                                               metavar="N", type=positive_int,
-                                              default_text="each calibration mini-batch of 8 whole")
+                                              default_text=f"{DEFAULT_BLOCK_TUNE_BATCH}")
     prune_lm_head: bool = setting(False, "prune lm_head too")
     dtype: str = setting("float32", "dtype of the model's weights", choices=DTYPES)
     progress: bool = setting(True, "no progress bars", negate=True)
