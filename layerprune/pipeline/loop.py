@@ -130,8 +130,8 @@ class _Progress:
         self.callback = callback
         self.bar = tqdm(total=total, disable=not enabled, desc="pruning", unit="layer")
 
-    def block(self, index: int, count: int) -> None:
-        self.bar.set_postfix_str(f"block {index + 1}/{count}")
+    def block(self, index: int, count: int, stage: str = "") -> None:
+        self.bar.set_postfix_str(f"block {index + 1}/{count}" + (f" {stage}" if stage else ""))
 
     def add(self, record: LayerRecord) -> None:
         self.records.append(record)
@@ -236,6 +236,7 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[None
                 targets = dense_targets(state.module, state.batches) if block_tuning is not None else None
                 _prune_block(state, settings, sequential_order, written)
                 if targets is not None and state.masks:
+                    written.block(index, len(blocks), "tuning")
                     tune_block(index, state.module, state.linears, state.masks, state.batches, targets, block_tuning)
                 _propagate(state.module, state.batches)
                 if state.dense is not None:
