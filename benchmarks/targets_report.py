@@ -177,6 +177,11 @@ def _met(x: Optional[bool]) -> str:
     return {True: "met", False: "not met", None: "–"}[x]
 
 
+def _gap(x: Optional[float]) -> str:
+    """A distance to a bar, to a hundredth of a percent (a run 0.03% over it is not met)."""
+    return "–" if x is None else f"{100 * x:+.2f}%"
+
+
 def markdown(results: dict) -> str:
     s = results["settings"]
     calib = next((r["calib_name"] for r in results["runs"] if r.get("calib_name")), s.get("calib") or "default")
@@ -196,9 +201,9 @@ def markdown(results: dict) -> str:
              "|---|---|---:|---|---|---:|---:|---|---|---:|---:|---|---:|"]
     for r in results["targets"]:
         lines.append(f"| {r['target']} | {r['text']} | {_num(r['bar'])} | {r['bar_from']} | {r['best'] or '–'} | "
-                     f"{_num(r['best_ppl'])} | {_pct(r['best_vs_bar'])} | {_met(r['best_met'])} | "
+                     f"{_num(r['best_ppl'])} | {_gap(r['best_vs_bar'])} | {_met(r['best_met'])} | "
                      f"{r['best_layerwise'] or '–'} | {_num(r['best_layerwise_ppl'])} | "
-                     f"{_pct(r['best_layerwise_vs_bar'])} | {_met(r['best_layerwise_met'])} | "
+                     f"{_gap(r['best_layerwise_vs_bar'])} | {_met(r['best_layerwise_met'])} | "
                      f"{_pct(r.get('control_change_vs_dense'))} |")
     missing = sorted({m for r in results["targets"] for m in r["anchors_missing"]})
     if missing:

@@ -454,7 +454,7 @@ def test_targets_report_bars_candidates_and_distances(tmp_path, monkeypatch):
     text = mod.markdown(dict(results, targets=mod.verdicts(results), note="n"))
     assert "| 0.7 | mobydick | 180.00 | 0.75 × per-row:0.7 admm:reconstruct | per-row:0.7 elsa+admm:reconstruct " \
            "(batch 2; steps 4) | " \
-           "170.00 | -5.6% | met | per-row:0.7 admm:reconstruct | 240.00 | +33.3% | not met | -2.0% |" in text
+           "170.00 | -5.56% | met | per-row:0.7 admm:reconstruct | 240.00 | +33.33% | not met | -2.0% |" in text
     files[2].write_text(json.dumps(dict(elsa, settings=dict(SETTINGS, nsamples=16))))
     with pytest.raises(SystemExit, match="other settings"):
         mod.load(files)
