@@ -98,6 +98,10 @@ def comparisons(results: dict) -> list[dict]:
     return rows
 
 
+def _met(x: Optional[bool]) -> str:
+    return {True: "met", False: "not met", None: "–"}[x]
+
+
 def _pct(x: Optional[float]) -> str:
     return "–" if x is None else f"{100 * x:+.1f}%"
 
@@ -116,7 +120,7 @@ def markdown(results: dict) -> str:
              "| pattern | run | steps (tokens) | text | Elsa | best layer-wise | its method | vs best | control | "
              "control vs dense | target |", "|---|---|---:|---|---:|---:|---|---:|---:|---:|---|"]
     for r in results["comparisons"]:
-        verdict = {True: "met", False: "not met", None: "–"}[r["meets_target"]]
+        verdict = _met(r["meets_target"])
         lines.append(f"| {r['pattern']} | {r['solver']} | {r['steps']} ({r['tokens']}) | {r['text']} | {r['elsa']:.2f} | "
                      f"{_num(r['best_layerwise'])} | {r['best_layerwise_method'] or '–'} | "
                      f"{_pct(r['change_vs_best_layerwise'])} | {_num(r['control'])} | "

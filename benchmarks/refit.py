@@ -183,11 +183,10 @@ def _backend_child(name: str, W: torch.Tensor, G: torch.Tensor, rows: int, args)
     from layerprune.solvers import Params, make_solver
 
     d_out, d_in = W.shape
-    G64, solver, times = G.to(torch.float64), make_solver(name), {}
-    for r in (max(rows // 2, 1), rows):
+    G64, solver, times, half = G.to(torch.float64), make_solver(name), {}, max(rows // 2, 1)
+    for r in (half, rows):  # the last pass (all timed rows) leaves the problem and proposal refitted below
         p = LayerProblem(W[:r].to(torch.float64), G64, parse_pattern("per-row:0.5").bind(r, d_in), "reconstruct")
         prop, times[r] = _timed(lambda: solver.propose(p, Params()))
-    half = max(rows // 2, 1)
     per_row = (times[rows] - times[half]) / max(rows - half, 1)
     fixed = max(times[rows] - per_row * rows, 0.0)
     t_inverse = _timed(lambda: _damped_inverse(G))[1] if args.dual_iter else 0.0

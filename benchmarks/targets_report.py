@@ -31,8 +31,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from elsa_report import _budget, _kind, _num, _pct
-from layerprune.pipeline.elsa import ELSA_OPTIONS
+from elsa_report import _budget, _kind, _met, _num, _pct
+from layerprune.pipeline.elsa import _BOOKKEEPING, ELSA_OPTIONS
 from structured_report import PER_RUN, read_results, report_parser, write
 
 #: today's ADMM (per-row; N:M at 2:4) less 10%, the issue's figures, by sparsity level and text
@@ -104,7 +104,7 @@ def label(run: dict) -> str:
 def _options(run: dict) -> dict:
     """An Elsa run's options, less those that change nothing it computes."""
     options = (run.get("elsa") or {}).get("options") or {}
-    return {k: v for k, v in options.items() if k not in ("checkpoint", "checkpoint_every")}
+    return {k: v for k, v in options.items() if k not in _BOOKKEEPING}
 
 
 def _method(run: dict) -> str:
@@ -171,10 +171,6 @@ def verdicts(results: dict) -> list[dict]:
                                                   else control["perplexity"][text] / dense[text] - 1.0)
         rows.append(row)
     return rows
-
-
-def _met(x: Optional[bool]) -> str:
-    return {True: "met", False: "not met", None: "–"}[x]
 
 
 def _gap(x: Optional[float]) -> str:

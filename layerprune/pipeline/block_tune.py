@@ -19,8 +19,8 @@ sequences (:data:`DEFAULT_BLOCK_TUNE_BATCH`; None: each calibration mini-batch w
 passes over them in a seeded order; no weight decay (EBFT's 0.1 would also shrink
 the kept weights). Pruned entries get zero gradient and are zeroed again after every step, so
 each mask holds exactly. Cost per block: ``epochs`` forward and backward passes of the block
-over the calibration set, one more forward for the targets and two for the error before and
-after; memory: one more copy of the block's input hidden states (the targets), AdamW's two
+over the calibration set, one more forward for the targets and one for the error before (the
+error after comes from the forward that gives the next block its inputs); memory: one more copy of the block's input hidden states (the targets), AdamW's two
 moments of the tuned weights and one mini-batch's activations.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .capture import _Batch, _call_block, _sequences
+from .capture import _Batch, _call_block, _propagate, _sequences
 
 __all__ = ["BlockTuning", "BlockTuned", "DEFAULT_BLOCK_TUNE_LR", "DEFAULT_BLOCK_TUNE_BATCH", "dense_targets", "tune_block"]
 
@@ -90,10 +90,10 @@ def dense_targets(block: nn.Module, batches: list[_Batch]) -> list[torch.Tensor]
         return [_call_block(block, b).detach().clone() for b in batches]
 
 
-def _error(block: nn.Module, batches: list[_Batch], targets: list[torch.Tensor]) -> float:
-    """Mean square of the block's output minus the targets, over every token and hidden unit."""
-    with torch.no_grad():
-        total = sum(float((_call_block(block, b).float() - t.float()).pow(2).sum()) for b, t in zip(batches, targets))
+def _error(outputs, targets: list[torch.Tensor]) -> float:
+    """Mean square of the block's outputs (one (B, T, H) tensor per mini-batch) minus the targets,
+    over every token and hidden unit."""
+    total = sum(float((out.float() - t.float()).pow(2).sum()) for out, t in zip(outputs, targets))
     return total / sum(t.numel() for t in targets)
 
 
@@ -101,9 +101,12 @@ def tune_block(index: int, block: nn.Module, linears: dict[str, nn.Linear], mask
                batches: list[_Batch], targets: list[torch.Tensor], tuning: BlockTuning) -> BlockTuned:
     """Tune the kept weights of ``linears`` (each masked by ``masks[name]``, (d_out, d_in) bool)
     so the block's output on ``batches`` matches ``targets`` (:func:`dense_targets`); the
-    block's other parameters stay as they are. Appends the result to ``tuning.log``."""
+    block's other parameters stay as they are. Then the tuned block runs on ``batches``: each
+    one's hidden states become its outputs, the next block's inputs (as
+    :func:`~.capture._propagate`). Appends the result to ``tuning.log``."""
     start = time.perf_counter()
-    before = _error(block, batches, targets)
+    with torch.no_grad():
+        before = _error((_call_block(block, b) for b in batches), targets)
     weights = [linears[name].weight for name in masks]
     keep = [masks[name].to(device=w.device, dtype=w.dtype) for name, w in zip(masks, weights)]
     frozen = [(p, p.requires_grad) for p in block.parameters()]
@@ -118,7 +121,8 @@ def tune_block(index: int, block: nn.Module, linears: dict[str, nn.Linear], mask
         for p, flag in frozen:
             p.requires_grad_(flag)
             p.grad = None
-    done = BlockTuned(index, before, _error(block, batches, targets), steps, time.perf_counter() - start)
+    _propagate(block, batches)
+    done = BlockTuned(index, before, _error((b.hidden for b in batches), targets), steps, time.perf_counter() - start)
     tuning.log.append(done)
     return done
 

@@ -23,7 +23,7 @@ from layerprune import data
 from ..report import MODEL_COPIES, PruneReport, plot_layer_errors, write_json_atomic
 from .allocate import (MAP_FILE, Allocation, knapsack_allocation, owl_allocation, sparsity_map_json,
                        uniform_allocation)
-from .block_tune import DEFAULT_BLOCK_TUNE_BATCH, DEFAULT_BLOCK_TUNE_LR, BlockTuning
+from .block_tune import BlockTuning
 from .channels import ChannelPruning, parse_structure, prune_mlp_channels
 from .config import (Checked, PruneConfig, check_against_model, check_before_loading, layerwise, target_ridge,
                      with_defaults)
@@ -171,9 +171,8 @@ def _block_tuning(config: PruneConfig) -> Optional[BlockTuning]:
     """``--block-tune``'s settings (its log fills during the prune), or None when off."""
     if not config.block_tune:
         return None
-    lr = DEFAULT_BLOCK_TUNE_LR if config.block_tune_lr is None else config.block_tune_lr
-    batch = DEFAULT_BLOCK_TUNE_BATCH if config.block_tune_batch is None else config.block_tune_batch
-    return BlockTuning(config.block_tune, lr, config.seed, batch)
+    given = {"lr": config.block_tune_lr, "batch": config.block_tune_batch}
+    return BlockTuning(config.block_tune, seed=config.seed, **{k: v for k, v in given.items() if v is not None})
 
 
 def _prune(model: nn.Module, calib_ids: torch.Tensor, checked: Checked, config: PruneConfig,

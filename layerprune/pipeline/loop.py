@@ -238,7 +238,8 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[None
                 if targets is not None and state.masks:
                     written.block(index, len(blocks), "tuning")
                     tune_block(index, state.module, state.linears, state.masks, state.batches, targets, block_tuning)
-                _propagate(state.module, state.batches)
+                else:
+                    _propagate(state.module, state.batches)
                 if state.dense is not None:
                     _propagate(state.dense.module, state.dense.batches)
                     state.dense = None
