@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from layerprune.pipeline import find_blocks, find_linears, prune_model
-from layerprune.pipeline.block_tune import BlockTuning
+from layerprune.pipeline.block_tune import DEFAULT_BLOCK_TUNE_EPOCHS, BlockTuning
 from layerprune.report import unpack_mask
 
 from test_pipeline import _config, _one_thread, assert_prune_refused, calib, tiny_llama  # noqa: F401
@@ -70,8 +70,9 @@ def test_job_reports_each_tuned_block(tiny_job, tmp_path):  # noqa: F811
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--block-tune-lr", "0.001"], "--block-tune-lr applies with --block-tune EPOCHS (≥ 1) only"),
-    (["--block-tune-batch", "2"], "--block-tune-batch applies with --block-tune EPOCHS (≥ 1) only"),
+    (["--solver", "wanda", "--block-tune-lr", "0.001"], "--block-tune-lr applies with block tuning only"),
+    (["--block-tune", "0", "--block-tune-batch", "2"], "--block-tune-batch applies with block tuning only"),
+    (["--objective", "mask", "--block-tune-batch", "2"], "--block-tune-batch applies with block tuning only"),
     (["--block-tune", "1", "--block-tune-batch", "0"], "--block-tune-batch"),
     (["--block-tune", "2", "--structure", "mlp:0.25"], "--structure does not apply with --block-tune"),
     (["--block-tune", "2", "--solver", "elsa"], "--solver elsa does not apply with --block-tune"),
@@ -82,3 +83,38 @@ def test_job_reports_each_tuned_block(tiny_job, tmp_path):  # noqa: F811
 ])
 def test_block_tune_refusals_are_one_line_and_write_nothing(tiny_job, tmp_path, capsys, flags, message):  # noqa: F811
     assert_prune_refused(tiny_job, tmp_path, capsys, flags, message)
+
+
+@pytest.mark.parametrize("given, epochs", [
+    ({}, DEFAULT_BLOCK_TUNE_EPOCHS),                                  # the default prune
+    ({"objective": "reconstruct"}, DEFAULT_BLOCK_TUNE_EPOCHS),        # the default solver, named objective
+    ({"pattern": "nm:2:4"}, DEFAULT_BLOCK_TUNE_EPOCHS),
+    ({"block_tune": 0}, 0),
+    ({"block_tune": 3}, 3),
+    ({"solver": "admm"}, 0),                                          # a named solver: its own form
+    ({"solver": "wanda", "block_tune": 1}, 1),
+    ({"objective": "mask"}, 0),                                       # kept weights fixed
+    ({"target": "dense"}, 0),
+    ({"dtype": "bfloat16"}, 0),
+    ({"structure": "mlp:0.25"}, 0),
+    ({"solver": "elsa"}, 0),
+])
+def test_the_default_prune_tunes_blocks_and_a_named_solver_does_not(given, epochs):
+    from layerprune.pipeline import PruneConfig
+    from layerprune.pipeline.config import layerwise, with_defaults
+
+    config = with_defaults(PruneConfig(**given))
+    assert config.block_tune == epochs
+    assert with_defaults(config).block_tune == epochs        # resolving twice changes nothing
+    if given.get("solver") == "elsa":
+        assert layerwise(PruneConfig(**given)).block_tune == 0   # Elsa's warm start is not tuned
+
+
+def test_the_default_job_reports_its_block_tuning(tiny_job, tmp_path):  # noqa: F811
+    from layerprune.pipeline import run
+
+    report = run(_config(tiny_job, report=str(tmp_path / "report.json")), log=lambda s: None)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["settings"]["solver"] == "admm" and data["settings"]["block_tune"] == DEFAULT_BLOCK_TUNE_EPOCHS
+    assert data["block_tuning"]["epochs"] == DEFAULT_BLOCK_TUNE_EPOCHS and len(data["block_tuning"]["blocks"]) == 2
+    assert report.sparsity == 0.5

@@ -34,12 +34,15 @@ from torch import nn
 
 from .capture import _Batch, _call_block, _propagate, _sequences
 
-__all__ = ["BlockTuning", "BlockTuned", "DEFAULT_BLOCK_TUNE_LR", "DEFAULT_BLOCK_TUNE_BATCH", "dense_targets", "tune_block"]
+__all__ = ["BlockTuning", "BlockTuned", "DEFAULT_BLOCK_TUNE_EPOCHS", "DEFAULT_BLOCK_TUNE_LR", "DEFAULT_BLOCK_TUNE_BATCH", "dense_targets", "tune_block"]
 
 #: the learning rate and the sequences per step measured on the bundled model (docs/DECISIONS.md:
 #: EBFT's 2e-4 over its 320 steps per block moves a weight about as far as 1e-3 over the 64 steps
 #: of 2 epochs of 2-sequence steps at 64 calibration sequences)
 DEFAULT_BLOCK_TUNE_LR, DEFAULT_BLOCK_TUNE_BATCH = 1e-3, 2
+#: epochs of the default prune's block tuning (``layerprune prune`` with no ``--solver``, see
+#: :func:`layerprune.pipeline.config.with_defaults`)
+DEFAULT_BLOCK_TUNE_EPOCHS = 4
 #: AdamW's betas and the gradient-norm clip (EBFT's defaults)
 BETAS, CLIP = (0.9, 0.95), 1.0
 

@@ -19,7 +19,7 @@ from layerprune.settings import (SettingError, check_values, nonempty, nonnegati
 from layerprune.solvers import Params
 
 from .allocate import ALLOCATIONS, KNAPSACK_NORMS, MAP_FILE, check_allocatable, check_owl_range, read_sparsity_map
-from .block_tune import DEFAULT_BLOCK_TUNE_BATCH, DEFAULT_BLOCK_TUNE_LR
+from .block_tune import DEFAULT_BLOCK_TUNE_BATCH, DEFAULT_BLOCK_TUNE_EPOCHS, DEFAULT_BLOCK_TUNE_LR
 from .channels import STRUCTURE_OBJECTIVE, STRUCTURE_SOLVER, check_structured_model, parse_structure
 from .elsa import DEFAULT_WARM_START, DENSE_START, ELSA, parse_elsa_options
 from .loop import DENSE_TARGET_RIDGE, TARGETS, check_target
@@ -129,9 +129,12 @@ class PruneConfig:
     reference: bool = setting(True, "no Wanda reference per layer (under reconstruct: one refit less per layer; "
                               "the report has no error ratio to Wanda)", negate=True)
     sequential_order: bool = setting(False, "within a block prune q,k,v → o → gate,up → down, re-capturing inputs")
-    block_tune: int = setting(0, "after each block's layer-wise solve, tune its pruned linears' kept weights for "
-                              "EPOCHS passes so the block's output matches the dense block's on the same inputs "
-                              "(EBFT; masks unchanged; 0: off)", metavar="EPOCHS", type=nonnegative_int)
+    block_tune: Optional[int] = setting(None, "after each block's layer-wise solve, tune its pruned linears' kept "
+                                        "weights for EPOCHS passes so the block's output matches the dense block's "
+                                        "on the same inputs (EBFT; masks unchanged; 0: off)", metavar="EPOCHS",
+                                        type=nonnegative_int,
+                                        default_text=f"{DEFAULT_BLOCK_TUNE_EPOCHS} in the default prune (no --solver, "
+                                        f"{DEFAULT_OBJECTIVE} objective, layer target, float32), else 0")
     block_tune_lr: Optional[float] = setting(None, "learning rate of --block-tune (AdamW, decaying linearly to 0)",
                                              metavar="LR", type=positive_float, default_text=f"{DEFAULT_BLOCK_TUNE_LR:g}")
     block_tune_batch: Optional[int] = setting(None, "calibration sequences per --block-tune step",
@@ -208,18 +211,32 @@ def with_defaults(config: PruneConfig) -> PruneConfig:
     (``alternating``, ``reconstruct``); a layer-wise prune's by :func:`~.plan.default_solver`
     (neither given: ``admm``, ``reconstruct``; ``--objective mask`` alone: ``sparseswaps``; a
     solver alone: its own objective, ``mask`` where it takes it); under ``--solver elsa`` its
-    warm start's (``--init``; from the dense model it keeps no objective)."""
+    warm start's (``--init``; from the dense model it keeps no objective). ``--block-tune`` not
+    given: the default prune's epochs (:func:`_block_tune_epochs`), 0 with ``--structure`` or
+    ``--solver elsa``."""
     if config.structure is not None:
         return dataclasses.replace(config, solver=config.solver or STRUCTURE_SOLVER,
-                                   objective=config.objective or STRUCTURE_OBJECTIVE)
+                                   objective=config.objective or STRUCTURE_OBJECTIVE, block_tune=config.block_tune or 0)
     if config.solver == ELSA:
         init = _elsa_init(config)
         objective = config.objective
         if objective is None and init != DENSE_START:      # from dense: no layer objective
             objective = native_objective(init)
-        return dataclasses.replace(config, objective=objective, init=init)
+        return dataclasses.replace(config, objective=objective, init=init, block_tune=config.block_tune or 0)
     solver, objective = default_solver(config.solver, config.objective)
-    return dataclasses.replace(config, solver=solver, objective=objective)
+    return dataclasses.replace(config, solver=solver, objective=objective, block_tune=_block_tune_epochs(config))
+
+
+def _block_tune_epochs(config: PruneConfig) -> int:
+    """``--block-tune`` as given; not given, :data:`~.block_tune.DEFAULT_BLOCK_TUNE_EPOCHS` for the
+    default prune (no ``--solver``: the default solver on the ``reconstruct`` objective) where
+    block tuning applies (the layer target, float32 weights), else 0: a named solver prunes in its
+    own form."""
+    if config.block_tune is not None:
+        return config.block_tune
+    default_prune = config.solver is None and default_solver(None, config.objective)[1] == DEFAULT_OBJECTIVE
+    applies = config.target == "layer" and config.dtype == "float32"
+    return DEFAULT_BLOCK_TUNE_EPOCHS if default_prune and applies else 0
 
 
 def _elsa_init(config: PruneConfig) -> str:
@@ -284,7 +301,8 @@ def check_block_tune(config: PruneConfig) -> None:
     for flag, given in (("--block-tune-lr", config.block_tune_lr is not None),
                         ("--block-tune-batch", config.block_tune_batch is not None)):
         if given and not config.block_tune:
-            raise SettingError(f"{flag} applies with --block-tune EPOCHS (≥ 1) only")
+            raise SettingError(f"{flag} applies with block tuning only (--block-tune EPOCHS ≥ 1, or the default "
+                               f"prune: no --solver)")
     if not config.block_tune:
         return
     flags = (("--structure", config.structure is not None), ("--solver elsa", config.solver == ELSA),

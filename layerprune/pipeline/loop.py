@@ -196,7 +196,10 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[None
     block_tuning : after each block's layer-wise solve, tune the kept weights of its pruned
         linears so the block's output matches the dense block's on the same inputs
         (:mod:`.block_tune`; masks unchanged, each layer's record keeps its layer-wise
-        objective); ``block_tuning.log`` receives each block's errors before and after
+        objective); ``block_tuning.log`` receives each block's errors before and after.
+        None: no tuning (``layerprune prune`` without ``--solver`` passes
+        ``BlockTuning(DEFAULT_BLOCK_TUNE_EPOCHS)``: the default prune tunes, this function
+        does only when asked)
     sparsity_map : {qualified layer name: pruned fraction}: those layers take ``pattern``'s
         kind with their own fraction (:mod:`.allocate`); the pattern must be a fraction
         (``per-row:F``, ``unstructured:F``, ``columns:F``) and every name a target layer
