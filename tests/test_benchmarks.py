@@ -465,6 +465,42 @@ def test_targets_report_bars_candidates_and_distances(tmp_path, monkeypatch):
         mod.load([tmp_path / "missing.json"])
 
 
+def test_targets_report_reads_the_default_prune_and_the_wall_ratios(tmp_path, monkeypatch):
+    """The default prune's run (the default settings with its block tuning) against 15 minutes and
+    the previous default's perplexity; each reconstruct job against Wanda's from its own file only."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("targets_report", ROOT / "benchmarks" / "targets_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    dense = {"persuasion": 40.0, "mobydick": 50.0}
+
+    def run(solver, objective, p, m, wall):
+        return {"pattern": "per-row:0.5", "solver": solver, "objective": objective, "status": "ok", "code": "abc",
+                "perplexity": {"persuasion": p, "mobydick": m}, "dense_perplexity": dense, "wall_s": wall}
+
+    timed = {"settings": dict(SETTINGS), "runs": [run("wanda", "mask", 78.0, 112.0, 300.0),
+                                                  run("admm", "reconstruct", 55.0, 86.0, 452.0),
+                                                  run("sparsegpt", "reconstruct", 57.0, 92.0, 440.0)]}
+    alone = {"settings": dict(SETTINGS, prune_args="--no-reference"), "runs": [run("alps", "reconstruct", 53.0, 84.0, 900.0)]}
+    default = {"settings": dict(SETTINGS, prune_args=f"--block-tune {mod.DEFAULT_BLOCK_TUNE_EPOCHS}"),
+               "runs": [run("admm", "reconstruct", 51.0, 97.0, 690.0)]}
+    files = [tmp_path / f"{i}.json" for i in range(3)]
+    for f, d in zip(files, (timed, alone, default)):
+        f.write_text(json.dumps(d))
+    others = mod.other_targets(mod.load(files))
+    rows = {(r["target"], r["measured"]): r for r in others["rows"]}
+    assert rows[("default prune", "job wall s")]["met"] is True
+    assert rows[("default prune", "ppl persuasion (default before)")]["met"] is True
+    assert rows[("default prune", "ppl mobydick (default before)")]["met"] is False      # 97 ≥ 96.66
+    ratios = {r["run"]: r for r in others["rows"] if r["measured"] == "job / Wanda's job"}
+    assert ratios["per-row:0.5 admm:reconstruct"]["value"] == pytest.approx(452.0 / 300.0)
+    assert ratios["per-row:0.5 admm:reconstruct"]["met"] is False
+    assert ratios["per-row:0.5 sparsegpt:reconstruct"]["met"] is True
+    assert others["missing"] == ["per-row:0.5 alps:reconstruct"]                          # no Wanda in its file
+    text = mod.markdown(dict(mod.load(files), targets=[], other_targets=others, note=""))
+    assert "| job / Wanda's job | 1.500 | 1.507 | +0.44% | not met | abc | 0.json |" in text
+
+
 def test_refit_benchmark_times_each_backend_whole(tmp_path):
     """benchmarks/refit.py (c): a backend's proposal is split into a fixed and a per-row part and
     extrapolated, its refit added; SparseGPT's backend is its algorithm plus the CG refit."""
