@@ -264,12 +264,13 @@ def summarise_report(report: dict) -> dict:
 
 def _block_tuning_summary(tuning: Optional[dict]) -> Optional[dict]:
     """A ``--block-tune`` run's settings and each block's output error before and after."""
+    from layerprune.report import median_block_error_change
+
     if not tuning:
         return None
     blocks = tuning.get("blocks") or []
-    changes = [b["error_after"] / b["error_before"] - 1.0 for b in blocks if b.get("error_before")]
     return {"epochs": tuning.get("epochs"), "lr": tuning.get("lr"), "blocks": blocks,
-            "median_error_change": statistics.median(changes) if changes else None,
+            "median_error_change": median_block_error_change(tuning),
             "seconds": sum(b.get("seconds") or 0.0 for b in blocks)}
 
 

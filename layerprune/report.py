@@ -54,8 +54,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["LayerRecord", "PruneReport", "format_report", "write_json_atomic", "plot_layer_errors",
-           "pack_mask", "unpack_mask"]
+__all__ = ["LayerRecord", "PruneReport", "format_report", "median_block_error_change", "write_json_atomic",
+           "plot_layer_errors", "pack_mask", "unpack_mask"]
 
 #: copies of the model's weights the memory target allows beside the base: the model itself and
 #: one more for a block's working copies, the solvers' float64 work and saving
@@ -291,10 +291,17 @@ def format_report(report: PruneReport) -> str:
     return "\n".join(lines)
 
 
+def median_block_error_change(tuning: dict) -> Optional[float]:
+    """The median over tuned blocks of ``error_after / error_before − 1`` (a report's
+    ``block_tuning``; blocks with no error before are left out), or None."""
+    changes = [b["error_after"] / b["error_before"] - 1.0 for b in tuning.get("blocks") or [] if b.get("error_before")]
+    return statistics.median(changes) if changes else None
+
+
 def _block_tuning_line(tuning: dict) -> str:
     """``--block-tune``'s summary: blocks, epochs, and the median change of a block's output error."""
-    changes = [b["error_after"] / b["error_before"] - 1.0 for b in tuning["blocks"] if b["error_before"] > 0]
-    median = f", block output error median {100 * statistics.median(changes):+.1f}%" if changes else ""
+    change = median_block_error_change(tuning)
+    median = "" if change is None else f", block output error median {100 * change:+.1f}%"
     return (f"block tuning       {len(tuning['blocks'])} blocks × {tuning['epochs']} epochs, lr {tuning['lr']:g}"
             f"{median} (layer errors above: before tuning)")
 
