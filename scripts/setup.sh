@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# a path given relative to the repository (PYTHON=venv/bin/python) must survive the `cd /tmp` below
+case "$PY" in */*) PY=$(realpath -s "$PY") ;; esac
 quiet=(-q --disable-pip-version-check)
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install "${quiet[@]}" "torch==2.13.0"
