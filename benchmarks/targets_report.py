@@ -207,14 +207,16 @@ def other_targets(results: dict) -> list[dict]:
             missing.append(label(r))
             continue
         rows.append(_row(f"reconstruct wall ≤ {WALL_FACTOR:g} × Wanda", r, "job / Wanda's job", WALL_FACTOR,
-                         r["wall_s"] / ref["wall_s"], strict=False))
+                         r["wall_s"] / ref["wall_s"], strict=False, digits=3))
     return {"rows": rows, "missing": missing}
 
 
-def _row(target: str, run: dict, measured: str, bar: float, value: Optional[float], strict: bool) -> dict:
+def _row(target: str, run: dict, measured: str, bar: float, value: Optional[float], strict: bool,
+         digits: int = 2) -> dict:
+    """One row of :func:`other_targets` (``digits``: decimals the table shows bar and value with)."""
     met = None if value is None else (value < bar if strict else value <= bar)
     return {"target": target, "run": label(run), "measured": measured, "bar": bar, "value": value, "met": met,
-            "code": run.get("code"), "source": Path(run["source"]).name}
+            "code": run.get("code"), "source": Path(run["source"]).name, "digits": digits}
 
 
 def _gap(x: Optional[float]) -> str:
@@ -254,8 +256,8 @@ def markdown(results: dict) -> str:
                   "|---|---|---|---:|---:|---:|---|---|---|"]
         for r in others["rows"]:
             gap = None if r["value"] is None else r["value"] / r["bar"] - 1.0
-            num = (lambda x: "–" if x is None else f"{x:.3f}") if r["bar"] < 10 else _num   # ratios: 3 decimals
-            lines.append(f"| {r['target']} | {r['run']} | {r['measured']} | {num(r['bar'])} | {num(r['value'])} | "
+            bar, value = (("–" if x is None else f"{x:.{r['digits']}f}") for x in (r["bar"], r["value"]))
+            lines.append(f"| {r['target']} | {r['run']} | {r['measured']} | {bar} | {value} | "
                          f"{_gap(gap)} | {_met(r['met'])} | {r['code'] or '–'} | {r['source']} |")
     if others["missing"]:
         lines += ["", "Reconstruct backends at 50% per-row not timed beside Wanda (no Wanda run in their file): "

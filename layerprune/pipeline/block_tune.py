@@ -20,8 +20,9 @@ passes over them in a seeded order; no weight decay (EBFT's 0.1 would also shrin
 the kept weights). Pruned entries get zero gradient and are zeroed again after every step, so
 each mask holds exactly. Cost per block: ``epochs`` forward and backward passes of the block
 over the calibration set, one more forward for the targets and one for the error before (the
-error after comes from the forward that gives the next block its inputs); memory: one more copy of the block's input hidden states (the targets), AdamW's two
-moments of the tuned weights and one mini-batch's activations.
+error after comes from the forward that gives the next block its inputs); memory: one more
+copy of the block's input hidden states (the targets), AdamW's two moments of the tuned
+weights and one mini-batch's activations.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ from torch import nn
 
 from .capture import _Batch, _call_block, _propagate, _sequences
 
-__all__ = ["BlockTuning", "BlockTuned", "DEFAULT_BLOCK_TUNE_EPOCHS", "DEFAULT_BLOCK_TUNE_LR", "DEFAULT_BLOCK_TUNE_BATCH", "dense_targets", "tune_block"]
+__all__ = ["BlockTuning", "BlockTuned", "DEFAULT_BLOCK_TUNE_EPOCHS", "DEFAULT_BLOCK_TUNE_LR", "DEFAULT_BLOCK_TUNE_BATCH",
+           "dense_targets", "tune_block"]
 
 #: the learning rate and the sequences per step measured on the bundled model (docs/DECISIONS.md:
 #: EBFT's 2e-4 over its 320 steps per block moves a weight about as far as 1e-3 over the 64 steps

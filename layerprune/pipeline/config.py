@@ -211,30 +211,31 @@ def with_defaults(config: PruneConfig) -> PruneConfig:
     (``alternating``, ``reconstruct``); a layer-wise prune's by :func:`~.plan.default_solver`
     (neither given: ``admm``, ``reconstruct``; ``--objective mask`` alone: ``sparseswaps``; a
     solver alone: its own objective, ``mask`` where it takes it); under ``--solver elsa`` its
-    warm start's (``--init``; from the dense model it keeps no objective). ``--block-tune`` not
-    given: the default prune's epochs (:func:`_block_tune_epochs`), 0 with ``--structure`` or
-    ``--solver elsa``."""
+    warm start's (``--init``; from the dense model it keeps no objective); ``--block-tune`` by
+    :func:`_block_tune_epochs`."""
+    config = dataclasses.replace(config, block_tune=_block_tune_epochs(config))
     if config.structure is not None:
         return dataclasses.replace(config, solver=config.solver or STRUCTURE_SOLVER,
-                                   objective=config.objective or STRUCTURE_OBJECTIVE, block_tune=config.block_tune or 0)
+                                   objective=config.objective or STRUCTURE_OBJECTIVE)
     if config.solver == ELSA:
         init = _elsa_init(config)
         objective = config.objective
         if objective is None and init != DENSE_START:      # from dense: no layer objective
             objective = native_objective(init)
-        return dataclasses.replace(config, objective=objective, init=init, block_tune=config.block_tune or 0)
+        return dataclasses.replace(config, objective=objective, init=init)
     solver, objective = default_solver(config.solver, config.objective)
-    return dataclasses.replace(config, solver=solver, objective=objective, block_tune=_block_tune_epochs(config))
+    return dataclasses.replace(config, solver=solver, objective=objective)
 
 
 def _block_tune_epochs(config: PruneConfig) -> int:
     """``--block-tune`` as given; not given, :data:`~.block_tune.DEFAULT_BLOCK_TUNE_EPOCHS` for the
-    default prune (no ``--solver``: the default solver on the ``reconstruct`` objective) where
-    block tuning applies (the layer target, float32 weights), else 0: a named solver prunes in its
-    own form."""
+    default prune (no ``--solver``, no ``--structure``: the default solver on the ``reconstruct``
+    objective) where block tuning applies (the layer target, float32 weights), else 0: a named
+    solver (``elsa`` too) prunes in its own form."""
     if config.block_tune is not None:
         return config.block_tune
-    default_prune = config.solver is None and default_solver(None, config.objective)[1] == DEFAULT_OBJECTIVE
+    default_prune = (config.solver is None and config.structure is None
+                     and default_solver(None, config.objective)[1] == DEFAULT_OBJECTIVE)
     applies = config.target == "layer" and config.dtype == "float32"
     return DEFAULT_BLOCK_TUNE_EPOCHS if default_prune and applies else 0
 
