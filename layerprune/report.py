@@ -302,8 +302,9 @@ def _block_tuning_line(tuning: dict) -> str:
     """``--block-tune``'s summary: blocks, epochs, and the median change of a block's output error."""
     change = median_block_error_change(tuning)
     median = "" if change is None else f", block output error median {100 * change:+.1f}%"
+    target = ", toward the dense model's outputs" if tuning.get("target") == "dense" else ""
     return (f"block tuning       {len(tuning['blocks'])} blocks × {tuning['epochs']} epochs, lr {tuning['lr']:g}"
-            f"{median} (layer errors above: before tuning)")
+            f"{target}{median} (layer errors above: before tuning)")
 
 
 def _structure_line(structure: dict) -> str:

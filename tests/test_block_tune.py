@@ -48,6 +48,39 @@ def test_block_tuning_settings_are_checked():
         BlockTuning(epochs=1, batch=0)
 
 
+def _last_block_outputs(model, ids) -> torch.Tensor:
+    """The last decoder block's outputs on ``ids`` (a forward hook), (n, T, H)."""
+    blocks = find_blocks(model)[0]
+    seen = []
+    handle = blocks[-1].register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_the_dense_target_tunes_toward_the_dense_models_own_outputs():
+    ids = calib()
+    dense = _last_block_outputs(tiny_llama(), ids)
+    by_block, by_dense = BlockTuning(epochs=2), BlockTuning(epochs=2, target="dense")
+    models = {}
+    for tuning in (by_block, by_dense):
+        models[tuning.target] = tiny_llama()
+        prune_model(models[tuning.target], ids, solver="wanda", progress=False, block_tuning=tuning)
+    # block 0 sees the same inputs in both models: the same targets, the same tuning
+    assert by_dense.log[0].error_before == pytest.approx(by_block.log[0].error_before, rel=1e-6)
+    assert by_dense.log[0].error_after == pytest.approx(by_block.log[0].error_after, rel=1e-6)
+    # the last block's error after tuning is the pruned model's distance from the dense model's outputs
+    err = float((_last_block_outputs(models["dense"], ids) - dense).pow(2).mean())
+    assert by_dense.log[-1].error_after == pytest.approx(err, rel=1e-4)
+    assert by_block.log[-1].error_after != pytest.approx(err, rel=1e-2)  # the block target measures another thing
+    assert all(b.error_after < b.error_before for b in by_dense.log)
+    with pytest.raises(ValueError, match="target is one of block, dense"):
+        BlockTuning(epochs=1, target="model")
+
+
 def test_smaller_batches_take_more_steps_over_the_same_sequences():
     tuning = BlockTuning(epochs=3, lr=1e-3, batch=4)
     prune_model(tiny_llama(), calib(), solver="wanda", progress=False, block_tuning=tuning)
@@ -67,6 +100,18 @@ def test_job_reports_each_tuned_block(tiny_job, tmp_path):  # noqa: F811
     assert all(b["error_after"] < b["error_before"] for b in tuning["blocks"])
     assert data["settings"]["block_tune"] == 2 and report.sparsity == 0.5
     assert "block tuning       2 blocks × 2 epochs, lr 0.001, block output error median -" in report.format()
+    assert tuning["target"] == "block"
+
+
+def test_job_tunes_toward_the_dense_model_when_asked(tiny_job, tmp_path):  # noqa: F811
+    from layerprune.pipeline import run
+
+    rep = tmp_path / "report.json"
+    report = run(_config(tiny_job, solver="wanda", report=str(rep), block_tune=1, block_tune_target="dense"),
+                 log=lambda s: None)
+    tuning = json.loads(rep.read_text())["block_tuning"]
+    assert tuning["target"] == "dense" and len(tuning["blocks"]) == 2
+    assert "1 epochs, lr 0.001, toward the dense model's outputs, block output error median" in report.format()
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -74,6 +119,8 @@ def test_job_reports_each_tuned_block(tiny_job, tmp_path):  # noqa: F811
     (["--block-tune", "0", "--block-tune-batch", "2"], "--block-tune-batch applies with block tuning only"),
     (["--objective", "mask", "--block-tune-batch", "2"], "--block-tune-batch applies with block tuning only"),
     (["--block-tune", "1", "--block-tune-batch", "0"], "--block-tune-batch"),
+    (["--solver", "wanda", "--block-tune-target", "dense"], "--block-tune-target applies with block tuning only"),
+    (["--block-tune", "1", "--block-tune-target", "model"], "--block-tune-target"),
     (["--block-tune", "2", "--structure", "mlp:0.25"], "--structure does not apply with --block-tune"),
     (["--block-tune", "2", "--solver", "elsa"], "--solver elsa does not apply with --block-tune"),
     (["--block-tune", "2", "--target", "dense", "--solver", "sparsegpt", "--objective", "reconstruct"],

@@ -9,9 +9,15 @@ matches the dense block's on the same inputs::
 
 ``X̃`` (N tokens × H) the inputs the block sees in the pruned model, ``f(·; W)`` the block before
 pruning, ``M_l`` each linear's mask from the layer-wise solve (fixed). This is the layer target
-lifted to the block: a linear's error now counts through what follows it in the block (the
-attention softmax, the MLP's gate, the residual stream). Everything else in the block (norms,
-linears outside the plan) stays as it was.
+lifted to the block (``target="block"``, EBFT's): a linear's error now counts through what follows
+it in the block (the attention softmax, the MLP's gate, the residual stream). Everything else in
+the block (norms, linears outside the plan) stays as it was.
+
+``target="dense"`` replaces the target by the dense model's own block output ``f(X; W)``, ``X``
+the inputs the block sees in the dense model (a dense stream of calibration hidden states runs
+beside the pruned one, one more copy of them): each block then also makes up, as far as its kept
+weights can, for the error the blocks before it left in its inputs. Same cost per block (the
+targets' forward runs on the dense stream instead of the pruned one).
 
 Optimiser (as EBFT's ``train``): AdamW with β = (0.9, 0.95), gradient-norm clip 1, the learning
 rate decaying linearly to 0 over the run, no warm-up; one step per ``batch`` calibration
@@ -36,7 +42,7 @@ from torch import nn
 from .capture import _Batch, _call_block, _propagate, _sequences
 
 __all__ = ["BlockTuning", "BlockTuned", "DEFAULT_BLOCK_TUNE_EPOCHS", "DEFAULT_BLOCK_TUNE_LR", "DEFAULT_BLOCK_TUNE_BATCH",
-           "dense_targets", "tune_block"]
+           "BLOCK_TUNE_TARGETS", "DEFAULT_BLOCK_TUNE_TARGET", "dense_targets", "tune_block"]
 
 #: the learning rate and the sequences per step measured on the bundled model (docs/DECISIONS.md:
 #: EBFT's 2e-4 over its 320 steps per block moves a weight about as far as 1e-3 over the 64 steps
@@ -45,6 +51,10 @@ DEFAULT_BLOCK_TUNE_LR, DEFAULT_BLOCK_TUNE_BATCH = 1e-3, 2
 #: epochs of the default prune's block tuning (``layerprune prune`` with no ``--solver``, see
 #: :func:`layerprune.pipeline.config.with_defaults`)
 DEFAULT_BLOCK_TUNE_EPOCHS = 4
+#: what a tuned block's output matches: the dense block on the pruned model's inputs (``block``,
+#: EBFT's) or on the dense model's (``dense``); module docstring
+BLOCK_TUNE_TARGETS = ("block", "dense")
+DEFAULT_BLOCK_TUNE_TARGET = "block"
 #: AdamW's betas and the gradient-norm clip (EBFT's defaults)
 BETAS, CLIP = (0.9, 0.95), 1.0
 
@@ -52,8 +62,9 @@ BETAS, CLIP = (0.9, 0.95), 1.0
 @dataclass(frozen=True)
 class BlockTuned:
     """One block's tuning: its output error (mean square over the calibration tokens and hidden
-    units, against the dense block's output on the same inputs) before and after, the steps
-    taken and the seconds (targets and both errors included)."""
+    units, against the targets: the dense block's output on the same inputs, or under
+    ``target="dense"`` on the dense model's) before and after, the steps taken and the seconds
+    (targets and both errors included)."""
 
     block: int
     error_before: float
@@ -74,6 +85,7 @@ class BlockTuning:
     lr: float = DEFAULT_BLOCK_TUNE_LR
     seed: int = 0
     batch: int | None = DEFAULT_BLOCK_TUNE_BATCH   # sequences per step (None: each calibration mini-batch whole)
+    target: str = DEFAULT_BLOCK_TUNE_TARGET        # one of BLOCK_TUNE_TARGETS
     log: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -83,16 +95,20 @@ class BlockTuning:
             raise ValueError(f"block tuning needs a finite learning rate > 0, got {self.lr!r}")
         if self.batch is not None and not (isinstance(self.batch, int) and self.batch >= 1):
             raise ValueError(f"block tuning needs a batch of ≥ 1 sequences, got {self.batch!r}")
+        if self.target not in BLOCK_TUNE_TARGETS:
+            raise ValueError(f"block tuning's target is one of {', '.join(BLOCK_TUNE_TARGETS)}, got {self.target!r}")
 
     def to_json(self) -> dict:
-        return {"epochs": self.epochs, "lr": self.lr, "seed": self.seed, "batch": self.batch,
+        return {"epochs": self.epochs, "lr": self.lr, "seed": self.seed, "batch": self.batch, "target": self.target,
                 "blocks": [b.to_json() for b in self.log]}
 
 
-def dense_targets(block: nn.Module, batches: list[_Batch]) -> list[torch.Tensor]:
-    """The block's outputs on each mini-batch before any of its weights change: (B, T, H) each."""
+def dense_targets(block: nn.Module, batches: list[_Batch], inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The block's outputs on each mini-batch before any of its weights change: (B, T, H) each.
+    ``inputs`` ((B, T, H) each, the dense stream's hidden states) replace the batches' own."""
+    hidden = [b.hidden for b in batches] if inputs is None else inputs
     with torch.no_grad():
-        return [_call_block(block, b).detach().clone() for b in batches]
+        return [_call_block(block, _Batch(h, b.args, b.kwargs)).detach().clone() for h, b in zip(hidden, batches)]
 
 
 def _error(outputs, targets: list[torch.Tensor]) -> float:

@@ -19,7 +19,8 @@ from layerprune.settings import (SettingError, check_values, nonempty, nonnegati
 from layerprune.solvers import Params
 
 from .allocate import ALLOCATIONS, KNAPSACK_NORMS, MAP_FILE, check_allocatable, check_owl_range, read_sparsity_map
-from .block_tune import DEFAULT_BLOCK_TUNE_BATCH, DEFAULT_BLOCK_TUNE_EPOCHS, DEFAULT_BLOCK_TUNE_LR
+from .block_tune import (BLOCK_TUNE_TARGETS, DEFAULT_BLOCK_TUNE_BATCH, DEFAULT_BLOCK_TUNE_EPOCHS, DEFAULT_BLOCK_TUNE_LR,
+                         DEFAULT_BLOCK_TUNE_TARGET)
 from .channels import STRUCTURE_OBJECTIVE, STRUCTURE_SOLVER, check_structured_model, parse_structure
 from .elsa import DEFAULT_WARM_START, DENSE_START, ELSA, parse_elsa_options
 from .loop import DENSE_TARGET_RIDGE, TARGETS, check_target
@@ -140,6 +141,9 @@ class PruneConfig:
     block_tune_batch: Optional[int] = setting(None, "calibration sequences per --block-tune step",
                                               metavar="N", type=positive_int,
                                               default_text=f"{DEFAULT_BLOCK_TUNE_BATCH}")
+    block_tune_target: Optional[str] = setting(None, "what --block-tune matches: the dense block on the pruned "
+                                               "model's inputs (block) or the dense model's own block outputs (dense)",
+                                               choices=BLOCK_TUNE_TARGETS, default_text=DEFAULT_BLOCK_TUNE_TARGET)
     prune_lm_head: bool = setting(False, "prune lm_head too")
     dtype: str = setting("float32", "dtype of the model's weights", choices=DTYPES)
     progress: bool = setting(True, "no progress bars", negate=True)
@@ -297,10 +301,11 @@ def check_elsa(config: PruneConfig) -> None:
 
 
 def check_block_tune(config: PruneConfig) -> None:
-    """``--block-tune`` (with ``--block-tune-lr``, ``--block-tune-batch``) and the settings it takes: a layer-wise prune
+    """``--block-tune`` (with ``--block-tune-lr``, ``-batch``, ``-target``) and the settings it takes: a layer-wise prune
     (no ``--structure``, no ``--solver elsa``), the layer target, float32 weights."""
     for flag, given in (("--block-tune-lr", config.block_tune_lr is not None),
-                        ("--block-tune-batch", config.block_tune_batch is not None)):
+                        ("--block-tune-batch", config.block_tune_batch is not None),
+                        ("--block-tune-target", config.block_tune_target is not None)):
         if given and not config.block_tune:
             raise SettingError(f"{flag} applies with block tuning only (--block-tune EPOCHS ≥ 1, or the default "
                                f"prune: no --solver)")

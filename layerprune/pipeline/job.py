@@ -171,7 +171,7 @@ def _block_tuning(config: PruneConfig) -> Optional[BlockTuning]:
     """``--block-tune``'s settings (its log fills during the prune), or None when off."""
     if not config.block_tune:
         return None
-    given = {"lr": config.block_tune_lr, "batch": config.block_tune_batch}
+    given = {"lr": config.block_tune_lr, "batch": config.block_tune_batch, "target": config.block_tune_target}
     return BlockTuning(config.block_tune, seed=config.seed, **{k: v for k, v in given.items() if v is not None})
 
 

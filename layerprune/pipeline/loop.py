@@ -194,9 +194,11 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[None
         skips it (under ``reconstruct`` a second refit per layer); Wanda's mask is still
         found where it starts or backs up a solve
     block_tuning : after each block's layer-wise solve, tune the kept weights of its pruned
-        linears so the block's output matches the dense block's on the same inputs
-        (:mod:`.block_tune`; masks unchanged, each layer's record keeps its layer-wise
-        objective); ``block_tuning.log`` receives each block's errors before and after.
+        linears so the block's output matches the dense block's on the same inputs, or under
+        ``block_tuning.target == "dense"`` the dense model's output (a dense stream of hidden
+        states runs beside the pruned one) (:mod:`.block_tune`; masks unchanged, each layer's
+        record keeps its layer-wise objective); ``block_tuning.log`` receives each block's
+        errors before and after.
         None: no tuning (``layerprune prune`` without ``--solver`` passes
         ``BlockTuning(DEFAULT_BLOCK_TUNE_EPOCHS)``: the default prune tunes, this function
         does only when asked)
@@ -230,13 +232,16 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[None
     with _eval_mode(model), _interrupted_after(written), contextlib.closing(written):
         batches = capture_block_inputs(model, blocks, calib_ids, device, batch_size)
         dense_batches = [_Batch(b.hidden.clone(), b.args, b.kwargs) for b in batches] if target == "dense" else None
+        tune_stream = _tune_stream(block_tuning, batches)
         for index, layers in enumerate(plan.blocks):
             state = BlockState(index, blocks[index], {layer.local: layer for layer in layers}, batches)
             written.block(index, len(blocks))
             with _on_device(state.module, device, home):
                 if dense_batches is not None:
                     state.dense = DenseTwin(copy.deepcopy(state.module), dense_batches)
-                targets = dense_targets(state.module, state.batches) if block_tuning is not None else None
+                targets = dense_targets(state.module, state.batches, tune_stream) if block_tuning is not None else None
+                if tune_stream is not None:
+                    tune_stream = targets     # the dense model's inputs to the next block
                 _prune_block(state, settings, sequential_order, written)
                 if targets is not None and state.masks:
                     written.block(index, len(blocks), "tuning")
@@ -250,6 +255,14 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[None
         if plan.lm_head is not None:
             written.add(_prune_lm_head(model, plan.lm_head, calib_ids, device, batch_size, settings))
     return written.records
+
+
+def _tune_stream(tuning: Optional[BlockTuning], batches: list[_Batch]) -> Optional[list[torch.Tensor]]:
+    """The dense model's hidden states at the first block (a copy of ``batches``'), followed block by
+    block, where block tuning targets the dense model's outputs; else None."""
+    if tuning is None or tuning.target != "dense":
+        return None
+    return [b.hidden.clone() for b in batches]
 
 
 def check_target(target: str, solvers: dict[str, Solver], pattern: str, objective: str,
