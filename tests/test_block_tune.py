@@ -122,7 +122,9 @@ def test_job_tunes_toward_the_dense_model_when_asked(tiny_job, tmp_path):  # noq
     (["--solver", "wanda", "--block-tune-target", "dense"], "--block-tune-target applies with block tuning only"),
     (["--block-tune", "1", "--block-tune-target", "model"], "--block-tune-target"),
     (["--block-tune", "2", "--structure", "mlp:0.25"], "--structure does not apply with --block-tune"),
-    (["--block-tune", "2", "--solver", "elsa"], "--solver elsa does not apply with --block-tune"),
+    (["--block-tune", "2", "--solver", "elsa", "--init", "dense"], "--block-tune shapes a layer-wise warm start"),
+    (["--block-tune", "2", "--solver", "elsa", "--solver-option", "constrained=false"],
+     "--block-tune shapes a layer-wise warm start"),
     (["--block-tune", "2", "--target", "dense", "--solver", "sparsegpt", "--objective", "reconstruct"],
      "--target dense does not apply with --block-tune"),
     (["--block-tune", "2", "--dtype", "float16"], "--dtype float16: --block-tune trains float32 weights"),
@@ -154,7 +156,9 @@ def test_the_default_prune_tunes_blocks_and_a_named_solver_does_not(given, epoch
     assert config.block_tune == epochs
     assert with_defaults(config).block_tune == epochs        # resolving twice changes nothing
     if given.get("solver") == "elsa":
-        assert layerwise(PruneConfig(**given)).block_tune == 0   # Elsa's warm start is not tuned
+        assert layerwise(PruneConfig(**given)).block_tune == 0   # Elsa's warm start is not tuned unless asked
+        asked = layerwise(PruneConfig(**given, block_tune=3))
+        assert (asked.solver, asked.block_tune) == ("admm", 3)
 
 
 def test_the_default_job_reports_its_block_tuning(tiny_job, tmp_path):  # noqa: F811

@@ -263,6 +263,16 @@ def test_run_elsa_starts_from_a_layerwise_prune_by_default(tiny_job, tmp_path): 
     assert "Elsa trains" in text and "target" not in text.split("peak memory")[-1]
 
 
+def test_run_elsa_from_a_block_tuned_prune(tiny_job, tmp_path):  # noqa: F811
+    from layerprune.pipeline import run
+
+    report = run(_config(tiny_job, solver="elsa", init="wanda", block_tune=1,
+                         solver_options={"steps": 2, "batch": 2}), log=lambda s: None)
+    assert report.sparsity == 0.5 and {r.solver for r in report.layers} == {"wanda"}
+    assert report.block_tuning["epochs"] == 1 and len(report.block_tuning["blocks"]) == 2
+    assert report.elsa["steps_done"] == 2 and "block tuning       2 blocks × 1 epochs" in report.format()
+
+
 def test_run_elsa_interrupted_saves_a_projected_model_and_the_same_command_resumes(tiny_job, tmp_path,  # noqa: F811
                                                                                  monkeypatch):
     from layerprune.pipeline import elsa, run

@@ -295,14 +295,15 @@ def check_elsa(config: PruneConfig) -> None:
                        ("--target-ridge", config.target_ridge is not None), ("--override", bool(config.overrides)),
                        ("--sequential-order", config.sequential_order),
                        ("--time-limit-per-layer", config.time_limit_per_layer is not None),
-                       ("--max-iter", config.max_iter is not None))
+                       ("--max-iter", config.max_iter is not None), ("--block-tune", bool(config.block_tune)))
         _refuse_given(layer_flags, "shapes a layer-wise warm start: an Elsa run from the dense model has none")
     check_solvers(layerwise(config))
 
 
 def check_block_tune(config: PruneConfig) -> None:
     """``--block-tune`` (with ``--block-tune-lr``, ``-batch``, ``-target``) and the settings it takes: a layer-wise prune
-    (no ``--structure``, no ``--solver elsa``), the layer target, float32 weights."""
+    (no ``--structure``; under ``--solver elsa`` its layer-wise warm start, :func:`check_elsa`), the layer
+    target, float32 weights."""
     for flag, given in (("--block-tune-lr", config.block_tune_lr is not None),
                         ("--block-tune-batch", config.block_tune_batch is not None),
                         ("--block-tune-target", config.block_tune_target is not None)):
@@ -311,8 +312,7 @@ def check_block_tune(config: PruneConfig) -> None:
                                f"prune: no --solver)")
     if not config.block_tune:
         return
-    flags = (("--structure", config.structure is not None), ("--solver elsa", config.solver == ELSA),
-             ("--target dense", config.target != "layer"))
+    flags = (("--structure", config.structure is not None), ("--target dense", config.target != "layer"))
     _refuse_given(flags, "does not apply with --block-tune (it tunes a layer-wise prune's blocks toward the "
                          "dense block on the same inputs)")
     if config.dtype != "float32":
