@@ -514,8 +514,8 @@ def test_refit_benchmark_times_each_backend_whole(tmp_path):
     W, G = torch.randn(24, 32, generator=g), X.T @ X
     torch.save((W, G), tmp_path / "layer.pt")
     threads = torch.get_num_threads()
-    args = argparse.Namespace(cache=str(tmp_path), rows=8, exact_rows=2, tol=1e-4, max_iter=200, dual_iter=24,
-                              threads=1)
+    args = argparse.Namespace(cache=str(tmp_path), rows=8, exact_rows=2, backend_rows=16, tol=1e-4, max_iter=200,
+                              dual_iter=24, threads=1)
     try:
         methods = {}
         for child in ("sparsegpt", "cg", "admm", "alps"):
@@ -523,7 +523,8 @@ def test_refit_benchmark_times_each_backend_whole(tmp_path):
     finally:
         torch.set_num_threads(threads)
     admm = methods["admm"]
-    assert set(admm["propose_timed_s"]) == {4, 8} and admm["propose_fixed_s"] >= 0.0
+    assert set(admm["propose_timed_s"]) == {4, 16} and admm["propose_fixed_s"] >= 0.0
+    assert admm["propose_per_row_s"] >= 0.0
     assert admm["propose_s"] == pytest.approx(admm["propose_fixed_s"] + 24 * admm["propose_per_row_s"])
     assert admm["seconds"] == pytest.approx(admm["propose_s"] + admm["refit_s"])
     assert admm["refit_over_own_objective"] <= 1.0 + 1e-9          # the refit never raises the error
