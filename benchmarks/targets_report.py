@@ -32,6 +32,7 @@ by the same loop and tokens) shows how much of a gain plain fine-tuning gives.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -109,9 +110,23 @@ def label(run: dict) -> str:
         extra = [a for a in [run["prune_args"]] if a not in ANCHOR_ARGS]
     else:
         options = _options(run)
-        extra = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(options.items())
-                 if k in ELSA_DEFAULTS and v != ELSA_DEFAULTS[k]]
+        extra = [a for a in [_warm_start_args(run["prune_args"])] if a]
+        extra += [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(options.items())
+                  if k in ELSA_DEFAULTS and v != ELSA_DEFAULTS[k]]
     return name + (f" ({'; '.join(extra)})" if extra else "")
+
+
+def _warm_start_args(prune_args: str) -> str:
+    """An Elsa run's prune arguments less its ``--solver-option`` pairs (the options are read from
+    its report): what shapes its layer-wise warm start, e.g. ``--block-tune 4``."""
+    words, kept = shlex.split(prune_args), []
+    while words:
+        word = words.pop(0)
+        if word == "--solver-option":
+            words = words[1:]
+        elif not word.startswith("--solver-option="):
+            kept.append(word)
+    return " ".join(kept)
 
 
 def _options(run: dict) -> dict:
