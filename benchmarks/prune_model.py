@@ -269,7 +269,7 @@ def _block_tuning_summary(tuning: Optional[dict]) -> Optional[dict]:
     if not tuning:
         return None
     blocks = tuning.get("blocks") or []
-    return {"epochs": tuning.get("epochs"), "lr": tuning.get("lr"), "blocks": blocks,
+    return {"epochs": tuning.get("epochs"), "lr": tuning.get("lr"), "target": tuning.get("target", "block"), "blocks": blocks,
             "median_error_change": median_block_error_change(tuning),
             "seconds": sum(b.get("seconds") or 0.0 for b in blocks)}
 
@@ -452,10 +452,12 @@ def _block_tuning_lines(runs: list) -> list[str]:
     if not rows:
         return []
     lines = ["\n`--block-tune` rows: after each block's layer-wise solve its kept weights were tuned toward the "
-             "dense block's outputs on the same inputs; `layer err / wanda` is the layer-wise solve's, before it."]
+             "dense block's outputs on the same inputs (target `block`) or toward the dense model's own block "
+             "outputs (target `dense`); `layer err / wanda` is the layer-wise solve's, before it."]
     for r in rows:
         t = r["block_tuning"]
-        lines.append(f"- {r['pattern']} {r['solver']}:{r['objective']}: {t['epochs']} epochs, lr {t['lr']:g}; "
+        lines.append(f"- {r['pattern']} {r['solver']}:{r['objective']}: {t['epochs']} epochs, lr {t['lr']:g}, "
+                     f"target {t.get('target', 'block')}; "
                      f"block output error median {100 * (t['median_error_change'] or 0.0):+.1f}% over "
                      f"{len(t['blocks'])} blocks; tuning {t['seconds']:.0f} s")
     return lines

@@ -116,8 +116,11 @@ def test_structure_entries_run_with_the_structure_flag(bench, tmp_path):
     assert tuned["block_tuning"]["median_error_change"] == pytest.approx(-0.375)
     assert tuned["block_tuning"]["seconds"] == 8.0 and tuned["block_tuning"]["blocks"] == blocks
     lines = bench._block_tuning_lines([dict(tuned, pattern="per-row:0.5", solver="admm", objective="reconstruct")])
-    assert lines[1] == ("- per-row:0.5 admm:reconstruct: 1 epochs, lr 0.001; block output error median -37.5% "
-                        "over 2 blocks; tuning 8 s")
+    assert lines[1] == ("- per-row:0.5 admm:reconstruct: 1 epochs, lr 0.001, target block; block output error "
+                        "median -37.5% over 2 blocks; tuning 8 s")
+    dense = bench.summarise_report({"block_tuning": {"epochs": 1, "lr": 1e-3, "seed": 0, "target": "dense",
+                                                     "blocks": blocks}})
+    assert dense["block_tuning"]["target"] == "dense"
 
 
 def test_elsa_entries_run_elsa_its_warm_start_and_its_control(bench, tmp_path):
