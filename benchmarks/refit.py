@@ -220,7 +220,7 @@ def backend_rows(methods: dict, backends: list[str]) -> dict:
 
 def synthetic_part(args, real_by_kind: dict) -> list[dict]:
     results = []
-    for d_out, d_in, kind in SHAPES:
+    for d_out, d_in, kind in (s for s in SHAPES if f"{s[0]}x{s[1]}" in args.shape_list):
         cache = Path(args.cache) / f"{d_out}x{d_in}"
         cache.mkdir(parents=True, exist_ok=True)
         W, G = synthetic_arrays(real_by_kind[kind], d_out, d_in, args.seed)
@@ -322,12 +322,19 @@ def main(argv=None):
     ap.add_argument("--dual-iter", type=int, default=DEFAULT_DUAL_ITER, help="the CG's dual start cap (0: none)")
     ap.add_argument("--backends", default=",".join(BACKENDS),
                     help="reconstruct backends timed whole on the synthetic layers (comma-separated; '' for none)")
+    ap.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i, _ in SHAPES),
+                    help="synthetic shapes D_OUTxD_IN to run (comma-separated; default both)")
     ap.add_argument("--child", choices=("sparsegpt", "cg-primal", "cg", "exact", *BACKENDS), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.backend_list = [b for b in args.backends.split(",") if b]
     unknown = set(args.backend_list) - set(BACKENDS)
     if unknown:
         ap.error(f"--backends: {', '.join(sorted(unknown))} is not one of {', '.join(BACKENDS)}")
+    args.shape_list = [s for s in args.shapes.split(",") if s]
+    shapes = [f"{o}x{i}" for o, i, _ in SHAPES]
+    unknown = [s for s in args.shape_list if s not in shapes]
+    if unknown:
+        ap.error(f"--shapes: {', '.join(unknown)} is not one of {', '.join(shapes)}")
     if args.child:
         print(json.dumps(child(args)))
         return
@@ -337,7 +344,7 @@ def main(argv=None):
 
     rec = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": _commit(),
            "load_before": os.getloadavg()[0], "threads": args.threads, "tol": args.tol, "max_iter": args.max_iter,
-           "block": args.block, "rows": args.rows, "exact_rows": args.exact_rows, "backend_rows": args.backend_rows,
+           "shapes": args.shape_list, "block": args.block, "rows": args.rows, "exact_rows": args.exact_rows, "backend_rows": args.backend_rows,
            "dual_iter": args.dual_iter}
     model, tokenizer = models.load_model("smollm2")
     ids = data.calibration_batch(tokenizer, data.load_text("austen-calib"), 64, 256, 0)

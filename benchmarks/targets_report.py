@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Optional
 
 from elsa_report import _budget, _kind, _met, _num, _pct
-from layerprune.pipeline.block_tune import DEFAULT_BLOCK_TUNE_EPOCHS
+from layerprune.pipeline.block_tune import DEFAULT_BLOCK_TUNE_EPOCHS, DEFAULT_PRUNE_BLOCK_TUNE_TARGET
 from layerprune.pipeline.elsa import _BOOKKEEPING, ELSA_OPTIONS
 from layerprune.pipeline.plan import DEFAULT_OBJECTIVE, DEFAULT_SOLVER
 from structured_report import PER_RUN, read_results, report_parser, write
@@ -57,7 +57,8 @@ ANCHOR_ARGS = ("", "--no-reference")
 #: Elsa's defaults (a run's label names the options it sets otherwise)
 ELSA_DEFAULTS = {o.name: o.default for o in ELSA_OPTIONS}
 #: the default prune as the model benchmark runs it: pattern, method, prune arguments
-DEFAULT_RUN = ("per-row:0.5", f"{DEFAULT_SOLVER}:{DEFAULT_OBJECTIVE}", f"--block-tune {DEFAULT_BLOCK_TUNE_EPOCHS}")
+DEFAULT_RUN = ("per-row:0.5", f"{DEFAULT_SOLVER}:{DEFAULT_OBJECTIVE}",
+               f"--block-tune {DEFAULT_BLOCK_TUNE_EPOCHS} --block-tune-target {DEFAULT_PRUNE_BLOCK_TUNE_TARGET}")
 #: its budget (seconds for the whole job on 2 cores) and the perplexity of the default it replaced
 DEFAULT_WALL_S, DEFAULT_BEFORE = 900.0, {"persuasion": 60.05, "mobydick": 96.66}
 #: every reconstruct backend's job at most this × Wanda's (50% per-row, the same results file)

@@ -488,7 +488,7 @@ def test_targets_report_reads_the_default_prune_and_the_wall_ratios(tmp_path, mo
                                                   run("admm", "reconstruct", 55.0, 86.0, 452.0),
                                                   run("sparsegpt", "reconstruct", 57.0, 92.0, 440.0)]}
     alone = {"settings": dict(SETTINGS, prune_args="--no-reference"), "runs": [run("alps", "reconstruct", 53.0, 84.0, 900.0)]}
-    default = {"settings": dict(SETTINGS, prune_args=f"--block-tune {mod.DEFAULT_BLOCK_TUNE_EPOCHS}"),
+    default = {"settings": dict(SETTINGS, prune_args=mod.DEFAULT_RUN[2]),
                "runs": [run("admm", "reconstruct", 51.0, 97.0, 690.0)]}
     files = [tmp_path / f"{i}.json" for i in range(3)]
     for f, d in zip(files, (timed, alone, default)):

@@ -134,31 +134,34 @@ def test_block_tune_refusals_are_one_line_and_write_nothing(tiny_job, tmp_path, 
     assert_prune_refused(tiny_job, tmp_path, capsys, flags, message)
 
 
-@pytest.mark.parametrize("given, epochs", [
-    ({}, DEFAULT_BLOCK_TUNE_EPOCHS),                                  # the default prune
-    ({"objective": "reconstruct"}, DEFAULT_BLOCK_TUNE_EPOCHS),        # the default solver, named objective
-    ({"pattern": "nm:2:4"}, DEFAULT_BLOCK_TUNE_EPOCHS),
-    ({"block_tune": 0}, 0),
-    ({"block_tune": 3}, 3),
-    ({"solver": "admm"}, 0),                                          # a named solver: its own form
-    ({"solver": "wanda", "block_tune": 1}, 1),
-    ({"objective": "mask"}, 0),                                       # kept weights fixed
-    ({"target": "dense"}, 0),
-    ({"dtype": "bfloat16"}, 0),
-    ({"structure": "mlp:0.25"}, 0),
-    ({"solver": "elsa"}, 0),
+@pytest.mark.parametrize("given, epochs, target", [
+    ({}, DEFAULT_BLOCK_TUNE_EPOCHS, "dense"),                         # the default prune
+    ({"objective": "reconstruct"}, DEFAULT_BLOCK_TUNE_EPOCHS, "dense"),   # the default solver, named objective
+    ({"pattern": "nm:2:4"}, DEFAULT_BLOCK_TUNE_EPOCHS, "dense"),
+    ({"block_tune_target": "block"}, DEFAULT_BLOCK_TUNE_EPOCHS, "block"),
+    ({"block_tune": 0}, 0, None),
+    ({"block_tune": 3}, 3, "dense"),
+    ({"solver": "admm"}, 0, None),                                    # a named solver: its own form
+    ({"solver": "admm", "block_tune": 2}, 2, "block"),                # ... and EBFT's target
+    ({"solver": "wanda", "block_tune": 1, "block_tune_target": "dense"}, 1, "dense"),
+    ({"objective": "mask"}, 0, None),                                 # kept weights fixed
+    ({"target": "dense"}, 0, None),
+    ({"dtype": "bfloat16"}, 0, None),
+    ({"structure": "mlp:0.25"}, 0, None),
+    ({"solver": "elsa"}, 0, None),
 ])
-def test_the_default_prune_tunes_blocks_and_a_named_solver_does_not(given, epochs):
+def test_the_default_prune_tunes_blocks_and_a_named_solver_does_not(given, epochs, target):
     from layerprune.pipeline import PruneConfig
     from layerprune.pipeline.config import layerwise, with_defaults
 
     config = with_defaults(PruneConfig(**given))
-    assert config.block_tune == epochs
-    assert with_defaults(config).block_tune == epochs        # resolving twice changes nothing
+    assert (config.block_tune, config.block_tune_target) == (epochs, target)
+    again = with_defaults(config)                            # resolving twice changes nothing
+    assert (again.block_tune, again.block_tune_target) == (epochs, target)
     if given.get("solver") == "elsa":
         assert layerwise(PruneConfig(**given)).block_tune == 0   # Elsa's warm start is not tuned unless asked
         asked = layerwise(PruneConfig(**given, block_tune=3))
-        assert (asked.solver, asked.block_tune) == ("admm", 3)
+        assert (asked.solver, asked.block_tune, asked.block_tune_target) == ("admm", 3, "block")
 
 
 def test_the_default_job_reports_its_block_tuning(tiny_job, tmp_path):  # noqa: F811
@@ -168,4 +171,5 @@ def test_the_default_job_reports_its_block_tuning(tiny_job, tmp_path):  # noqa: 
     data = json.loads((tmp_path / "report.json").read_text())
     assert data["settings"]["solver"] == "admm" and data["settings"]["block_tune"] == DEFAULT_BLOCK_TUNE_EPOCHS
     assert data["block_tuning"]["epochs"] == DEFAULT_BLOCK_TUNE_EPOCHS and len(data["block_tuning"]["blocks"]) == 2
+    assert data["block_tuning"]["target"] == "dense" and data["settings"]["block_tune_target"] == "dense"
     assert report.sparsity == 0.5

@@ -42,7 +42,8 @@ from torch import nn
 from .capture import _Batch, _call_block, _propagate, _sequences
 
 __all__ = ["BlockTuning", "BlockTuned", "DEFAULT_BLOCK_TUNE_EPOCHS", "DEFAULT_BLOCK_TUNE_LR", "DEFAULT_BLOCK_TUNE_BATCH",
-           "BLOCK_TUNE_TARGETS", "DEFAULT_BLOCK_TUNE_TARGET", "dense_targets", "tune_block"]
+           "BLOCK_TUNE_TARGETS", "DEFAULT_BLOCK_TUNE_TARGET", "DEFAULT_PRUNE_BLOCK_TUNE_TARGET", "dense_targets",
+           "tune_block"]
 
 #: the learning rate and the sequences per step measured on the bundled model (docs/DECISIONS.md:
 #: EBFT's 2e-4 over its 320 steps per block moves a weight about as far as 1e-3 over the 64 steps
@@ -55,6 +56,8 @@ DEFAULT_BLOCK_TUNE_EPOCHS = 4
 #: EBFT's) or on the dense model's (``dense``); module docstring
 BLOCK_TUNE_TARGETS = ("block", "dense")
 DEFAULT_BLOCK_TUNE_TARGET = "block"
+#: the default prune's target (docs/DECISIONS.md: better on both texts at 50%, same cost)
+DEFAULT_PRUNE_BLOCK_TUNE_TARGET = "dense"
 #: AdamW's betas and the gradient-norm clip (EBFT's defaults)
 BETAS, CLIP = (0.9, 0.95), 1.0
 

@@ -20,7 +20,7 @@ from layerprune.solvers import Params
 
 from .allocate import ALLOCATIONS, KNAPSACK_NORMS, MAP_FILE, check_allocatable, check_owl_range, read_sparsity_map
 from .block_tune import (BLOCK_TUNE_TARGETS, DEFAULT_BLOCK_TUNE_BATCH, DEFAULT_BLOCK_TUNE_EPOCHS, DEFAULT_BLOCK_TUNE_LR,
-                         DEFAULT_BLOCK_TUNE_TARGET)
+                         DEFAULT_BLOCK_TUNE_TARGET, DEFAULT_PRUNE_BLOCK_TUNE_TARGET)
 from .channels import STRUCTURE_OBJECTIVE, STRUCTURE_SOLVER, check_structured_model, parse_structure
 from .elsa import DEFAULT_WARM_START, DENSE_START, ELSA, parse_elsa_options
 from .loop import DENSE_TARGET_RIDGE, TARGETS, check_target
@@ -143,7 +143,9 @@ class PruneConfig:
                                               default_text=f"{DEFAULT_BLOCK_TUNE_BATCH}")
     block_tune_target: Optional[str] = setting(None, "what --block-tune matches: the dense block on the pruned "
                                                "model's inputs (block) or the dense model's own block outputs (dense)",
-                                               choices=BLOCK_TUNE_TARGETS, default_text=DEFAULT_BLOCK_TUNE_TARGET)
+                                               choices=BLOCK_TUNE_TARGETS,
+                                               default_text=f"{DEFAULT_PRUNE_BLOCK_TUNE_TARGET} in the default prune "
+                                               f"(no --solver), else {DEFAULT_BLOCK_TUNE_TARGET}")
     prune_lm_head: bool = setting(False, "prune lm_head too")
     dtype: str = setting("float32", "dtype of the model's weights", choices=DTYPES)
     progress: bool = setting(True, "no progress bars", negate=True)
@@ -215,9 +217,10 @@ def with_defaults(config: PruneConfig) -> PruneConfig:
     (``alternating``, ``reconstruct``); a layer-wise prune's by :func:`~.plan.default_solver`
     (neither given: ``admm``, ``reconstruct``; ``--objective mask`` alone: ``sparseswaps``; a
     solver alone: its own objective, ``mask`` where it takes it); under ``--solver elsa`` its
-    warm start's (``--init``; from the dense model it keeps no objective); ``--block-tune`` by
-    :func:`_block_tune_epochs`."""
-    config = dataclasses.replace(config, block_tune=_block_tune_epochs(config))
+    warm start's (``--init``; from the dense model it keeps no objective); ``--block-tune`` and
+    ``--block-tune-target`` by :func:`_block_tune_epochs` and :func:`_block_tune_target`."""
+    epochs = _block_tune_epochs(config)
+    config = dataclasses.replace(config, block_tune=epochs, block_tune_target=_block_tune_target(config, epochs))
     if config.structure is not None:
         return dataclasses.replace(config, solver=config.solver or STRUCTURE_SOLVER,
                                    objective=config.objective or STRUCTURE_OBJECTIVE)
@@ -238,10 +241,23 @@ def _block_tune_epochs(config: PruneConfig) -> int:
     solver (``elsa`` too) prunes in its own form."""
     if config.block_tune is not None:
         return config.block_tune
-    default_prune = (config.solver is None and config.structure is None
-                     and default_solver(None, config.objective)[1] == DEFAULT_OBJECTIVE)
     applies = config.target == "layer" and config.dtype == "float32"
-    return DEFAULT_BLOCK_TUNE_EPOCHS if default_prune and applies else 0
+    return DEFAULT_BLOCK_TUNE_EPOCHS if _default_prune(config) and applies else 0
+
+
+def _block_tune_target(config: PruneConfig, epochs: int) -> Optional[str]:
+    """``--block-tune-target`` as given; not given and tuning on (``epochs`` ≥ 1),
+    :data:`~.block_tune.DEFAULT_PRUNE_BLOCK_TUNE_TARGET` in the default prune and EBFT's
+    :data:`~.block_tune.DEFAULT_BLOCK_TUNE_TARGET` after a named solver."""
+    if config.block_tune_target is not None or not epochs:
+        return config.block_tune_target
+    return DEFAULT_PRUNE_BLOCK_TUNE_TARGET if _default_prune(config) else DEFAULT_BLOCK_TUNE_TARGET
+
+
+def _default_prune(config: PruneConfig) -> bool:
+    """No ``--solver``, no ``--structure``: the default solver on the ``reconstruct`` objective."""
+    return (config.solver is None and config.structure is None
+            and default_solver(None, config.objective)[1] == DEFAULT_OBJECTIVE)
 
 
 def _elsa_init(config: PruneConfig) -> str:
