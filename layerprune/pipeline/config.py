@@ -131,8 +131,8 @@ class PruneConfig:
                               "the report has no error ratio to Wanda)", negate=True)
     sequential_order: bool = setting(False, "within a block prune q,k,v → o → gate,up → down, re-capturing inputs")
     block_tune: Optional[int] = setting(None, "after each block's layer-wise solve, tune its pruned linears' kept "
-                                        "weights for EPOCHS passes so the block's output matches the dense block's "
-                                        "on the same inputs (EBFT; masks unchanged; 0: off)", metavar="EPOCHS",
+                                        "weights for EPOCHS passes so the block's output matches the dense one "
+                                        "(--block-tune-target; EBFT; masks unchanged; 0: off)", metavar="EPOCHS",
                                         type=nonnegative_int,
                                         default_text=f"{DEFAULT_BLOCK_TUNE_EPOCHS} in the default prune (no --solver, "
                                         f"{DEFAULT_OBJECTIVE} objective, layer target, float32), else 0")
@@ -330,7 +330,7 @@ def check_block_tune(config: PruneConfig) -> None:
         return
     flags = (("--structure", config.structure is not None), ("--target dense", config.target != "layer"))
     _refuse_given(flags, "does not apply with --block-tune (it tunes a layer-wise prune's blocks toward the "
-                         "dense block on the same inputs)")
+                         "dense blocks' outputs)")
     if config.dtype != "float32":
         raise SettingError(f"--dtype {config.dtype}: --block-tune trains float32 weights")
 

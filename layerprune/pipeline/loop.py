@@ -200,8 +200,8 @@ def prune_model(model: nn.Module, calib_ids: torch.Tensor, *, solver: Union[None
         record keeps its layer-wise objective); ``block_tuning.log`` receives each block's
         errors before and after.
         None: no tuning (``layerprune prune`` without ``--solver`` passes
-        ``BlockTuning(DEFAULT_BLOCK_TUNE_EPOCHS)``: the default prune tunes, this function
-        does only when asked)
+        ``BlockTuning(DEFAULT_BLOCK_TUNE_EPOCHS, target="dense")``: the default prune tunes,
+        this function does only when asked)
     sparsity_map : {qualified layer name: pruned fraction}: those layers take ``pattern``'s
         kind with their own fraction (:mod:`.allocate`); the pattern must be a fraction
         (``per-row:F``, ``unstructured:F``, ``columns:F``) and every name a target layer
