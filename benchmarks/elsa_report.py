@@ -23,6 +23,7 @@ Writes the JSON and a markdown file next to it.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from typing import Optional
 
@@ -59,16 +60,39 @@ def _budget(run: dict) -> tuple:
     return tuple(options.get(k) for k in BUDGET)
 
 
+#: flags of an Elsa run's command that shape its layer-wise warm start (the run's label names them)
+WARM_START_FLAGS = ("--block-tune", "--block-tune-target", "--block-tune-lr", "--block-tune-batch")
+
+
+def warm_start_flags(run: dict) -> str:
+    """The :data:`WARM_START_FLAGS` and their values in an Elsa run's ``command``, e.g.
+    ``--block-tune 4`` ('' for none, and for a layer-wise run)."""
+    if _kind(run) == "layerwise":
+        return ""
+    words, kept = shlex.split(run.get("command") or ""), []
+    for flag, value in zip(words, words[1:]):
+        if flag in WARM_START_FLAGS:
+            kept += [flag, value]
+    return " ".join(kept)
+
+
+def _name(run: dict) -> str:
+    """The run's solver, with its warm start's block tuning where it had one."""
+    flags = warm_start_flags(run)
+    return run["solver"] + (f" ({flags})" if flags else "")
+
+
 def _key(run: dict) -> str:
-    """One configuration: pattern, solver, objective and, for Elsa runs, every option."""
+    """One configuration: pattern, solver, objective and, for Elsa runs, every option and the
+    flags of its warm start."""
     options = (run.get("elsa") or {}).get("options") or {}
-    extra = "" if _kind(run) == "layerwise" else " " + json.dumps(options, sort_keys=True)
+    extra = "" if _kind(run) == "layerwise" else f" {json.dumps(options, sort_keys=True)} {warm_start_flags(run)}"
     return f"{run['pattern']} {run['solver']}:{run['objective']}{extra}"
 
 
 def _order(run: dict) -> tuple:
     return (run["pattern"], ("layerwise", "elsa", "control").index(_kind(run)), run["solver"],
-            json.dumps((run.get("elsa") or {}).get("options") or {}, sort_keys=True))
+            json.dumps((run.get("elsa") or {}).get("options") or {}, sort_keys=True), warm_start_flags(run))
 
 
 def comparisons(results: dict) -> list[dict]:
@@ -85,7 +109,7 @@ def comparisons(results: dict) -> list[dict]:
             best = min(layerwise, key=lambda r: r["perplexity"][text]) if layerwise else None
             change = None if best is None else run["perplexity"][text] / best["perplexity"][text] - 1.0
             gain = None if control is None else control["perplexity"][text] / dense[text] - 1.0
-            rows.append({"pattern": run["pattern"], "solver": run["solver"], "text": text,
+            rows.append({"pattern": run["pattern"], "solver": _name(run), "text": text,
                          "steps": run["elsa"]["steps_done"], "tokens": run["elsa"]["tokens"],
                          "elsa": run["perplexity"][text],
                          "best_layerwise": None if best is None else best["perplexity"][text],

@@ -370,12 +370,17 @@ def test_elsa_report_compares_each_run_with_the_best_layerwise_and_its_control(t
             "runs": [run("elsa", "loss", {"a": 30.0, "b": 150.0}, budget),
                      run("elsa", "loss", {"a": 20.0, "b": 100.0}, dict(budget, steps=8)),  # no control at 8 steps
                      run("elsa-control", "loss", {"a": 8.0, "b": 19.0}, budget)]}
-    files = [tmp_path / "1.json", tmp_path / "2.json"]
-    for f, d in zip(files, (layerwise, elsa)):
+    tuned = dict(run("elsa+admm", "reconstruct", {"a": 25.0, "b": 140.0}, budget),   # from a block-tuned prune
+                 command="-m layerprune prune --solver elsa --init admm --block-tune 4 --solver-option steps=4")
+    files = [tmp_path / "1.json", tmp_path / "2.json", tmp_path / "3.json"]
+    for f, d in zip(files, (layerwise, elsa, {"settings": dict(SETTINGS, prune_args="--block-tune 4"),
+                                              "runs": [tuned, dict(tuned, command="", perplexity={"a": 1.0, "b": 1.0})]})):
         f.write_text(json.dumps(d))
     results = mod.merge(files, args_ok=lambda text: True, order_key=mod._order, key=mod._key)
-    assert [r["solver"] for r in results["runs"]] == ["admm", "wanda", "elsa", "elsa", "elsa-control"]
-    rows = {(r["steps"], r["text"]): r for r in mod.comparisons(results)}
+    assert [r["solver"] for r in results["runs"]] == ["admm", "wanda", "elsa", "elsa", "elsa+admm", "elsa+admm",
+                                                      "elsa-control"]
+    assert {mod._name(r) for r in results["runs"]} >= {"elsa+admm (--block-tune 4)", "elsa+admm"}
+    rows = {(r["steps"], r["text"]): r for r in mod.comparisons(results) if r["solver"] == "elsa"}
     a, b = rows[(4, "a")], rows[(4, "b")]
     assert a["best_layerwise_method"] == "admm:reconstruct" and a["change_vs_best_layerwise"] == pytest.approx(-0.4)
     assert a["control_change_vs_dense"] == pytest.approx(-0.2) and a["meets_target"] is True
@@ -384,6 +389,7 @@ def test_elsa_report_compares_each_run_with_the_best_layerwise_and_its_control(t
     assert rows[(8, "a")]["control"] is None and rows[(8, "a")]["meets_target"] is None
     text = mod.markdown(dict(results, comparisons=mod.comparisons(results), note=""))
     assert "| per-row:0.7 | elsa | 4 (32) | a | 30.00 | 50.00 | admm:reconstruct | -40.0% | 8.00 | -20.0% | met |" in text
+    assert "| per-row:0.7 | elsa+admm (--block-tune 4) | 4 (32) | a | 25.00 | 50.00 |" in text
 
 
 def test_elsa_report_bar_depends_on_the_pattern(monkeypatch):
