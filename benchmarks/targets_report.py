@@ -32,12 +32,11 @@ by the same loop and tokens) shows how much of a gain plain fine-tuning gives.
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 from pathlib import Path
 from typing import Optional
 
-from elsa_report import _budget, _kind, _met, _num, _pct
+from elsa_report import _budget, _kind, _met, _num, _pct, warm_start_flags
 from layerprune.pipeline.block_tune import DEFAULT_BLOCK_TUNE_EPOCHS, DEFAULT_PRUNE_BLOCK_TUNE_TARGET
 from layerprune.pipeline.elsa import _BOOKKEEPING, ELSA_OPTIONS
 from layerprune.pipeline.plan import DEFAULT_OBJECTIVE, DEFAULT_SOLVER
@@ -105,29 +104,17 @@ def _key(run: dict) -> str:
 
 def label(run: dict) -> str:
     """How a run is named in the table: pattern, method, and its prune arguments (a layer-wise run)
-    or the options it sets away from the defaults (an Elsa run)."""
+    or its warm start's block tuning and the options it sets away from the defaults (an Elsa run,
+    read from its command and report: files merged by ``elsa_report`` keep no prune arguments)."""
     name = f"{run['pattern']} {run['solver']}:{run['objective']}"
     if _kind(run) == "layerwise":
         extra = [a for a in [run["prune_args"]] if a not in ANCHOR_ARGS]
     else:
         options = _options(run)
-        extra = [a for a in [_warm_start_args(run["prune_args"])] if a]
+        extra = [a for a in [warm_start_flags(run)] if a]
         extra += [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in sorted(options.items())
                   if k in ELSA_DEFAULTS and v != ELSA_DEFAULTS[k]]
     return name + (f" ({'; '.join(extra)})" if extra else "")
-
-
-def _warm_start_args(prune_args: str) -> str:
-    """An Elsa run's prune arguments less its ``--solver-option`` pairs (the options are read from
-    its report): what shapes its layer-wise warm start, e.g. ``--block-tune 4``."""
-    words, kept = shlex.split(prune_args), []
-    while words:
-        word = words.pop(0)
-        if word == "--solver-option":
-            words = words[1:]
-        elif not word.startswith("--solver-option="):
-            kept.append(word)
-    return " ".join(kept)
 
 
 def _options(run: dict) -> dict:

@@ -465,8 +465,9 @@ def test_targets_report_bars_candidates_and_distances(tmp_path, monkeypatch):
            "(batch 2; steps 4) | " \
            "170.00 | -5.56% | met | per-row:0.7 admm:reconstruct | 240.00 | +33.33% | not met | -2.0% |" in text
     tuned = run("per-row:0.7", "elsa+admm", "reconstruct", 55.0, 160.0, budget)   # Elsa from a block-tuned prune
-    args = "--block-tune 4 --solver-option checkpoint=/tmp/s.pt --solver-option=steps=4"
-    assert mod.label(dict(tuned, prune_args=args)) == "per-row:0.7 elsa+admm:reconstruct (--block-tune 4; batch 2; steps 4)"
+    command = "-m layerprune prune --solver elsa --block-tune 4 --solver-option checkpoint=/tmp/s.pt --solver-option steps=4"
+    assert mod.label(dict(tuned, prune_args="", command=command)) == \
+        "per-row:0.7 elsa+admm:reconstruct (--block-tune 4; batch 2; steps 4)"     # read from its command
     files[2].write_text(json.dumps(dict(elsa, settings=dict(SETTINGS, nsamples=16))))
     with pytest.raises(SystemExit, match="other settings"):
         mod.load(files)
