@@ -269,8 +269,8 @@ def _block_tuning_summary(tuning: Optional[dict]) -> Optional[dict]:
     if not tuning:
         return None
     blocks = tuning.get("blocks") or []
-    return {"epochs": tuning.get("epochs"), "lr": tuning.get("lr"), "target": tuning.get("target", "block"), "blocks": blocks,
-            "median_error_change": median_block_error_change(tuning),
+    return {"epochs": tuning.get("epochs"), "lr": tuning.get("lr"), "target": tuning.get("target", "block"),
+            "blocks": blocks, "median_error_change": median_block_error_change(tuning),
             "seconds": sum(b.get("seconds") or 0.0 for b in blocks)}
 
 

@@ -43,6 +43,8 @@ import torch
 from layerprune.problems.refit import DEFAULT_DUAL_ITER
 
 SHAPES = ((4096, 11008, "down_proj"), (11008, 4096, "q_proj"))
+#: each shape by its ``--shapes`` name, ``D_OUTxD_IN``
+SHAPE_NAMES = {f"{d_out}x{d_in}": (d_out, d_in, kind) for d_out, d_in, kind in SHAPES}
 #: the reconstruct backends (c) times whole, besides SparseGPT
 BACKENDS = ("admm", "alps")
 
@@ -220,7 +222,7 @@ def backend_rows(methods: dict, backends: list[str]) -> dict:
 
 def synthetic_part(args, real_by_kind: dict) -> list[dict]:
     results = []
-    for d_out, d_in, kind in (s for s in SHAPES if f"{s[0]}x{s[1]}" in args.shape_list):
+    for d_out, d_in, kind in (SHAPE_NAMES[name] for name in args.shape_list):
         cache = Path(args.cache) / f"{d_out}x{d_in}"
         cache.mkdir(parents=True, exist_ok=True)
         W, G = synthetic_arrays(real_by_kind[kind], d_out, d_in, args.seed)
@@ -229,7 +231,8 @@ def synthetic_part(args, real_by_kind: dict) -> list[dict]:
         rec = {"shape": [d_out, d_in], "spectrum_from": f"smollm2 block {args.block} {kind}", "methods": {}}
         for method in ("sparsegpt", "cg-primal", "cg", "exact", *args.backend_list):
             cmd = [sys.executable, __file__, "--child", method, "--cache", str(cache), "--rows", str(args.rows),
-                   "--exact-rows", str(args.exact_rows), "--backend-rows", str(args.backend_rows), "--tol", str(args.tol), "--max-iter", str(args.max_iter),
+                   "--exact-rows", str(args.exact_rows), "--backend-rows", str(args.backend_rows),
+                   "--tol", str(args.tol), "--max-iter", str(args.max_iter),
                    "--dual-iter", str(args.dual_iter), "--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -322,7 +325,7 @@ def main(argv=None):
     ap.add_argument("--dual-iter", type=int, default=DEFAULT_DUAL_ITER, help="the CG's dual start cap (0: none)")
     ap.add_argument("--backends", default=",".join(BACKENDS),
                     help="reconstruct backends timed whole on the synthetic layers (comma-separated; '' for none)")
-    ap.add_argument("--shapes", default=",".join(f"{o}x{i}" for o, i, _ in SHAPES),
+    ap.add_argument("--shapes", default=",".join(SHAPE_NAMES),
                     help="synthetic shapes D_OUTxD_IN to run (comma-separated; default both)")
     ap.add_argument("--child", choices=("sparsegpt", "cg-primal", "cg", "exact", *BACKENDS), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -331,10 +334,9 @@ def main(argv=None):
     if unknown:
         ap.error(f"--backends: {', '.join(sorted(unknown))} is not one of {', '.join(BACKENDS)}")
     args.shape_list = [s for s in args.shapes.split(",") if s]
-    shapes = [f"{o}x{i}" for o, i, _ in SHAPES]
-    unknown = [s for s in args.shape_list if s not in shapes]
+    unknown = [s for s in args.shape_list if s not in SHAPE_NAMES]
     if unknown:
-        ap.error(f"--shapes: {', '.join(unknown)} is not one of {', '.join(shapes)}")
+        ap.error(f"--shapes: {', '.join(unknown)} is not one of {', '.join(SHAPE_NAMES)}")
     if args.child:
         print(json.dumps(child(args)))
         return
@@ -344,8 +346,8 @@ def main(argv=None):
 
     rec = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "commit": _commit(),
            "load_before": os.getloadavg()[0], "threads": args.threads, "tol": args.tol, "max_iter": args.max_iter,
-           "shapes": args.shape_list, "block": args.block, "rows": args.rows, "exact_rows": args.exact_rows, "backend_rows": args.backend_rows,
-           "dual_iter": args.dual_iter}
+           "shapes": args.shape_list, "block": args.block, "rows": args.rows, "exact_rows": args.exact_rows,
+           "backend_rows": args.backend_rows, "dual_iter": args.dual_iter}
     model, tokenizer = models.load_model("smollm2")
     ids = data.calibration_batch(tokenizer, data.load_text("austen-calib"), 64, 256, 0)
     problems = layer_problems(model, ids, block=args.block)

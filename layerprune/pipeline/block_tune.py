@@ -106,7 +106,8 @@ class BlockTuning:
                 "blocks": [b.to_json() for b in self.log]}
 
 
-def dense_targets(block: nn.Module, batches: list[_Batch], inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+def dense_targets(block: nn.Module, batches: list[_Batch],
+                  inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """The block's outputs on each mini-batch before any of its weights change: (B, T, H) each.
     ``inputs`` ((B, T, H) each, the dense stream's hidden states) replace the batches' own."""
     hidden = [b.hidden for b in batches] if inputs is None else inputs
