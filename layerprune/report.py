@@ -111,6 +111,10 @@ class LayerRecord:
         excluded)
     ntokens : calibration tokens in this layer's Gram matrix
     sparsity : pruned fraction of the layer's written mask (what the layer got)
+    refit : under ``reconstruct``, how the kept weights were refitted (``problems.refit``'s
+        ``RefitResult.describe()``: method, iterations, tolerance, largest relative residual,
+        converged; with ``seconds``); a CG refit that did not converge scores its weights' own
+        error, an upper bound on the mask's exact objective
     packed_mask : the mask packed to bits (:func:`pack_mask`); the property ``mask`` gives the
         (d_out, d_in) bool CPU tensor (True = kept). Not written to JSON.
     """
@@ -131,6 +135,7 @@ class LayerRecord:
     seconds: float
     ntokens: int
     sparsity: Optional[float] = None
+    refit: Optional[dict] = None
     packed_mask: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -260,6 +265,9 @@ def format_report(report: PruneReport) -> str:
     if certified:
         gaps = sorted(r.gap for r in certified)
         lines.append(f"certified layers   {len(certified)}, median gap {100 * statistics.median(gaps):.2f}%")
+    refit = _refit_line(report.layers)
+    if refit and not report.elsa:
+        lines.append(refit)
     if report.block_tuning and report.block_tuning.get("blocks"):
         lines.append(_block_tuning_line(report.block_tuning))
     alloc = report.allocation
@@ -296,6 +304,26 @@ def median_block_error_change(tuning: dict) -> Optional[float]:
     ``block_tuning``; blocks with no error before are left out), or None."""
     changes = [b["error_after"] / b["error_before"] - 1.0 for b in tuning.get("blocks") or [] if b.get("error_before")]
     return statistics.median(changes) if changes else None
+
+
+def _refit_line(layers: list) -> Optional[str]:
+    """How ``reconstruct`` layers' kept weights were refitted: layers per method, CG's tolerance,
+    and the layers whose CG stopped short (their objectives are upper bounds); None without refits."""
+    fits = [r.refit for r in layers if r.refit]
+    if not fits:
+        return None
+    exact = sum(f["method"] == "exact" for f in fits)
+    cg = [f for f in fits if f["method"] == "cg"]
+    parts = [f"exact in {exact} layers"] if exact else []
+    if cg:
+        tols = sorted({f["tolerance"] for f in cg})
+        parts.append(f"CG to relative residual {'/'.join(f'{t:g}' for t in tols)} in {len(cg)} layers")
+        short = [f for f in cg if not f["converged"]]
+        if short:
+            worst = max(f["max_relative_residual"] or 0.0 for f in short)
+            parts.append(f"{len(short)} stopped short (residual up to {worst:.2g}): their objectives are "
+                         f"their weights' own error, an upper bound")
+    return f"refit              {'; '.join(parts)}"
 
 
 def _block_tuning_line(tuning: dict) -> str:

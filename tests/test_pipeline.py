@@ -209,6 +209,40 @@ def test_reconstruct_under_cg_refit_is_no_better_than_exact():
     assert len(above) == 3 and any(above)  # 3 CG iterations leave some layer above the exact refit
 
 
+def test_job_reports_how_each_layer_was_refitted(tiny_job, tmp_path):
+    """The refit flags reach every reconstruct layer's solve, each record says how its weights
+    were refitted, and the report says which layers' CG stopped short (upper-bound objectives)."""
+    from layerprune.pipeline import run
+
+    reports = {}
+    for name, flags in (("default", {}), ("short", dict(refit="cg", refit_max_iter=0, refit_dual_iter=0)),
+                        ("exact", dict(refit="exact"))):
+        reports[name] = run(_config(tiny_job, solver="sparsegpt", objective="reconstruct", **flags), log=lambda s: None)
+    assert {r.refit["method"] for r in reports["default"].layers} == {"exact"}   # tiny layers: auto is exact
+    assert "refit              exact in 14 layers" in format_report(reports["default"])
+    short = reports["short"].layers
+    assert all(r.refit["method"] == "cg" and r.refit["iterations"] == 0 and r.refit["dual_iterations"] == 0
+               for r in short)
+    assert not all(r.refit["converged"] for r in short)
+    stopped = sum(not r.refit["converged"] for r in short)
+    text = format_report(reports["short"])
+    assert f"CG to relative residual 0.0001 in 14 layers; {stopped} stopped short" in text
+    assert "an upper bound" in text
+    # the first block's q, k, v see the dense inputs in both runs: no CG iterations score no better than exact
+    for ex, cg in zip(reports["exact"].layers[:3], short[:3]):
+        assert ex.name == cg.name and torch.equal(ex.mask, cg.mask)
+        assert cg.objective >= ex.objective * (1 - 1e-9)
+    json.dumps([r.to_json() for r in short])   # the records stay JSON-able
+
+
+def test_no_refit_line_without_reconstruct(tiny_job):
+    from layerprune.pipeline import run
+
+    report = run(_config(tiny_job, solver="wanda"), log=lambda s: None)
+    assert all(r.refit is None for r in report.layers)
+    assert "refit" not in format_report(report)
+
+
 def test_perplexity_matches_manual_computation():
     model = tiny_llama()
     g = torch.Generator().manual_seed(5)
@@ -692,6 +726,14 @@ CUDA = torch.cuda.is_available()
     (["--time-limit-per-layer", "nan"], "finite positive number"),
     (["--time-limit-per-layer", "0"], "finite positive number"),
     (["--max-iter", "-1"], "positive integer"),
+    (["--refit", "chol"], "invalid choice"),
+    (["--refit-tol", "0"], "--refit-tol: expected a finite positive number"),
+    (["--refit-max-iter", "-1"], "--refit-max-iter: expected an integer from 0"),
+    (["--refit-dual-iter", "1.5"], "--refit-dual-iter: expected an integer from 0"),
+    (["--solver", "wanda", "--refit-tol", "1e-3"], "--refit-tol applies to the reconstruct objective"),
+    (["--objective", "mask", "--refit", "cg"], "--refit applies to the reconstruct objective (the kept weights "
+                                                "refitted), not mask"),
+    (["--solver", "elsa", "--init", "dense", "--refit-max-iter", "3"], "--refit-max-iter applies to the reconstruct"),
     (["--seed", "-1"], "0 to 2**63 - 1"),
     (["--seed", str(2 ** 70)], "0 to 2**63 - 1"),
     (["--objective", "both"], "invalid choice"),

@@ -13,6 +13,7 @@ from torch import nn
 
 from layerprune import data
 from layerprune.problems import OBJECTIVES, ProblemError
+from layerprune.problems.refit import DEFAULT_DUAL_ITER, DEFAULT_MAX_ITER, DEFAULT_TOL, REFIT_METHODS
 from layerprune.problems.io import check_parent_writable
 from layerprune.settings import (SettingError, check_values, nonempty, nonnegative_float, nonnegative_int, parse_overrides,
                                  parse_solver_options, positive_float, positive_int, setting, split_list)
@@ -120,6 +121,18 @@ class PruneConfig:
                                                     type=positive_float)
     max_iter: Optional[int] = setting(None, "iteration cap per layer for iterative solvers (sparsefw, admm, …)",
                                       metavar="N", type=positive_int)
+    refit: Optional[str] = setting(None, "reconstruct: how each layer's kept weights are refitted: exact (batched "
+                                   "Cholesky per row, O(d_out·K³)), cg (batched preconditioned CG from the solver's "
+                                   "own weights) or auto (exact on small layers)", choices=REFIT_METHODS,
+                                   default_text="auto")
+    refit_tol: Optional[float] = setting(None, "reconstruct: the CG refit's relative residual at which a row stops",
+                                         metavar="TOL", type=positive_float, default_text=f"{DEFAULT_TOL:g}")
+    refit_max_iter: Optional[int] = setting(None, "reconstruct: the CG refit's iteration cap per row (a row stopped "
+                                            "short scores its weights' own error, an upper bound)", metavar="N",
+                                            type=nonnegative_int, default_text=f"{DEFAULT_MAX_ITER}")
+    refit_dual_iter: Optional[int] = setting(None, "reconstruct: the CG refit's dual-start iteration cap per row "
+                                             "(0: CG starts from the solver's own weights)", metavar="N",
+                                             type=nonnegative_int, default_text=f"{DEFAULT_DUAL_ITER}")
     solver_options: dict = setting(help="option of the default solver, e.g. candidates=32 (repeatable)",
                                    metavar="KEY=VALUE", flag="--solver-option", repeat=parse_solver_options,
                                    default_factory=dict)
@@ -202,13 +215,15 @@ def check_before_loading(config: PruneConfig) -> Checked:
         check_solvers(config)
         fractions = check_allocation(config)
     check_block_tune(config)
+    check_refit(config)
     check_outputs(config.out, config.report, config.force)
     calib_source = config.calib if config.calib is not None else data.DEFAULT_CALIBRATION
     eval_sources = list(config.eval) if config.eval else list(data.DEFAULT_EVALUATION)
     _check_no_overlap(calib_source, eval_sources)
     calib_text = data.load_text(calib_source, cache_dir=config.cache_dir)
     eval_texts = {data.text_name(src): data.load_text(src, cache_dir=config.cache_dir) for src in eval_sources}
-    params = Params(time_limit=config.time_limit_per_layer, max_iter=config.max_iter, seed=config.seed)
+    params = Params(time_limit=config.time_limit_per_layer, max_iter=config.max_iter, seed=config.seed,
+                    **refit_params(config))
     return Checked(device, dtype, params, calib_source, eval_sources, calib_text, eval_texts, fractions)
 
 
@@ -333,6 +348,24 @@ def check_block_tune(config: PruneConfig) -> None:
                          "dense blocks' outputs)")
     if config.dtype != "float32":
         raise SettingError(f"--dtype {config.dtype}: --block-tune trains float32 weights")
+
+
+def refit_params(config: PruneConfig) -> dict:
+    """The :class:`~layerprune.solvers.Params` refit fields ``--refit``, ``--refit-tol``,
+    ``--refit-max-iter`` and ``--refit-dual-iter`` set (those not given keep Params' defaults)."""
+    given = {"refit": config.refit, "refit_tol": config.refit_tol, "refit_max_iter": config.refit_max_iter,
+             "refit_dual_iter": config.refit_dual_iter}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def check_refit(config: PruneConfig) -> None:
+    """The refit flags apply where kept weights are refitted: the ``reconstruct`` objective (after
+    :func:`with_defaults`; an Elsa run's, that of its layer-wise warm start)."""
+    if config.objective == "reconstruct":
+        return
+    flags = tuple((f"--{k.replace('_', '-')}", True) for k in refit_params(config))
+    _refuse_given(flags, f"applies to the reconstruct objective (the kept weights refitted), not "
+                         f"{config.objective or 'an Elsa run from the dense model'}")
 
 
 def _refuse_given(flags: tuple, why: str) -> None:

@@ -372,19 +372,21 @@ def _solve_layer(layer: _Layer, G: torch.Tensor, ntokens: int, settings: SolveSe
         fallback = init_mask if settings.init is not None else (wanda.mask if wanda is not None else None)
         if fallback is None:
             raise SolverError(f"layer {layer.qualified}: solver {layer.solver!r} found no mask ({status})")
-        weights = refit_weights(problem, fallback, **settings.params.refit_options()).weights \
-            if settings.objective == "reconstruct" else problem.W.to(torch.float64) * fallback
+        fit = refit_weights(problem, fallback, **settings.params.refit_options()) \
+            if settings.objective == "reconstruct" else None
+        weights = problem.W.to(torch.float64) * fallback if fit is None else fit.weights
+        refit = None if fit is None else fit.describe()
         mask, value = fallback, float(problem.weight_errors(weights).sum())
         limit = f"{limit or status}; fell back to {'init' if settings.init is not None else 'wanda'} mask"
     else:
-        weights, mask, value = res.weights, res.mask, res.objective
+        weights, mask, value, refit = res.weights, res.mask, res.objective, res.info.get("refit")
     gap = res.gap if res.mask is not None else None
     record = LayerRecord(
         block=layer.block, name=layer.qualified, shape=tuple(layer.linear.weight.shape),
         pattern=str(problem.pattern), objective_kind=settings.objective, solver=layer.solver,
         objective=value, wanda_objective=None if wanda is None else wanda.objective,
         lower_bound=res.lower_bound, bound_source=res.bound_source, gap=gap, status=status, limit=limit,
-        seconds=res.seconds, ntokens=ntokens, sparsity=1.0 - float(mask.double().mean()),
+        seconds=res.seconds, ntokens=ntokens, sparsity=1.0 - float(mask.double().mean()), refit=refit,
         packed_mask=pack_mask(mask))
     return _Solved(weights, record, mask)
 
