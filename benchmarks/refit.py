@@ -70,6 +70,27 @@ def _timed(f):
     return out, time.perf_counter() - t
 
 
+def _timed_refit(*args, **kwargs):
+    """``pcg_refit(*args, **kwargs)``, its wall time, and the part of it spent in the dual start's
+    inverse of ``G`` (timed where ``pcg_refit`` computes it: once per layer, not per row)."""
+    import importlib
+
+    refit = importlib.import_module("layerprune.problems.refit")
+    inverse, spent = refit._damped_inverse, []
+
+    def timed_inverse(G):
+        H, t = _timed(lambda: inverse(G))
+        spent.append(t)
+        return H
+
+    refit._damped_inverse = timed_inverse
+    try:
+        fit, t = _timed(lambda: refit.pcg_refit(*args, **kwargs))
+    finally:
+        refit._damped_inverse = inverse
+    return fit, t, sum(spent)
+
+
 # ---------------------------------------------------------------------------- (a) real layers
 def real_part(problems: dict, tol: float, max_iter: int, dual_iter: int) -> list[dict]:
     from layerprune.problems import LayerProblem, pcg_refit
@@ -127,8 +148,7 @@ def synthetic_arrays(real, d_out: int, d_in: int, seed: int) -> tuple[torch.Tens
 
 def child(args) -> dict:
     """One method on the cached synthetic layer, in its own process (for its peak RSS)."""
-    from layerprune.problems import LayerProblem, parse_pattern, pcg_refit
-    from layerprune.problems.refit import _damped_inverse
+    from layerprune.problems import LayerProblem, parse_pattern
     from layerprune.solvers.sparsegpt import inverse_hessian_factor, obs_prune
 
     torch.set_num_threads(args.threads)
@@ -148,9 +168,8 @@ def child(args) -> dict:
     elif args.child in ("cg", "cg-primal"):
         keep, Q = torch.load(cache / "sparsegpt.pt")
         dual_iter = args.dual_iter if args.child == "cg" else 0
-        t_inverse = _timed(lambda: _damped_inverse(G))[1] if dual_iter else 0.0  # once per layer, not per row
-        fit, t = _timed(lambda: pcg_refit(W[:rows], G, keep, Q, tol=args.tol, max_iter=args.max_iter,
-                                          dual_iter=dual_iter))
+        fit, t, t_inverse = _timed_refit(W[:rows], G, keep, Q, tol=args.tol, max_iter=args.max_iter,
+                                         dual_iter=dual_iter)
         p = LayerProblem(W[:rows].to(torch.float64), G.to(torch.float64), parse_pattern("per-row:0.5").bind(rows, d_in),
                          "reconstruct")
         e_cg, t_score = _timed(lambda: float(p.weight_errors(fit.weights).sum()))
@@ -180,9 +199,9 @@ def child(args) -> dict:
 def _backend_child(name: str, W: torch.Tensor, G: torch.Tensor, rows: int, args) -> dict:
     """One backend's proposal on the first ``rows // 4`` and ``rows`` rows (``t = a + b·rows``,
     extrapolated to all rows; a negative slope counts as 0), then the default CG refit from its
-    own weights on ``rows`` rows (the inverse of the dual start timed whole, the rest extrapolated)."""
-    from layerprune.problems import LayerProblem, parse_pattern, pcg_refit
-    from layerprune.problems.refit import _damped_inverse
+    own weights on ``rows`` rows (the inverse of the dual start, timed inside it, once; the rest
+    extrapolated)."""
+    from layerprune.problems import LayerProblem, parse_pattern
     from layerprune.solvers import Params, make_solver
 
     d_out, d_in = W.shape
@@ -192,9 +211,8 @@ def _backend_child(name: str, W: torch.Tensor, G: torch.Tensor, rows: int, args)
         prop, times[r] = _timed(lambda: solver.propose(p, Params()))
     per_row = max((times[rows] - times[small]) / max(rows - small, 1), 0.0)
     fixed = max(times[rows] - per_row * rows, 0.0)
-    t_inverse = _timed(lambda: _damped_inverse(G))[1] if args.dual_iter else 0.0
-    fit, t_fit = _timed(lambda: pcg_refit(W[:rows], G, prop.mask, prop.weights, tol=args.tol,
-                                          max_iter=args.max_iter, dual_iter=args.dual_iter))
+    fit, t_fit, t_inverse = _timed_refit(W[:rows], G, prop.mask, prop.weights, tol=args.tol,
+                                         max_iter=args.max_iter, dual_iter=args.dual_iter)
     e_fit = float(p.weight_errors(fit.weights).sum())
     e_own = float(p.weight_errors(prop.weights.to(torch.float64) * prop.mask).sum())
     propose_s, refit_s = fixed + per_row * d_out, t_inverse + (t_fit - t_inverse) * d_out / rows

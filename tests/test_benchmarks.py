@@ -535,6 +535,9 @@ def test_refit_benchmark_times_each_backend_whole(tmp_path):
             methods[child] = mod.child(argparse.Namespace(**vars(args), child=child))
     finally:
         torch.set_num_threads(threads)
+    cg = methods["cg"]   # the dual start's inverse is timed inside the refit: never more than the refit took
+    assert 0.0 < cg["inverse_s"] <= cg["seconds"]
+    assert importlib.import_module("layerprune.problems.refit")._damped_inverse.__name__ == "_damped_inverse"
     admm = methods["admm"]
     assert set(admm["propose_timed_s"]) == {4, 16} and admm["propose_fixed_s"] >= 0.0
     assert admm["propose_per_row_s"] >= 0.0
