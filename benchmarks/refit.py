@@ -271,7 +271,7 @@ def markdown(rec: dict) -> str:
     lines = [f"Command: `{rec['command']}`  ", f"Commit {rec['commit']}; load average before/after "
              f"{rec['load_before']} / {rec['load_after']}; {rec['threads']} torch threads; "
              f"CG tol {rec['tol']}, max_iter {rec['max_iter']}, dual start at most {dual} iterations, float32; "
-             "objectives re-scored in float64.", ""]
+             "objectives re-scored in float64." + (f"  \n{rec['note']}" if rec.get("note") else ""), ""]
     if rec.get("real"):
         lines += ["## (a) SmolLM2 block {} layers, per-row 50%, SparseGPT's mask".format(rec["block"]), "",
                   "`CG`: the primal CG alone (dual_iter 0); `CG + dual`: the default, the dual start then the "
@@ -315,8 +315,8 @@ def _backend_lines(synthetic: list[dict]) -> list[str]:
         return []
     lines = ["", "## (c) Each reconstruct backend whole on those layers", "",
              "Proposal (its fixed part and per-row part fitted from a quarter and all of `--backend-rows` rows, "
-             "extrapolated) plus the default CG refit from its own weights; SparseGPT's backend is its own "
-             "algorithm plus that refit. Issue 16 asks each within 2× SparseGPT's own algorithm.", "",
+             "extrapolated) plus the CG refit from its own weights (tolerance and caps above); SparseGPT's backend "
+             "is its own algorithm plus that refit. Issue 16 asks each within 2× SparseGPT's own algorithm.", "",
              "| shape | backend | proposal s | refit s | total s | total / SparseGPT's own | peak RSS MiB |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in synthetic:
