@@ -77,8 +77,9 @@ def level(pattern: str) -> Optional[str]:
 
 def load(files: list[Path]) -> dict:
     """The runs of every file (``ok`` only), each tagged with its file's ``prune_args``; a later
-    file's run of the same configuration replaces an earlier one."""
-    runs, settings, dense = {}, None, {}
+    file's run of the same configuration replaces an earlier one in ``runs`` (every one stays in
+    ``timed_runs``: a wall ratio is measured within its own file)."""
+    runs, every, settings, dense = {}, [], None, {}
     for f in files:
         d = read_results(f, "targets_report")
         these = {k: d["settings"].get(k) for k in SAME}
@@ -92,8 +93,9 @@ def load(files: list[Path]) -> dict:
                 continue
             r = dict(r, prune_args=r.get("prune_args", "") if args == PER_RUN else args, source=str(f))
             runs[_key(r)] = r
+            every.append(r)
             dense = r.get("dense_perplexity") or dense
-    return {"settings": settings, "runs": list(runs.values()), "dense_perplexity": dense,
+    return {"settings": settings, "runs": list(runs.values()), "timed_runs": every, "dense_perplexity": dense,
             "sources": [str(f) for f in files]}
 
 
@@ -192,8 +194,9 @@ def verdicts(results: dict) -> list[dict]:
 def other_targets(results: dict) -> list[dict]:
     """The default prune's budget and perplexity, and each reconstruct backend's wall time against
     Wanda's from the same file: ``rows`` of ``target``, ``run``, ``measured``, ``bar``, ``value``,
-    ``met`` (``value`` ≤ ``bar``; below it for the perplexities), and ``missing``: the reconstruct
-    backends at 50% per-row with no Wanda run in their file."""
+    ``met`` (``value`` ≤ ``bar``; below it for the perplexities), one wall row per file that timed
+    a reconstruct backend beside Wanda, and ``missing``: the reconstruct backends at 50% per-row
+    never timed beside Wanda in their file."""
     runs, rows = results["runs"], []
     default = next((r for r in runs if (r["pattern"], _method(r), r["prune_args"]) == DEFAULT_RUN), None)
     if default is not None:
@@ -201,17 +204,21 @@ def other_targets(results: dict) -> list[dict]:
         for text, before in DEFAULT_BEFORE.items():
             rows.append(_row("default prune", default, f"ppl {text} (default before)", before,
                              default["perplexity"].get(text), strict=True))
-    plain = [r for r in runs if r["pattern"] == WALL_PATTERN and _kind(r) == "layerwise" and r["prune_args"] in ANCHOR_ARGS]
+    plain = [r for r in results.get("timed_runs", runs)
+             if r["pattern"] == WALL_PATTERN and _kind(r) == "layerwise" and r["prune_args"] in ANCHOR_ARGS]
     wanda = {(r["source"], r["prune_args"]): r for r in plain if _method(r) == "wanda:mask"}
     missing = []
-    for r in sorted((r for r in plain if r["objective"] == "reconstruct"), key=_method):
+    order = {src: i for i, src in enumerate(results.get("sources") or [])}   # oldest file first
+    for r in sorted((r for r in plain if r["objective"] == "reconstruct"),
+                    key=lambda r: (_method(r), order.get(r["source"], len(order)))):
         ref = wanda.get((r["source"], r["prune_args"]))
         if ref is None or not r.get("wall_s") or not ref.get("wall_s"):
             missing.append(label(r))
             continue
         rows.append(_row(f"reconstruct wall ≤ {WALL_FACTOR:g} × Wanda", r, "job / Wanda's job", WALL_FACTOR,
                          r["wall_s"] / ref["wall_s"], strict=False, digits=3))
-    return {"rows": rows, "missing": missing}
+    timed = {r["run"] for r in rows}
+    return {"rows": rows, "missing": sorted(set(missing) - timed)}
 
 
 def _row(target: str, run: dict, measured: str, bar: float, value: Optional[float], strict: bool,
@@ -262,6 +269,8 @@ def markdown(results: dict) -> str:
             bar, value = (("–" if x is None else f"{x:.{r['digits']}f}") for x in (r["bar"], r["value"]))
             lines.append(f"| {r['target']} | {r['run']} | {r['measured']} | {bar} | {value} | "
                          f"{_gap(gap)} | {_met(r['met'])} | {r['code'] or '–'} | {r['source']} |")
+        lines += ["", "Wall rows: one per file that timed the backend beside Wanda's job, oldest file first; "
+                  "each file's ratio holds for its commit and load."]
     if others["missing"]:
         lines += ["", "Reconstruct backends at 50% per-row not timed beside Wanda (no Wanda run in their file): "
                   + ", ".join(others["missing"]) + "."]
@@ -286,6 +295,7 @@ def main(argv=None) -> int:
     results["note"] = args.note
     results["targets"] = verdicts(results)
     results["other_targets"] = other_targets(results)
+    del results["timed_runs"]   # the same runs as the sources' files: the JSON keeps ``runs`` only
     write(results, args.out, markdown(results))
     return 0
 

@@ -500,6 +500,14 @@ def test_targets_report_reads_the_default_prune_and_the_wall_ratios(tmp_path, mo
     files = [tmp_path / f"{i}.json" for i in range(3)]
     for f, d in zip(files, (timed, alone, default)):
         f.write_text(json.dumps(d))
+    # a later file times ADMM beside Wanda again: both ratios stand, each from its own file
+    again = {"settings": dict(SETTINGS), "runs": [run("wanda", "mask", 78.0, 112.0, 400.0),
+                                                  run("admm", "reconstruct", 55.0, 86.0, 560.0)]}
+    (tmp_path / "3.json").write_text(json.dumps(again))
+    both = mod.other_targets(mod.load(files + [tmp_path / "3.json"]))
+    admm = sorted((r["source"], r["value"]) for r in both["rows"] if r["run"] == "per-row:0.5 admm:reconstruct")
+    assert admm == [("0.json", pytest.approx(452.0 / 300.0)), ("3.json", pytest.approx(560.0 / 400.0))]
+    assert any(r["run"] == "per-row:0.5 sparsegpt:reconstruct" for r in both["rows"])   # its Wanda was replaced in runs
     others = mod.other_targets(mod.load(files))
     rows = {(r["target"], r["measured"]): r for r in others["rows"]}
     assert rows[("default prune", "job wall s")]["met"] is True
