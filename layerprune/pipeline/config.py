@@ -15,8 +15,9 @@ from layerprune import data
 from layerprune.problems import OBJECTIVES, ProblemError
 from layerprune.problems.refit import DEFAULT_DUAL_ITER, DEFAULT_MAX_ITER, DEFAULT_TOL, REFIT_METHODS
 from layerprune.problems.io import check_parent_writable
-from layerprune.settings import (SettingError, check_values, nonempty, nonnegative_float, nonnegative_int, parse_overrides,
-                                 parse_solver_options, positive_float, positive_int, setting, split_list)
+from layerprune.settings import (SettingError, check_values, flag_name, nonempty, nonnegative_float, nonnegative_int,
+                                 parse_overrides, parse_solver_options, positive_float, positive_int, setting,
+                                 split_list)
 from layerprune.solvers import Params
 
 from .allocate import ALLOCATIONS, KNAPSACK_NORMS, MAP_FILE, check_allocatable, check_owl_range, read_sparsity_map
@@ -350,11 +351,13 @@ def check_block_tune(config: PruneConfig) -> None:
         raise SettingError(f"--dtype {config.dtype}: --block-tune trains float32 weights")
 
 
+#: the settings that are :class:`~layerprune.solvers.Params` refit fields of the same name
+REFIT_SETTINGS = ("refit", "refit_tol", "refit_max_iter", "refit_dual_iter")
+
+
 def refit_params(config: PruneConfig) -> dict:
-    """The :class:`~layerprune.solvers.Params` refit fields ``--refit``, ``--refit-tol``,
-    ``--refit-max-iter`` and ``--refit-dual-iter`` set (those not given keep Params' defaults)."""
-    given = {"refit": config.refit, "refit_tol": config.refit_tol, "refit_max_iter": config.refit_max_iter,
-             "refit_dual_iter": config.refit_dual_iter}
+    """The :data:`REFIT_SETTINGS` given (those not given keep Params' defaults)."""
+    given = {name: getattr(config, name) for name in REFIT_SETTINGS}
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -363,7 +366,8 @@ def check_refit(config: PruneConfig) -> None:
     :func:`with_defaults`; an Elsa run's, that of its layer-wise warm start)."""
     if config.objective == "reconstruct":
         return
-    flags = tuple((f"--{k.replace('_', '-')}", True) for k in refit_params(config))
+    flags = tuple((flag_name(f), getattr(config, f.name) is not None)
+                  for f in dataclasses.fields(config) if f.name in REFIT_SETTINGS)
     _refuse_given(flags, f"applies to the reconstruct objective (the kept weights refitted), not "
                          f"{config.objective or 'an Elsa run from the dense model'}")
 
