@@ -46,7 +46,8 @@ from layerprune.problems.patterns import Columns, PerRow, Unstructured, topk_mas
 from .base import Option, Params, Proposal, Solver, Status, stop_reason
 from ._baseline import working
 
-__all__ = ["ADMM", "schedule_fraction", "mask_at", "admm_step", "weight_step", "dual_step", "shifted_inverse"]
+__all__ = ["ADMM", "schedule_fraction", "mask_at", "admm_step", "weight_step", "dual_step", "split_sum",
+           "shifted_inverse"]
 
 
 def schedule_fraction(t: int, final: float, mask_iters: int) -> float:
@@ -97,7 +98,7 @@ def weight_step(Z, U, B, Ainv, rho):
     Z : (d_out, d_in) masked copy; U : (d_out, d_in) scaled dual; B : (d_out, d_in) target
     ``W₀(G̃ + δI)``; Ainv : (d_in, d_in) ``(G̃ + (δ+ρ)I)⁻¹``; rho : penalty. Returns W.
     """
-    return (B + rho * (Z - U)) @ Ainv
+    return torch.sub(Z, U).mul_(rho).add_(B) @ Ainv  # B + ρ(Z − U), one temporary
 
 
 def dual_step(W, U, M):
@@ -105,8 +106,14 @@ def dual_step(W, U, M):
 
     Returns (Z, U), both (d_out, d_in).
     """
-    Z = (W + U) * M
-    return Z, U + W - Z
+    return split_sum(W + U, M)
+
+
+def split_sum(V, M):
+    """:func:`dual_step` given the sum ``V = W + U`` (which a projection has already scored):
+    ``Z = V ⊙ M`` and the new dual ``V − Z``. Returns (Z, U); ``V`` is reused for ``U``."""
+    Z = V * M
+    return Z, V.sub_(Z)
 
 
 def admm_step(W, U, M, B, Ainv, rho):

@@ -73,6 +73,22 @@ def test_topk_ties_go_to_lower_index():
     assert topk_mask(s, 2).tolist() == [[False, True, True, False, False]]
 
 
+@given(st.integers(1, 5), st.integers(1, 12), st.data(), st.sampled_from([torch.float32, torch.float64,
+                                                                          torch.float16]))
+def test_topk_mask_is_the_stable_top_k_of_each_row(rows, n, data, dtype):
+    """Against a stable sort (descending score, then ascending index), ties and NaNs included:
+    NaN counts as the lowest score. Few distinct values, so ties straddle the k-th place often."""
+    k = data.draw(st.integers(0, n))
+    values = data.draw(st.lists(st.sampled_from([0.0, 1.0, -2.0, 3.5, float("nan")]),
+                                min_size=rows * n, max_size=rows * n))
+    s = torch.tensor(values, dtype=dtype).reshape(rows, n)
+    key = torch.nan_to_num(s.to(torch.float64), nan=-float("inf"))
+    order = torch.sort(-key, dim=-1, stable=True).indices[:, :k]
+    expected = torch.zeros(rows, n, dtype=torch.bool).scatter_(1, order, True)
+    assert torch.equal(topk_mask(s, k), expected)
+    assert torch.equal(topk_mask(s.reshape(1, rows, n), k)[0], expected)  # leading dims
+
+
 @given(tiny_problems(max_d_in=8, max_d_out=3), st.integers(0, 10**6))
 def test_round_is_feasible_and_maximises_the_linear_score(problem, seed):
     g = torch.Generator().manual_seed(seed)
