@@ -29,7 +29,7 @@ from layerprune.problems.refit import DEFAULT_DUAL_ITER, DEFAULT_MAX_ITER, DEFAU
 from .options import Option, OptionError
 
 __all__ = ["Status", "Limit", "Params", "Proposal", "Result", "Solver", "SolverError", "Callback", "Option",
-           "share_of_time_left", "stop_reason", "relative_gap"]
+           "share_of_time_left", "stop_reason", "relative_gap", "refit_scored"]
 
 #: an absolute gap below ABS_GAP_TOL × problem.scale is float64 round-off, i.e. closed
 ABS_GAP_TOL = 1e-12
@@ -490,7 +490,7 @@ def finalize(name: str, problem: LayerProblem, p: Proposal, seconds: float, para
     mask = problem.check_mask(p.mask.to(problem.device))
     res.mask = mask
     if problem.objective_kind == "reconstruct":
-        res.weights, res.objective = _refit(problem, mask, p.weights, params, res.info)
+        res.weights, res.objective = refit_scored(problem, mask, p.weights, params, res.info)
     else:
         res.weights = problem.W.to(torch.float64) * mask
         res.objective = float(problem.weight_errors(res.weights).sum())
@@ -515,13 +515,14 @@ def finalize(name: str, problem: LayerProblem, p: Proposal, seconds: float, para
     return res
 
 
-def _refit(problem: LayerProblem, mask: torch.Tensor, own: Optional[torch.Tensor], params: Params,
-           info: dict) -> tuple[torch.Tensor, float]:
+def refit_scored(problem: LayerProblem, mask: torch.Tensor, own: Optional[torch.Tensor], params: Params,
+                 info: dict) -> tuple[torch.Tensor, float]:
     """The ``reconstruct`` weights of ``mask`` and their exact float64 error, per ``params.refit``.
 
     CG starts from the solver's own weights ``own`` (else ``W ⊙ M``); any row it left worse
-    than ``own`` (float32 rounding) takes ``own``'s row. ``info`` gets ``own_weights_objective``
-    and ``refit`` (method, iterations, residual, tolerance, converged, seconds).
+    than ``own`` (float32 rounding) takes ``own``'s row. ``info`` gets ``refit`` (method,
+    iterations, residual, tolerance, converged, seconds) and, given ``own``,
+    ``own_weights_objective``.
     """
     own_errors = None
     if own is not None:

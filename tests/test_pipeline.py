@@ -235,6 +235,21 @@ def test_job_reports_how_each_layer_was_refitted(tiny_job, tmp_path):
     json.dumps([r.to_json() for r in short])   # the records stay JSON-able
 
 
+def test_a_layer_without_a_mask_falls_back_to_wanda_refitted_and_says_so(tiny_job, monkeypatch):
+    """A solve that found no mask (e.g. a MIP stopped before its first incumbent) takes Wanda's
+    mask, refitted like any reconstruct layer: its record says so, with the refit's summary."""
+    from layerprune.pipeline import loop, run
+    from layerprune.solvers import Result, Status
+
+    monkeypatch.setattr(loop, "_run_solver", lambda layer, problem, *rest: Result(
+        solver="sparsegpt", status=Status.NO_SOLUTION, limit="time", seconds=0.0))
+    report = run(_config(tiny_job, solver="sparsegpt", objective="reconstruct"), log=lambda s: None)
+    for r in report.layers:
+        assert r.limit == "time; fell back to wanda mask"
+        assert r.refit["method"] == "exact" and r.refit["seconds"] >= 0.0
+        assert r.objective <= r.wanda_objective * (1 + 1e-9)   # refitted: no worse than Wanda's own
+
+
 def test_no_refit_line_without_reconstruct(tiny_job):
     from layerprune.pipeline import run
 
@@ -1229,13 +1244,13 @@ def test_no_reference_skips_the_wanda_refit_and_nothing_else(monkeypatch):
     runs = {}
     for reference in (True, False):
         calls = []
-        real = base._refit
-        monkeypatch.setattr(base, "_refit", lambda *a, **k: calls.append(1) or real(*a, **k))
+        real = base.refit_scored
+        monkeypatch.setattr(base, "refit_scored", lambda *a, **k: calls.append(1) or real(*a, **k))
         model = tiny_llama(layers=1)
         records = prune_model(model, ids, solver="sparsegpt", objective="reconstruct", progress=False,
                               reference=reference)
         runs[reference] = (records, len(calls))
-        monkeypatch.setattr(base, "_refit", real)
+        monkeypatch.setattr(base, "refit_scored", real)
     (with_ref, n_with), (without, n_without) = runs[True], runs[False]
     assert n_with == 2 * len(with_ref) and n_without == len(without) == 7
     assert all(r.wanda_objective is None and r.reduction_vs_wanda is None for r in without)

@@ -111,14 +111,14 @@ def test_dual_start_needs_a_factorisation_and_time():
 
 def test_params_choose_the_dual_start():
     """``Params.refit_dual_iter`` reaches the refit (0: none) and is validated."""
-    from layerprune.solvers.base import _refit
+    from layerprune.solvers.base import refit_scored
 
     p = _ill_conditioned(32, 64, seed=13)
     mask = _wanda_mask(p)
     runs = {}
     for cap in (0, 24):
         info = {}
-        _refit(p, mask, None, Params(refit="cg", refit_dual_iter=cap), info)
+        refit_scored(p, mask, None, Params(refit="cg", refit_dual_iter=cap), info)
         runs[cap] = info["refit"]["dual_iterations"]
     assert runs[0] == 0 and runs[24] > 0
     with pytest.raises(ValueError):
@@ -196,13 +196,13 @@ def test_sparsegpt_start_is_improved_on_a_real_like_layer():
 
 def test_finalize_keeps_own_rows_that_cg_would_worsen():
     """From the exact minimiser, float32 CG can only add rounding: every row keeps its own weights."""
-    from layerprune.solvers.base import _refit
+    from layerprune.solvers.base import refit_scored
 
     p = _problem(16, 64, seed=9)
     mask = _wanda_mask(p)
     own = p.refit(mask)
     info = {}
-    weights, objective = _refit(p, mask, own, Params(refit="cg", refit_max_iter=2), info)
+    weights, objective = refit_scored(p, mask, own, Params(refit="cg", refit_max_iter=2), info)
     assert (p.weight_errors(weights) <= p.weight_errors(own)).all()
     assert info["refit"]["rows_kept_own_weights"] > 0 and objective <= info["own_weights_objective"]
 

@@ -18,9 +18,9 @@ from typing import Any, Callable, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from layerprune.problems import (LayerProblem, ProblemError, check_ridge_fraction, parse_pattern, refit_weights,
+from layerprune.problems import (LayerProblem, ProblemError, check_ridge_fraction, parse_pattern,
                                  ridge_targets)
-from layerprune.solvers import Params, Result, Solver, SolverError, make_solver
+from layerprune.solvers import Params, Result, Solver, SolverError, make_solver, refit_scored
 
 from ..report import LayerRecord, pack_mask
 from .block_tune import BlockTuning, dense_targets, tune_block
@@ -372,11 +372,13 @@ def _solve_layer(layer: _Layer, G: torch.Tensor, ntokens: int, settings: SolveSe
         fallback = init_mask if settings.init is not None else (wanda.mask if wanda is not None else None)
         if fallback is None:
             raise SolverError(f"layer {layer.qualified}: solver {layer.solver!r} found no mask ({status})")
-        fit = refit_weights(problem, fallback, **settings.params.refit_options()) \
-            if settings.objective == "reconstruct" else None
-        weights = problem.W.to(torch.float64) * fallback if fit is None else fit.weights
-        refit = None if fit is None else fit.describe()
-        mask, value = fallback, float(problem.weight_errors(weights).sum())
+        info, mask = {}, fallback
+        if settings.objective == "reconstruct":
+            weights, value = refit_scored(problem, fallback, None, settings.params, info)
+        else:
+            weights = problem.W.to(torch.float64) * fallback
+            value = float(problem.weight_errors(weights).sum())
+        refit = info.get("refit")
         limit = f"{limit or status}; fell back to {'init' if settings.init is not None else 'wanda'} mask"
     else:
         weights, mask, value, refit = res.weights, res.mask, res.objective, res.info.get("refit")
