@@ -38,7 +38,8 @@ ALPS's final ``cg_batch``, which runs on the damped normal equations, here the u
 Cost. Set-up: ``G + δI`` and its scaling ``O(d_in²)``, ``W̃H`` one GEMM ``2·d_out·d_in²``,
 the eigendecomposition ``H = QΛQᵀ`` once, ``O(d_in³)`` in **float64** (ALPS does it in float64
 on the CPU; here on the working device), then ``Q``, ``Λ`` in the working dtype. Per
-iteration: the W-step GEMM ``2·d_out·d_in²`` flop; the projection (a top-k, ``O(d_out·d_in)``
+iteration: the W-step GEMM ``2·d_out·d_in²`` flop; the projection (a selection of each row's k-th
+largest, :func:`~layerprune.problems.patterns.topk_mask`, ``O(d_out·d_in)``
 memory); the dual update ``O(d_out·d_in)``. Per change of ρ (at most every third iteration):
 ``(H + ρI)⁻¹ = Q diag(1/(Λ + ρ)) Qᵀ``, ``2·d_in³`` flop
 (:func:`~layerprune.solvers.admm.shifted_inverse`). Working precision ``Params.dtype``
