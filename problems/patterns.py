@@ -86,10 +86,17 @@ def kth_largest(s: torch.Tensor, k: int) -> torch.Tensor:
     faster there than ``torch.topk`` (docs/DECISIONS.md, "Mask selection on the CPU");
     elsewhere ``torch.topk`` of the shorter side.
     """
+    return _kth_by_partition(s, k) if s.device.type == "cpu" else _kth_by_topk(s, k)
+
+
+def _kth_by_partition(s: torch.Tensor, k: int) -> torch.Tensor:
     n = s.shape[-1]
-    if s.device.type == "cpu":
-        part = np.partition(s.numpy(), n - k, axis=-1)
-        return torch.from_numpy(np.ascontiguousarray(part[..., n - k:n - k + 1]))
+    part = np.partition(s.numpy(), n - k, axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(part[..., n - k:n - k + 1]))
+
+
+def _kth_by_topk(s: torch.Tensor, k: int) -> torch.Tensor:
+    n = s.shape[-1]
     if k <= n - k:
         return torch.topk(s, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
     # the (n − k + 1)-th smallest

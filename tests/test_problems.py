@@ -89,6 +89,20 @@ def test_topk_mask_is_the_stable_top_k_of_each_row(rows, n, data, dtype):
     assert torch.equal(topk_mask(s.reshape(1, rows, n), k)[0], expected)  # leading dims
 
 
+@given(st.integers(1, 9), st.data(), st.sampled_from([torch.float32, torch.float64]))
+def test_both_selections_of_the_kth_largest_agree(n, data, dtype):
+    """The CPU's ``np.partition`` and the other devices' ``torch.topk`` give the same value."""
+    from layerprune.problems.patterns import _kth_by_partition, _kth_by_topk
+
+    k = data.draw(st.integers(1, n))
+    values = data.draw(st.lists(st.sampled_from([0.0, 1.0, -2.0, 3.5, -float("inf")]),
+                                min_size=3 * n, max_size=3 * n))
+    s = torch.tensor(values, dtype=dtype).reshape(3, n)
+    expected = torch.sort(s, dim=-1, descending=True).values[:, k - 1:k]
+    assert torch.equal(_kth_by_partition(s, k), expected)
+    assert torch.equal(_kth_by_topk(s, k), expected)
+
+
 @given(tiny_problems(max_d_in=8, max_d_out=3), st.integers(0, 10**6))
 def test_round_is_feasible_and_maximises_the_linear_score(problem, seed):
     g = torch.Generator().manual_seed(seed)
