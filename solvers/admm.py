@@ -46,8 +46,7 @@ from layerprune.problems.patterns import Columns, PerRow, Unstructured, topk_mas
 from .base import Option, Params, Proposal, Solver, Status, stop_reason
 from ._baseline import working
 
-__all__ = ["ADMM", "schedule_fraction", "mask_at", "admm_step", "weight_step", "dual_step", "split_sum",
-           "shifted_inverse"]
+__all__ = ["ADMM", "schedule_fraction", "mask_at", "admm_step", "weight_step", "dual_step", "shifted_inverse"]
 
 
 def schedule_fraction(t: int, final: float, mask_iters: int) -> float:
@@ -101,27 +100,22 @@ def weight_step(Z, U, B, Ainv, rho):
     return torch.sub(Z, U).mul_(rho).add_(B) @ Ainv  # B + ρ(Z − U), one temporary
 
 
-def dual_step(W, U, M):
-    """The Z-step and the scaled dual update for a mask ``M``: ``Z = (W + U) ⊙ M``, ``U ← U + W − Z``.
+def dual_step(V, M):
+    """The Z-step and the scaled dual update for a mask ``M``, given the sum ``V = W + U`` (the
+    sum the projection scores): ``Z = V ⊙ M``, ``U ← U + W − Z = V − Z``.
 
-    Returns (Z, U), both (d_out, d_in).
+    Returns (Z, U), both (d_out, d_in); ``V``'s storage is reused for ``U``.
     """
-    return split_sum(W + U, M)
-
-
-def split_sum(V, M):
-    """:func:`dual_step` given the sum ``V = W + U`` (which a projection has already scored):
-    ``Z = V ⊙ M`` and the new dual ``V − Z``. Returns (Z, U); ``V`` is reused for ``U``."""
     Z = V * M
     return Z, V.sub_(Z)
 
 
-def admm_step(W, U, M, B, Ainv, rho):
+def admm_step(V, M, B, Ainv, rho):
     """One ADMM iteration for a fixed mask: :func:`dual_step`, then :func:`weight_step`.
 
     Parameters
     ----------
-    W, U : (d_out, d_in) dense iterate and scaled dual
+    V : (d_out, d_in) the sum ``W + U`` of the dense iterate and the scaled dual (reused)
     M : (d_out, d_in) bool mask
     B : (d_out, d_in) target ``W₀(G̃ + δI)``
     Ainv : (d_in, d_in) ``(G̃ + (δ+ρ)I)⁻¹``
@@ -129,9 +123,9 @@ def admm_step(W, U, M, B, Ainv, rho):
 
     Returns
     -------
-    W, U, Z : the updated iterates and the masked copy ``Z = (W + U) ⊙ M`` used
+    W, U, Z : the updated iterates and the masked copy ``Z = V ⊙ M`` used
     """
-    Z, U = dual_step(W, U, M)
+    Z, U = dual_step(V, M)
     return weight_step(Z, U, B, Ainv, rho), U, Z
 
 
@@ -191,11 +185,12 @@ class ADMM(Solver):
         Z = W0 * M
         limit, history, t = ("iterations" if capped else None), [], 0
         for t in range(iters):
+            V = W + U
             if t < mask_iters and (init is None or t > 0):
                 # warm start: the init mask for the first step, then re-selection at the final pattern
                 frac = schedule_fraction(t, final, mask_iters) if init is None else final
-                M = mask_at(problem.pattern, (W + U).abs(), frac, final)
-            W, U, Z = admm_step(W, U, M, B, Ainv, rho)
+                M = mask_at(problem.pattern, V.abs(), frac, final)
+            W, U, Z = admm_step(V, M, B, Ainv, rho)
             if growth != 1.0 and t + 1 < iters:  # ρ ← gρ; the scaled dual U = Y/ρ shrinks
                 rho, U = rho * growth, U / growth
                 Ainv = inverse(rho)
@@ -205,9 +200,10 @@ class ADMM(Solver):
                 limit = None if stop == "time" and t + 1 == iters else stop
                 break
         if not problem.is_feasible(M):  # stopped before the schedule reached the final sparsity
-            M = problem.round((W + U).abs())
-            Z = (W + U) * M
-        weights = (Z * M).to(torch.float64) / dvec.to(device)[None, :]
+            V = W + U
+            M = problem.round(V.abs())
+            Z = V * M
+        weights = Z.to(torch.float64) / dvec.to(device)[None, :]
         return Proposal(mask=M, weights=weights, status=Status.FEASIBLE, limit=limit,
                         iterations=t + 1, history=history,
                         info={"ridge": delta, "rho": rho})

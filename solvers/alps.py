@@ -61,7 +61,7 @@ import torch
 
 from layerprune.problems import LayerProblem
 
-from .admm import shifted_inverse, split_sum, weight_step
+from .admm import dual_step, shifted_inverse, weight_step
 from .base import Option, Params, Proposal, Solver, Status, stop_reason
 from ._baseline import working
 
@@ -205,7 +205,7 @@ class ALPS(Solver):
             W = weight_step(state.Z, state.U, su.B, Ainv, rho)
             V = W + state.U
             M = su.scaled.round(V.abs()).to(device)
-            state = _Iterates(*split_sum(V, M), M)
+            state = _Iterates(*dual_step(V, M), M)
             event = {"iteration": t + 1, "rho": rho, "primal_residual": float((W - state.Z).norm())}
             if (t + 1) % every == 0:
                 flips = int((M ^ checked).sum())
