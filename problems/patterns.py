@@ -59,11 +59,8 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     (..., n) bool tensor with exactly ``k`` True per row.
     """
     n = scores.shape[-1]
-    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    if k <= 0:
-        return mask
-    if k >= n:
-        return ~mask
+    if k <= 0 or k >= n:
+        return torch.full(scores.shape, k > 0, dtype=torch.bool, device=scores.device)
     s = scores if scores.dtype in (torch.float32, torch.float64) else scores.to(torch.float32)
     s = torch.nan_to_num(s.detach(), nan=-float("inf"))
     # everything above each row's k-th largest score is kept, and of the scores equal to it
